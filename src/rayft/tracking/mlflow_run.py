@@ -1,0 +1,91 @@
+"""One MLflow run per training job."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from rayft.config import TrainJobConfig, flatten
+from rayft.errors import RayftError
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(cfg: TrainJobConfig) -> str:
+    """The configured URI, or a SQLite file in the working directory, as an absolute URI (Ray
+    workers run in other directories)."""
+    if cfg.tracking.mlflow_uri:
+        uri = cfg.tracking.mlflow_uri
+        if "://" not in uri:  # a plain path means a file store at that path
+            return Path(uri).resolve().as_uri()
+        return uri
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def _artifact_root(uri: str) -> Optional[str]:
+    # A SQLite store keeps artifacts beside the database file, not in the caller's directory.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before training starts when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            if response.status != 200:
+                raise RayftError(f"tracking.mlflow_uri={uri}: /health answered {response.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RayftError(f"tracking.mlflow_uri={uri} is unreachable ({reason})") from None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(uri: str, cfg: TrainJobConfig, model_path: str) -> str:
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (experiment.experiment_id if experiment else
+                     mlflow_client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri)))
+    run = mlflow_client.create_run(experiment_id, run_name=cfg.name, tags={
+        "rayft.method": cfg.method.type, "rayft.base_model": cfg.model.name_or_path,
+        "rayft.base_model_path": model_path, "rayft.output_dir": str(Path(cfg.output_dir).resolve()),
+    })
+    params = flatten(cfg.to_dict())
+    from mlflow.entities import Param
+
+    batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(batch), 100):
+        mlflow_client.log_batch(run.info.run_id, params=batch[start:start + 100])
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    client(uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+
+def log_artifacts(uri: str, run_id: str, files: list[Path], directory: Path) -> None:
+    """Log the run's files and its adapter/model directory, then mark the run finished."""
+    mlflow_client = client(uri)
+    for path in files:
+        mlflow_client.log_artifact(run_id, str(path))
+    mlflow_client.log_artifacts(run_id, str(directory), artifact_path=directory.name)
+    mlflow_client.set_terminated(run_id, "FINISHED")
+
+
+def fail_run(uri: str, run_id: str) -> None:
+    try:
+        client(uri).set_terminated(run_id, "FAILED")
+    except Exception:  # reporting a failure must not hide the failure itself
+        pass
+

@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, the DeepSpeed config, checkpoints and the driver that runs them."""

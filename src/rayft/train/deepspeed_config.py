@@ -1,0 +1,35 @@
+"""The DeepSpeed config, built from the rayft config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rayft.config import TrainJobConfig
+
+
+def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    train, dist = cfg.train, cfg.distributed
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu,
+                    reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
+    if dist.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if dist.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        # bf16 runs under torch.autocast in the loss step (fp32 master weights, bf16 matmuls),
+        # the same on CPU and GPU; fp16 needs DeepSpeed's dynamic loss scaling (GPU only).
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": False},
+        # rayft builds the optimizer itself (torch AdamW or bitsandbytes paged AdamW 8-bit).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,264 @@
+"""The per-worker training loop: what every Ray Train worker runs, top to bottom.
+
+setup (model, optimizer, DeepSpeed engine, resume) -> evaluate before -> train steps
+(log, evaluate, checkpoint) -> final evaluation -> export weights in the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rayft.config import TrainJobConfig
+from rayft.data.dataset import PreparedData, RowFile, batches_per_epoch, shard_indices
+from rayft.data.packing import collate
+from rayft.data.tokenize import IGNORE_INDEX
+from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
+from rayft.train.schedule import StepPlan, lr_factor
+
+
+# ---------------------------------------------------------------- the loss step
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 with native hardware support, else fp32. An explicit bf16 is kept."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        print(f"[rayft] warning: train.precision=bf16 on {device.type} without native bf16 math is emulated "
+              f"and far slower than fp32; precision=auto would pick fp32 here", flush=True)
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss over the learned tokens of a batch, and how many there are.
+
+    No attention mask: position ids that restart per packed sample give a block-diagonal
+    causal mask, and right padding is invisible under causal attention."""
+    device = batch["input_ids"].device
+    with autocast_context(precision, device):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+# ---------------------------------------------------------------- data
+def train_batches(rows: RowFile, plan: StepPlan, cfg: TrainJobConfig, rank: int, world: int,
+                  start_step: int, pad_id: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches of this rank's shard from optimizer step `start_step` on; the shard of each
+    epoch is a fixed function of the seed, so a resumed run skips exactly what it trained."""
+    mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    batches_per_step_epoch = plan.steps_per_epoch * accum
+    micro_index = start_step * accum
+    end = plan.total_steps * accum
+    while micro_index < end:
+        epoch, offset = divmod(micro_index, batches_per_step_epoch)
+        indices = shard_indices(len(rows), rank, world, epoch, cfg.train.seed, shuffle=True)
+        for at in range(offset, batches_per_step_epoch):
+            if micro_index >= end:
+                return
+            chunk = indices[at * mb:(at + 1) * mb]
+            yield {k: v.to(device) for k, v in collate(rows.rows(chunk), pad_id).items()}
+            micro_index += 1
+
+
+def eval_batches(rows: RowFile, mb: int, rank: int, world: int, pad_id: int, device):
+    """(batch, counts) pairs of this rank's part of the validation rows. Every rank runs the same
+    number of forward passes (ZeRO-3 gathers weights collectively); a rank out of rows repeats
+    its first batch with counts=False."""
+    indices = np.arange(rank, len(rows), world)
+    n_batches = math.ceil(math.ceil(len(rows) / world) / mb)
+    for b in range(n_batches):
+        chunk = indices[b * mb:(b + 1) * mb]
+        counts = len(chunk) > 0
+        if not counts:
+            chunk = indices[:mb] if len(indices) else np.arange(min(mb, len(rows)))
+        yield {k: v.to(device) for k, v in collate(rows.rows(chunk), pad_id).items()}, counts
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device) -> float:
+    engine.eval()
+    loss_sum = token_count = 0.0
+    for batch, counts in eval_batches(rows, cfg.train.micro_batch_size, rank, world, pad_id, device):
+        loss, tokens = token_losses(engine, batch, cfg.train.precision)
+        if counts:
+            loss_sum += loss.item()
+            token_count += tokens.item()
+    engine.train()
+    loss_sum, token_count = all_sum([loss_sum, token_count], device)
+    return loss_sum / max(token_count, 1.0)
+
+
+# ---------------------------------------------------------------- setup
+def build_optimizer(model, cfg: TrainJobConfig, on_gpu: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    train = cfg.train
+    if train.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=on_gpu or None)
+
+
+class Reporter:
+    """Rank 0's metrics: to MLflow (step metrics) and to the driver's progress bar."""
+
+    def __init__(self, rank: int, mlflow_uri: Optional[str], run_id: Optional[str], progress_queue):
+        self.enabled = rank == 0
+        self.client = None
+        self.run_id = run_id
+        self.queue = progress_queue
+        if self.enabled and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=mlflow_uri)
+
+    def log(self, step: int, metrics: dict[str, float], state: TrainerState) -> None:
+        if not self.enabled:
+            return
+        state.history.append({"step": step, **metrics})
+        if self.client:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        if self.queue is not None:
+            try:
+                self.queue.put_nowait({"step": step, **metrics})
+            except Exception:  # the progress bar is a convenience: never fail training over it
+                pass
+
+
+# ---------------------------------------------------------------- the loop
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer
+
+    from rayft.methods import get_method
+    from rayft.models.loading import count_parameters, load_for_training
+    from rayft.train.deepspeed_config import deepspeed_config
+
+    cfg = TrainJobConfig.model_validate(loop_config["config"])
+    data = PreparedData(**loop_config["data"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.train.seed)  # identical adapter init on every rank
+    precision = resolve_precision(cfg.train.precision, device)
+    cfg.train.precision = precision
+
+    method = get_method(cfg.method.type)
+    model = load_for_training(loop_config["model_dir"], cfg.method, device)
+    trainable_params, total_params = count_parameters(model)
+    if rank == 0:
+        print(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
+              f"({100 * trainable_params / total_params:.3f}%), precision {precision}", flush=True)
+    pad_id = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
+
+    train_rows, val_rows = RowFile(data.train_file), RowFile(data.val_file)
+    plan = StepPlan.build(cfg.train, batches_per_epoch(len(train_rows), world, cfg.train.micro_batch_size))
+    optimizer = build_optimizer(model, cfg, on_gpu)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan, cfg.train.scheduler))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, on_gpu), dist_init_required=False)
+
+    state = TrainerState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as checkpoint_dir:
+            state = load_training_state(engine, Path(checkpoint_dir))
+        if rank == 0:
+            print(f"[rayft] resumed at step {state.step} of {plan.total_steps}", flush=True)
+    reporter = Reporter(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"),
+                        loop_config.get("progress_queue"))
+    param_counts = {"trainable_params": trainable_params, "total_params": total_params}
+
+    def checkpoint_and_report(metrics: dict, export: bool = False) -> None:
+        with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
+            save_training_state(engine, state, Path(tmp), rank)
+            if export:
+                export_weights(engine.module, method.output, Path(tmp), rank)
+            ray.train.report({**metrics, **param_counts, "step": state.step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    if state.step == 0:
+        state.eval_loss_before = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
+        reporter.log(0, {"eval_loss": state.eval_loss_before, "eval_ppl": math.exp(min(state.eval_loss_before, 50)),
+                         "total_steps": plan.total_steps}, state)
+
+    window = {"loss_sum": 0.0, "label_tokens": 0.0, "tokens": 0.0, "seconds": 0.0}
+    step_start = time.perf_counter()
+    engine.train()
+    for batch in train_batches(train_rows, plan, cfg, rank, world, state.step, pad_id, device):
+        loss_sum, label_tokens = token_losses(engine, batch, cfg.train.precision)
+        engine.backward(loss_sum / label_tokens.clamp(min=1))
+        window["loss_sum"] += loss_sum.item()
+        window["label_tokens"] += label_tokens.item()
+        window["tokens"] += batch["real_tokens"].item()
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        if not boundary:
+            continue
+        state.step += 1
+        now = time.perf_counter()
+        window["seconds"] += now - step_start
+        step_start = now
+
+        if state.step % cfg.train.logging_steps == 0 or state.step == plan.total_steps:
+            loss_sum, label_tokens, tokens = all_sum([window["loss_sum"], window["label_tokens"], window["tokens"]], device)
+            state.tokens_seen += int(tokens)
+            state.train_seconds += window["seconds"]
+            grad_norm = engine.get_global_grad_norm()
+            reporter.log(state.step, {
+                "loss": loss_sum / max(label_tokens, 1.0),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens / max(window["seconds"], 1e-9),
+                "total_steps": plan.total_steps,
+            }, state)
+            window = dict.fromkeys(window, 0.0)
+
+        last = state.step == plan.total_steps
+        if state.step % cfg.train.eval_steps == 0 or last:
+            eval_loss = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
+            reporter.log(state.step, {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50)),
+                                      "total_steps": plan.total_steps}, state)
+            step_start = time.perf_counter()  # evaluation time is not training time
+        if last:
+            checkpoint_and_report({"eval_loss": eval_loss}, export=True)
+        elif state.step % cfg.train.save_steps == 0:
+            checkpoint_and_report({})
+            step_start = time.perf_counter()
+

@@ -1,0 +1,313 @@
+"""The driver side of `rayft train`: check everything that can be checked before a worker
+starts, run the Ray Train job, then publish its outputs into output_dir.
+
+output_dir while running: config.yaml, run.json (MLflow run id), ray/ (Ray Train storage:
+checkpoints). When finished: adapter/ or model/, loss.png, and metrics.json written last, so a
+run that failed never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from rayft.config import TrainJobConfig, dump_config
+from rayft.errors import ConfigError, RayftError
+
+FINISHED_MARKER = "metrics.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+# ---------------------------------------------------------------- atomic writes
+def write_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def publish_dir(source: Path, target: Path) -> None:
+    """Copy a directory under a temporary name, then rename it into place."""
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(source, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+# ---------------------------------------------------------------- pre-flight checks
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        if resume:
+            raise RayftError(f"--resume: {output_dir} holds no run to resume")
+        return
+    finished = (output_dir / FINISHED_MARKER).is_file()
+    if overwrite:
+        shutil.rmtree(output_dir)
+        return
+    if resume:
+        if finished:
+            raise RayftError(f"--resume: the run in {output_dir} has already finished (use --overwrite to start over)")
+        if not (output_dir / "run.json").is_file():
+            raise RayftError(f"--resume: {output_dir} holds no rayft run")
+        return
+    if finished:
+        raise RayftError(f"output_dir {output_dir} already holds a finished run; pass --overwrite to replace it")
+    raise RayftError(f"output_dir {output_dir} holds an unfinished run; pass --resume to continue it "
+                     f"or --overwrite to start over")
+
+
+def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
+    from rayft.methods import get_method
+    from rayft.models.loading import load_on_meta
+
+    get_method(cfg.method.type).check(cfg.method, load_on_meta(model_dir))
+
+
+def connect_ray(address: Optional[str]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing may phone home
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # The dashboard serves the state API that Ray Train's controller polls; loopback only.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def resolve_use_gpu(cfg: TrainJobConfig) -> bool:
+    import ray
+
+    if cfg.distributed.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(cfg.distributed.use_gpu)
+
+
+def check_placement(cfg: TrainJobConfig, use_gpu: bool) -> None:
+    """Train V2 waits forever for workers it cannot place: refuse up front instead."""
+    import ray
+
+    dist = cfg.distributed
+    resources = ray.cluster_resources()
+    cpus_needed = dist.num_workers * dist.cpus_per_worker
+    if resources.get("CPU", 0) < cpus_needed:
+        raise ConfigError(
+            f"distributed.num_workers={dist.num_workers} x cpus_per_worker={dist.cpus_per_worker} needs "
+            f"{cpus_needed:g} CPUs; the Ray cluster has {resources.get('CPU', 0):g}")
+    if use_gpu and resources.get("GPU", 0) < dist.num_workers:
+        raise ConfigError(f"distributed.num_workers={dist.num_workers} needs {dist.num_workers} GPUs; "
+                          f"the Ray cluster has {resources.get('GPU', 0):g}")
+    if cfg.train.precision == "fp16" and not use_gpu:
+        raise ConfigError("train.precision=fp16 needs GPUs (loss scaling of half-precision weights); "
+                          "on CPU use bf16 or fp32")
+
+
+def check_steps(cfg: TrainJobConfig, train_rows: int) -> int:
+    from rayft.data.dataset import batches_per_epoch
+
+    batches = batches_per_epoch(train_rows, cfg.distributed.num_workers, cfg.train.micro_batch_size)
+    if batches // cfg.train.grad_accum == 0:
+        raise ConfigError(
+            f"data.train has {train_rows} rows after tokenization"
+            f"{' and packing' if cfg.data.packing else ''}: too few for one step of "
+            f"{cfg.distributed.num_workers} workers x micro_batch_size={cfg.train.micro_batch_size} "
+            f"x grad_accum={cfg.train.grad_accum}")
+    return batches
+
+
+# ---------------------------------------------------------------- progress bar
+class Progress:
+    """Shows rank 0's step metrics (sent through a Ray queue actor) as a console progress bar."""
+
+    def __init__(self, queue, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+        self.queue = queue
+        self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=console or Console(stderr=True), transient=False)
+        self.task = self.bar.add_task("train", total=None, info="")
+        self.latest: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+
+    def _pump(self) -> None:
+        while not self.stop.is_set():
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Exception:
+                continue
+            self.latest.update(item)
+            info = "  ".join(f"{k} {self.latest[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_s") if k in self.latest)
+            self.bar.update(self.task, completed=item["step"], total=item.get("total_steps"), info=info)
+
+    def __enter__(self):
+        self.bar.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=2)
+        self.bar.stop()
+
+
+# ---------------------------------------------------------------- outputs
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    staging = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(staging, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(staging, path)
+
+
+def adapter_metadata(cfg: TrainJobConfig, model_dir: Path, run_id: str) -> dict[str, Any]:
+    return {"base_model": cfg.model.name_or_path, "base_model_path": str(model_dir), "method": cfg.method.type,
+            "lora": cfg.method.lora.model_dump(mode="json"), "name": cfg.name, "mlflow_run_id": run_id}
+
+
+def publish_outputs(checkpoint_dir: Path, output_dir: Path, output_kind: str, cfg: TrainJobConfig,
+                    model_dir: Path, run_id: str) -> Path:
+    """export/ of the final checkpoint -> output_dir/adapter (or model), with tokenizer and metadata."""
+    from rayft.train.checkpoint import EXPORT_DIR
+
+    staging = output_dir / f".export-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(checkpoint_dir / EXPORT_DIR, staging)
+    try:
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staging / name)
+        (staging / "rayft.json").write_text(json.dumps(adapter_metadata(cfg, model_dir, run_id), indent=2))
+        target = output_dir / output_kind
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- the job
+def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = False, console=None) -> dict[str, Any]:
+    """Train as `cfg` says; returns metrics.json's content."""
+    from rayft.data.dataset import prepare_data
+    from rayft.methods import get_method
+    from rayft.models import rayft_home, resolve_model_path
+    from rayft.tracking import mlflow_run
+
+    output_dir = Path(cfg.output_dir).resolve()
+    check_output_dir(output_dir, resume, overwrite)
+    model_dir = resolve_model_path(cfg.model.name_or_path)
+    check_method(cfg, model_dir)
+    uri = mlflow_run.tracking_uri(cfg)
+    mlflow_run.check_reachable(uri)
+    data = prepare_data(cfg.data, model_dir, rayft_home() / "datasets", cfg.train.seed)
+    check_steps(cfg, data.train_rows)
+    connect_ray(cfg.distributed.ray_address)
+    use_gpu = resolve_use_gpu(cfg)
+    check_placement(cfg, use_gpu)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_file = output_dir / "run.json"
+    if resume:
+        run_id = json.loads(run_file.read_text())["mlflow_run_id"]
+    else:
+        run_id = mlflow_run.start_run(uri, cfg, str(model_dir))
+        write_atomic(run_file, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    write_atomic(output_dir / "config.yaml", dump_config(cfg))
+    try:
+        result = _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console)
+        metrics = _finish(cfg, result, output_dir, model_dir, uri, run_id, get_method(cfg.method.type).output)
+    except BaseException:
+        mlflow_run.fail_run(uri, run_id)
+        raise
+    return metrics
+
+
+def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from rayft.train.loop import train_loop_per_worker
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    dist = cfg.distributed
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "data": data.__dict__, "model_dir": str(model_dir),
+                           "mlflow_uri": uri, "mlflow_run_id": run_id, "progress_queue": queue},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=dist.storage_path or str(output_dir / "ray"),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+    with Progress(queue, console):
+        return trainer.fit()
+
+
+def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: str, output_kind: str) -> dict[str, Any]:
+    from rayft.tracking import mlflow_run
+    from rayft.train.checkpoint import TrainerState
+
+    if result.checkpoint is None:
+        raise RayftError("training ended without a final checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        checkpoint_dir = Path(checkpoint_dir)
+        state = TrainerState.load(checkpoint_dir)
+        publish_outputs(checkpoint_dir, output_dir, output_kind, cfg, model_dir, run_id)
+    plot_losses(state.history, output_dir / "loss.png")
+    last = lambda key: next((h[key] for h in reversed(state.history) if key in h), None)  # noqa: E731
+    train_losses = [h["loss"] for h in state.history if "loss" in h]
+    metrics = {
+        "train_loss": train_losses[-1] if train_losses else None,
+        "eval_loss_before": state.eval_loss_before,
+        "eval_loss": last("eval_loss"),
+        "eval_ppl_before": math.exp(state.eval_loss_before) if state.eval_loss_before is not None else None,
+        "eval_ppl": last("eval_ppl"),
+        "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
+        "train_seconds": state.train_seconds,
+        "train_tokens": state.tokens_seen,
+        "steps": state.step,
+        "trainable_params": result.metrics.get("trainable_params"),
+        "total_params": result.metrics.get("total_params"),
+        "mlflow_run_id": run_id,
+        "output": str(output_dir / output_kind),
+    }
+    mlflow_run.log_params(uri, run_id, {"trainable_params": metrics["trainable_params"],
+                                        "total_params": metrics["total_params"]})
+    pending = output_dir / ".pending"  # metrics.json lands last: its presence marks a finished run
+    pending.mkdir(exist_ok=True)
+    (pending / FINISHED_MARKER).write_text(json.dumps(metrics, indent=2))
+    mlflow_run.log_artifacts(uri, run_id, [output_dir / "config.yaml", output_dir / "loss.png",
+                                           pending / FINISHED_MARKER], output_dir / output_kind)
+    os.replace(pending / FINISHED_MARKER, output_dir / FINISHED_MARKER)
+    pending.rmdir()
+    return metrics

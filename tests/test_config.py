@@ -1,0 +1,72 @@
+import pytest
+
+from rayft.config import apply_overrides, dump_config, flatten, load_config, parse_config
+from rayft.errors import ConfigError
+
+MINIMAL = {"name": "x", "output_dir": "out", "data": {"train": "d.jsonl"}}
+
+
+def with_keys(**sections):
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MINIMAL.items()}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def test_defaults_match_the_documented_contract():
+    cfg = parse_config(MINIMAL)
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert (cfg.method.type, cfg.method.lora.r, cfg.method.lora.alpha) == ("lora", 16, 32)
+    assert cfg.method.lora.target_modules == "all-linear"
+    assert (cfg.data.format, cfg.data.val_size, cfg.data.cutoff_len, cfg.data.packing) == ("auto", 0.1, 512, True)
+    assert (cfg.train.micro_batch_size, cfg.train.lr, cfg.train.scheduler) == (4, 2e-4, "cosine")
+    assert (cfg.distributed.num_workers, cfg.distributed.zero_stage, cfg.distributed.max_failures) == (2, 2, 2)
+    assert cfg.tracking.experiment == "rayft"
+
+
+@pytest.mark.parametrize("sections, fragment", [
+    ({"method": {"type": "prefix"}}, "method.type='prefix': unknown method 'prefix'; allowed: freeze, full, lora, qlora"),
+    ({"method": {"lora": {"r": 0}}}, "method.lora.r=0"),
+    ({"data": {"val_size": 1.5}}, "data.val_size=1.5: must be inside (0, 1)"),
+    ({"data": {"val_size": 0}}, "data.val_size=0"),
+    ({"train": {"lerning_rate": 1}}, "unknown key train.lerning_rate"),
+    ({"train": {"precision": "fp8"}}, "train.precision='fp8'"),
+    ({"distributed": {"zero_stage": 4}}, "distributed.zero_stage=4"),
+    ({"method": {"type": "qlora"}, "distributed": {"zero_stage": 3}}, "qlora cannot run with distributed.zero_stage=3"),
+])
+def test_bad_values_name_the_key_and_value(sections, fragment):
+    with pytest.raises(ConfigError) as error:
+        parse_config(with_keys(**sections), source="c.yaml")
+    message = str(error.value)
+    assert fragment in message and message.startswith("c.yaml: ") and "\n" not in message
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="missing required key data"):
+        parse_config({"name": "x", "output_dir": "o"})
+
+
+def test_overrides_are_typed_and_reach_any_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\noutput_dir: o\ndata: {train: d.jsonl}\n")
+    cfg = load_config(path, ["train.lr=1e-3", "method.lora.target_modules=[q_proj, v_proj]", "data.packing=false"])
+    assert cfg.train.lr == 1e-3 and cfg.method.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.packing is False
+    with pytest.raises(ConfigError, match="unknown key train.nope"):
+        load_config(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {train: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = parse_config(with_keys(train={"lr": 3e-4}))
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    assert flatten(cfg.to_dict())["method.lora.r"] == 16

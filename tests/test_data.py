@@ -1,0 +1,158 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rayft.config import DataConfig
+from rayft.data.dataset import RowFile, prepare_data, shard_indices
+from rayft.data.formats import read_records, to_messages
+from rayft.data.packing import collate, pack, single_row
+from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from rayft.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_three_formats_normalise_to_the_same_messages():
+    alpaca = {"system": "Be brief.", "history": [["Hi", "Hello"]], "instruction": "Add", "input": "2+2", "output": "4"}
+    sharegpt = {"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+        {"from": "human", "value": "Add\n\n2+2"}, {"from": "gpt", "value": "4"}]}
+    messages = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Add\n\n2+2"},
+                             {"role": "assistant", "content": "4"}]}
+    converted = [to_messages([record], "auto", "f")[0] for record in (alpaca, sharegpt, messages)]
+    assert converted[0] == converted[1] == converted[2] == messages["messages"]
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON"):
+        read_records(path)
+
+
+def test_missing_fields_are_counted_with_first_index():
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "c", "output": 3}]
+    with pytest.raises(DataError, match=r"2 records lack the alpaca fields .* first at index 1"):
+        to_messages(records, "alpaca", "d.jsonl")
+
+
+def test_only_assistant_tokens_are_learned(tokenizer):
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
+    sample = tokenize_conversation(tokenizer, messages, cutoff_len=512, train_on_prompt=False)
+    learned = [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Four.<|im_end|>\n"
+    everything = tokenize_conversation(tokenizer, messages, cutoff_len=512, train_on_prompt=True)
+    assert sum(label != IGNORE_INDEX for label in everything.labels) == len(everything.input_ids) - 1
+
+
+def test_truncation_and_empty_after_truncation(tmp_path, tokenizer, tiny_model):
+    messages = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
+    sample = tokenize_conversation(tokenizer, messages, cutoff_len=32, train_on_prompt=False)
+    assert len(sample.input_ids) == 32 and all(label == IGNORE_INDEX for label in sample.labels)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 100, "output": "ok"}] * 10)
+    with pytest.raises(DataError, match="no training sample keeps an assistant token after truncation"):
+        prepare_data(DataConfig(train=str(path), cutoff_len=32), tiny_model, tmp_path / "cache", seed=1)
+
+
+def test_packing_fills_rows_and_resets_positions(tokenizer):
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": f"q{i}" * (i + 1)},
+                                                 {"role": "assistant", "content": "a"}], 256, False) for i in range(12)]
+    rows = list(pack(samples, max_len=256))
+    assert len(rows) < len(samples)
+    assert sorted(sum(len(s.input_ids) for s in samples) for _ in [0]) == [sum(len(r["input_ids"]) for r in rows)]
+    for row in rows:
+        assert len(row["input_ids"]) <= 256
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][i] == IGNORE_INDEX for i in starts)  # no sample learns its neighbour's start
+
+
+def test_packed_batch_gives_the_same_per_sample_loss_as_solo(tokenizer, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": text},
+                                                 {"role": "assistant", "content": answer}], 256, False)
+               for text, answer in [("Name a colour.", "Blue"), ("Count to three please", "1 2 3"), ("Hi", "Hello there")]]
+
+    def per_token_losses(batch):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="none")
+
+    with torch.no_grad():
+        solo = [per_token_losses(collate([single_row(s)], 2)) for s in samples]
+        solo_sums = [loss.sum().item() for loss in solo]
+        packed_rows = list(pack(samples, max_len=256))
+        assert len(packed_rows) == 1
+        packed = per_token_losses(collate(packed_rows, 2))
+    # the packed row holds the samples longest-first; match each sample's losses by its span
+    order = sorted(range(3), key=lambda i: len(samples[i].input_ids), reverse=True)
+    at = 0
+    for i in order:
+        n = len(samples[i].input_ids)
+        span = packed[at:at + n - 1].sum().item()
+        assert span == pytest.approx(solo_sums[i], rel=1e-5, abs=1e-5)
+        at += n
+
+
+def test_padding_does_not_change_losses(tokenizer, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    short = tokenize_conversation(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 256, False)
+    long = tokenize_conversation(tokenizer, [{"role": "user", "content": "Hello " * 20}, {"role": "assistant", "content": "Yo"}], 256, False)
+    with torch.no_grad():
+        alone = collate([single_row(short)], 2)
+        padded = collate([single_row(short), single_row(long)], 2)
+        a = model(input_ids=alone["input_ids"], position_ids=alone["position_ids"]).logits[0]
+        b = model(input_ids=padded["input_ids"], position_ids=padded["position_ids"]).logits[0, :a.shape[0]]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tokenized_once_and_cached(tmp_path, tiny_model, alpaca_file):
+    cfg = DataConfig(train=str(alpaca_file), cutoff_len=128)
+    first = prepare_data(cfg, tiny_model, tmp_path / "cache", seed=3)
+    stamp = (tmp_path / "cache").stat().st_mtime_ns, RowFile(first.train_file).table.num_rows
+    second = prepare_data(cfg, tiny_model, tmp_path / "cache", seed=3)
+    assert second == first and len(list((tmp_path / "cache").iterdir())) == 1
+    assert RowFile(second.train_file).table.num_rows == stamp[1]
+    changed = prepare_data(DataConfig(train=str(alpaca_file), cutoff_len=96), tiny_model, tmp_path / "cache", seed=3)
+    assert changed.cache_dir != first.cache_dir
+
+
+def test_seeded_split_is_reproducible_and_disjoint(tmp_path, tiny_model):
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(50)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = DataConfig(train=str(path), cutoff_len=64, packing=False, val_size=0.2)
+    a = prepare_data(cfg, tiny_model, tmp_path / "c1", seed=7)
+    b = prepare_data(cfg, tiny_model, tmp_path / "c2", seed=7)
+    assert (a.train_rows, a.val_rows) == (40, 10)
+    rows_a = RowFile(a.val_file).table.to_pylist()
+    assert rows_a == RowFile(b.val_file).table.to_pylist()
+    train_ids = {tuple(r["input_ids"]) for r in RowFile(a.train_file).table.to_pylist()}
+    assert not train_ids & {tuple(r["input_ids"]) for r in rows_a}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_worker_shards_are_disjoint_and_cover_the_data(world):
+    n = 103
+    for epoch in range(2):
+        shards = [shard_indices(n, rank, world, epoch, seed=5, shuffle=True) for rank in range(world)]
+        joined = np.concatenate(shards)
+        assert len(set(joined.tolist())) == len(joined)  # disjoint
+        assert len(joined) == n - n % world  # all but the remainder that keeps ranks in step
+        assert len({len(s) for s in shards}) == 1
+    assert not np.array_equal(shard_indices(n, 0, world, 0, 5, True), shard_indices(n, 0, world, 1, 5, True))
