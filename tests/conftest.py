@@ -31,6 +31,8 @@ def ray_address(tmp_path_factory):
     """A Ray head on 127.0.0.1 started once for the whole test run, and stopped by its own pid."""
     port, dashboard_port = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
+    # Everything listens on 127.0.0.1 and lives for this test run only: no auth tokens to share.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",

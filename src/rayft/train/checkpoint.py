@@ -27,6 +27,7 @@ class TrainerState:
     train_seconds: float = 0.0
     eval_loss_before: Optional[float] = None
     history: list[dict] = field(default_factory=list)  # one entry per logged / evaluated step
+    resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self)))

@@ -199,6 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
             state = load_training_state(engine, Path(checkpoint_dir))
+        state.resumed_from.append(state.step)
         if rank == 0:
             print(f"[rayft] resumed at step {state.step} of {plan.total_steps}", flush=True)
     reporter = Reporter(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"),

@@ -296,6 +296,7 @@ def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: st
         "train_seconds": state.train_seconds,
         "train_tokens": state.tokens_seen,
         "steps": state.step,
+        "resumed_from_steps": state.resumed_from,
         "trainable_params": result.metrics.get("trainable_params"),
         "total_params": result.metrics.get("total_params"),
         "mlflow_run_id": run_id,

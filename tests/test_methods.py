@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from rayft.config import MethodConfig
+from rayft.errors import ConfigError
+from rayft.methods import get_method, register
+from rayft.methods.base import Method
+from rayft.models.loading import count_parameters, load_for_training, load_on_meta
+
+CPU = torch.device("cpu")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_lora_at_init_leaves_outputs_unchanged(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (2, 12))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for flags in ({}, {"use_rslora": True}, {"use_dora": True}):
+        model = load_for_training(tiny_model, MethodConfig(type="lora", lora=flags), CPU).eval()
+        torch.testing.assert_close(logits(model, ids), logits(base, ids))
+
+
+def test_lora_switches_reach_peft(tiny_model):
+    model = load_for_training(tiny_model, MethodConfig(type="lora", lora={"r": 4, "alpha": 8, "use_rslora": True,
+                                                                          "use_dora": True}), CPU)
+    peft_config = model.peft_config["default"]
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.use_rslora, peft_config.use_dora) == (4, 8, True, True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert any("lora_magnitude_vector" in n for n in names)  # DoRA's magnitude trains too
+
+
+def test_freeze_trains_only_the_last_layers(tiny_model):
+    model = load_for_training(tiny_model, MethodConfig(type="freeze", freeze={"trainable_layers": 1}), CPU)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm.")) for n in trainable)
+    with pytest.raises(ConfigError, match="trainable_layers=5: the model has only 2 layers"):
+        get_method("freeze").check(MethodConfig(type="freeze", freeze={"trainable_layers": 5}), load_on_meta(tiny_model))
+
+
+def test_full_trains_everything(tiny_model):
+    model = load_for_training(tiny_model, MethodConfig(type="full"), CPU)
+    trainable, total = count_parameters(model)
+    assert trainable == total > 0
+
+
+def test_qlora_layers_are_4bit_nf4(tiny_model):
+    import bitsandbytes as bnb
+
+    model = load_for_training(tiny_model, MethodConfig(type="qlora"), CPU)
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    for module in quantized:
+        assert module.weight.quant_type == "nf4" and module.weight.dtype == torch.uint8
+        assert module.weight.quant_state.nested  # double quantization
+        assert module.compute_dtype == torch.bfloat16
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_absent_target_modules_list_the_existing_ones(tiny_model):
+    cfg = MethodConfig(type="lora", lora={"target_modules": ["q_proj", "query_key_value"]})
+    with pytest.raises(ConfigError) as error:
+        get_method("lora").check(cfg, load_on_meta(tiny_model))
+    assert "['query_key_value'] not in the model" in str(error.value)
+    assert "q_proj" in str(error.value) and "down_proj" in str(error.value)
+
+
+def test_registering_a_name_twice_fails_loudly():
+    class Again(Method):
+        name = "lora"
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Again)

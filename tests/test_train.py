@@ -1,0 +1,179 @@
+"""Training under Ray Train with 2 workers and DeepSpeed ZeRO, through the real CLI and the
+in-process entry point, on the tiny model. Each output is reloaded and re-evaluated: its eval
+loss must equal the one measured inside the distributed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import RAYFT, base_config, run_cli, write_config
+from rayft.config import parse_config
+from rayft.data.dataset import RowFile, prepare_data
+from rayft.data.packing import collate
+from rayft.models import rayft_home
+from rayft.train.loop import token_losses
+
+pytestmark = pytest.mark.usefixtures("ray_address")
+
+
+def reload_output(cfg, output_dir: Path):
+    """The trained artifact loaded the way a user would load it."""
+    from transformers import AutoModelForCausalLM
+
+    from rayft.methods import get_method
+
+    if get_method(cfg.method.type).output == "model":
+        return AutoModelForCausalLM.from_pretrained(output_dir / "model", dtype=torch.float32)
+    from peft import PeftModel
+
+    kwargs = get_method(cfg.method.type).load_kwargs(cfg.method, torch.device("cpu"))
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **kwargs)
+    return PeftModel.from_pretrained(base, output_dir / "adapter")
+
+
+def eval_loss_of(model, cfg) -> float:
+    data = prepare_data(cfg.data, Path(cfg.model.name_or_path), rayft_home() / "datasets", cfg.train.seed)
+    rows = RowFile(data.val_file)
+    loss_sum = tokens = 0.0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), 4):
+            batch = collate(rows.rows(list(range(start, min(start + 4, len(rows))))), 2)
+            loss, count = token_losses(model, batch, "fp32")
+            loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
+    return loss_sum / tokens
+
+
+def train_in_process(tmp_path, tiny_model, alpaca_file, **sections):
+    from rayft.train.runner import run_training
+
+    cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, **sections))
+    return cfg, run_training(cfg)
+
+
+@pytest.mark.parametrize("method, zero_stage", [("lora", 0), ("lora", 3), ("full", 3), ("freeze", 2), ("qlora", 2)])
+def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny_model, alpaca_file, method, zero_stage):
+    cfg, metrics = train_in_process(tmp_path, tiny_model, alpaca_file, method={"type": method},
+                                    distributed={"zero_stage": zero_stage})
+    out = Path(cfg.output_dir)
+    assert metrics["steps"] == 6 and metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert 0 < metrics["trainable_params"] <= metrics["total_params"]
+    kind = "adapter" if method in ("lora", "qlora") else "model"
+    weights = out / kind / ("adapter_model.safetensors" if kind == "adapter" else "model.safetensors")
+    tensors = load_file(weights)
+    assert tensors and all(t.numel() > 0 for t in tensors.values())  # ZeRO-3 must not save empty shards
+    if kind == "adapter":
+        assert len([k for k in tensors if "lora_B" in k]) == 14 and any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+    assert not list(out.rglob("*.bin")) and not list((out / kind).rglob("*.pt"))
+    reloaded = eval_loss_of(reload_output(cfg, out), cfg)
+    assert reloaded == pytest.approx(metrics["eval_loss"], rel=2e-4)
+
+
+def test_cli_lora_zero2_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file):
+    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8}))
+    done = run_cli("train", str(config), "--set", "method.lora.r=4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("train_loss", "eval_loss_before", "eval_loss", "tokens_per_s", "train_seconds", "steps",
+                "trainable_params", "total_params", "mlflow_run_id"):
+        assert metrics[key] is not None, key
+    assert metrics["steps"] == 8 and metrics["eval_loss"] < metrics["eval_loss_before"] and metrics["tokens_per_s"] > 0
+    adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
+    assert json.loads((adapter / "rayft.json").read_text())["base_model"] == str(tiny_model)
+    assert "r: 4" in (out / "config.yaml").read_text() and (out / "loss.png").stat().st_size > 1000
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.lora.r"] == "4" and run.data.tags["rayft.method"] == "lora"
+    assert run.data.params["trainable_params"] == str(metrics["trainable_params"])
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")][-1] == pytest.approx(metrics["eval_loss"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "config.yaml", "loss.png", "adapter"} <= artifacts
+    assert "train" in done.stderr and "8/8" in done.stderr  # the progress bar
+
+    again = run_cli("train", str(config), cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+
+    merged = run_cli("merge", str(adapter), str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8}))
+    assert eval_loss_of(model, cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
+
+
+def _checkpoints(output_dir: Path, name: str) -> list[Path]:
+    return sorted((output_dir / "ray" / name).glob("checkpoint_*"))
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)  # polling the file system: there is no event to await across processes
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, alpaca_file):
+    import ray
+    from ray.util.state import list_actors
+
+    from rayft.train.runner import connect_ray
+
+    connect_ray(None)
+    sections = dict(train={"max_steps": 16, "save_steps": 4, "eval_steps": 8}, distributed={"max_failures": 2})
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(zip(("cfg", "metrics"), train_in_process(
+        tmp_path, tiny_model, alpaca_file, **sections))))
+    thread.start()
+    out = tmp_path / "out"
+    _wait_for(lambda: len(_checkpoints(out, "t")) >= 1, 300, "the first checkpoint")
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert workers
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    metrics = result["metrics"]
+    assert metrics["steps"] == 16
+    assert len(metrics["resumed_from_steps"]) == 1 and metrics["resumed_from_steps"][0] % 4 == 0
+    assert metrics["resumed_from_steps"][0] >= 4  # resumed from a checkpoint, not from scratch
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert ray.is_initialized()
+
+
+def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
+    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file,
+                                                train={"max_steps": 12, "save_steps": 3, "eval_steps": 6}))
+    driver = subprocess.Popen([RAYFT, "train", str(config)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out"
+    try:
+        _wait_for(lambda: len(_checkpoints(out, "t")) >= 1, 300, "the first checkpoint")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies: Ray tears its training job down
+        driver.wait()
+    assert not (out / "metrics.json").exists()
+    refused = run_cli("train", str(config), cwd=tmp_path)
+    assert refused.returncode == 2 and "unfinished run; pass --resume" in refused.stderr
+    resumed = run_cli("train", str(config), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 3
