@@ -146,7 +146,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
         tmp_path, tiny_model, alpaca_file, **sections))))
     thread.start()
     out = tmp_path / "out"
-    _wait_for(lambda: len(_checkpoints(out, "t")) >= 1, 300, "the first checkpoint")
+    # the second checkpoint's folder appears once the first is registered with Ray Train
+    _wait_for(lambda: len(_checkpoints(out, "t")) >= 2, 300, "two checkpoints")
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert workers
     os.kill(workers[-1].pid, signal.SIGKILL)
@@ -166,7 +167,7 @@ def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
                               stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "out"
     try:
-        _wait_for(lambda: len(_checkpoints(out, "t")) >= 1, 300, "the first checkpoint")
+        _wait_for(lambda: len(_checkpoints(out, "t")) >= 2, 300, "two checkpoints")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver dies: Ray tears its training job down
         driver.wait()

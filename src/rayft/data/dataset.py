@@ -141,14 +141,12 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    train_records = read_records(cfg.train)
+    # Validate whole files before splitting, so errors count and index records as in the file.
+    train_conversations = to_messages(read_records(cfg.train), cfg.format, cfg.train)
     if cfg.val:
-        val_records = read_records(cfg.val)
+        val_conversations = to_messages(read_records(cfg.val), cfg.format, cfg.val)
     else:
-        train_records, val_records = split_records(train_records, cfg.val_size, seed)
-    fmt = cfg.format
-    train_conversations = to_messages(train_records, fmt, cfg.train)
-    val_conversations = to_messages(val_records, fmt, cfg.val or cfg.train)
+        train_conversations, val_conversations = split_records(train_conversations, cfg.val_size, seed)
 
     staging = cache_root / f".tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)

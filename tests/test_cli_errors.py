@@ -1,0 +1,71 @@
+"""Bad input through the real CLI: one line naming what and where, exit code 2, no traceback,
+and nothing in output_dir that looks finished."""
+
+import json
+
+import pytest
+
+from conftest import base_config, run_cli, write_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    return {
+        "missing": tmp_path / "nope.jsonl",
+        "malformed": write(tmp_path / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n'),
+        "fields": write(tmp_path / "fields.jsonl", "\n".join(json.dumps(r) for r in [
+            {"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "x"}])),
+        "long": write(tmp_path / "long.jsonl", "\n".join(
+            json.dumps({"instruction": "word " * 200, "output": "ok"}) for _ in range(20))),
+    }
+
+
+CASES = {
+    "missing data file": ({"data": {"train": "@missing"}}, "data.train: file not found: "),
+    "malformed json": ({"data": {"train": "@malformed"}}, "bad.jsonl:2: malformed JSON"),
+    "missing fields": ({"data": {"train": "@fields"}}, "2 records lack the alpaca fields (instruction, output (strings)); first at index 1"),
+    "empty after truncation": ({"data": {"train": "@long", "cutoff_len": 32}}, "no training sample keeps an assistant token after truncation at data.cutoff_len=32"),
+    "unknown method": ({"method": {"type": "ia3"}}, "method.type='ia3': unknown method 'ia3'"),
+    "absent target modules": ({"method": {"lora": {"target_modules": ["c_attn"]}}}, "method.lora.target_modules: ['c_attn'] not in the model; linear modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+    "rank zero": ({"method": {"lora": {"r": 0}}}, "method.lora.r=0: Input should be greater than 0"),
+    "val_size": ({"data": {"val_size": 1.0}}, "data.val_size=1.0: must be inside (0, 1)"),
+    "fp16 on cpu": ({"train": {"precision": "fp16"}}, "train.precision=fp16 needs GPUs"),
+    "too many workers": ({"distributed": {"num_workers": 8}}, "distributed.num_workers=8 x cpus_per_worker=1.0 needs 8 CPUs; the Ray cluster has 4"),
+}
+
+
+@pytest.mark.usefixtures("ray_address")
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, tiny_model, alpaca_file, bad_inputs, case):
+    sections, expected = CASES[case]
+    config = base_config(tmp_path, tiny_model, alpaca_file)
+    for section, values in sections.items():
+        values = {k: (str(bad_inputs[v[1:]]) if isinstance(v, str) and v.startswith("@") else v) for k, v in values.items()}
+        if section == "method" and "lora" in values:
+            config["method"]["lora"].update(values["lora"])
+        else:
+            config[section].update(values)
+    done = run_cli("train", str(write_config(tmp_path, config)), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_unknown_config_key_via_set(tmp_path, tiny_model, alpaca_file):
+    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file))
+    done = run_cli("train", str(config), "--set", "train.learning_rate=1")
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {config}: unknown key train.learning_rate"
+
+
+def test_hub_ids_fail_at_once(tmp_path, alpaca_file):
+    config = write_config(tmp_path, base_config(tmp_path, tmp_path / "x", alpaca_file, model={"name_or_path": "meta-llama/Llama-3-8B"}))
+    done = run_cli("train", str(config))
+    assert done.returncode == 2
+    assert "model.name_or_path='meta-llama/Llama-3-8B' is neither a local model directory nor a known alias" in done.stderr
