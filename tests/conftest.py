@@ -14,6 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Ray binds to a "remotely reachable" interface unless told this is a one-machine cluster;
+# the tests keep every listener on 127.0.0.1. Set before anything imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 from tiny import build_tiny_model, write_alpaca  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

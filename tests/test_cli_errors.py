@@ -35,7 +35,7 @@ CASES = {
     "rank zero": ({"method": {"lora": {"r": 0}}}, "method.lora.r=0: Input should be greater than 0"),
     "val_size": ({"data": {"val_size": 1.0}}, "data.val_size=1.0: must be inside (0, 1)"),
     "fp16 on cpu": ({"train": {"precision": "fp16"}}, "train.precision=fp16 needs GPUs"),
-    "too many workers": ({"distributed": {"num_workers": 8}}, "distributed.num_workers=8 x cpus_per_worker=1.0 needs 8 CPUs; the Ray cluster has 4"),
+    "too many workers": ({"distributed": {"num_workers": 8}}, "distributed.num_workers=8 x cpus_per_worker=1 needs 8 CPUs; the Ray cluster has 4"),
 }
 
 

@@ -70,17 +70,22 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
 
 
 def connect_ray(address: Optional[str]) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing may phone home
+    if not address:
+        # A local instance is a one-machine cluster: keep its listeners on loopback (read by
+        # ray at import, hence before it).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing may phone home
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard serves the state API that Ray Train's controller polls; loopback only.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=True)
 
 
 def resolve_use_gpu(cfg: TrainJobConfig) -> bool:
