@@ -1,0 +1,88 @@
+"""`rayft demo`: write a small instruction data set, fine-tune SmolLM2-135M on it with
+pipelines/demo_lora.yaml (2 workers, ZeRO-2), and show the model before and after."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rayft.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "pipelines" / "demo_lora.yaml"
+INSTRUCTION = "Extract the person as one line of JSON with keys name, age, job, city."
+NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Yusuf"]
+JOBS = ["teacher", "nurse", "baker", "engineer", "farmer", "chef", "lawyer", "painter", "plumber", "doctor"]
+CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Rome", "Seoul", "Dakar", "Hanoi", "Bogota", "Perth"]
+TEMPLATES = ["{name} is {age} years old, works as a {job} and lives in {city}.",
+             "Meet {name}, a {age}-year-old {job} from {city}.",
+             "{name} ({age}) has been a {job} in {city} for years.",
+             "Living in {city}, {name} is a {job} aged {age}."]
+HELD_OUT = ["Marta is 41 years old, works as a pilot and lives in Lisbon.",
+            "Meet Kenji, a 29-year-old architect from Osaka."]
+
+
+def write_demo_data(path: Path, n: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        person = {"name": rng.choice(NAMES), "age": rng.randint(18, 80), "job": rng.choice(JOBS), "city": rng.choice(CITIES)}
+        text = rng.choice(TEMPLATES).format(**person)
+        lines.append(json.dumps({"instruction": INSTRUCTION, "input": text, "output": json.dumps(person)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def generate_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    answers = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{prompt}"}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def run_demo(output_dir: Path) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rayft.models import resolve_model_path
+    from rayft.train.runner import run_training
+
+    console = Console()
+    data_path = write_demo_data(Path(output_dir) / "data" / "people.jsonl")
+    cfg = load_config(DEMO_CONFIG, [f"data.train={data_path}", f"output_dir={Path(output_dir) / 'run'}"])
+    model_dir = resolve_model_path(cfg.model.name_or_path)
+    console.print(f"[bold]rayft demo[/]: LoRA on {cfg.model.name_or_path}, {cfg.distributed.num_workers} Ray Train "
+                  f"workers, ZeRO-{cfg.distributed.zero_stage}, data {data_path}")
+    before = generate_answers(model_dir, None, HELD_OUT)
+    metrics = run_training(cfg, overwrite=True, console=console)
+    after = generate_answers(model_dir, Path(metrics["output"]), HELD_OUT)
+
+    table = Table(title="before / after fine-tuning", show_lines=True)
+    table.add_column("")
+    table.add_column("before")
+    table.add_column("after")
+    table.add_row("eval loss", f"{metrics['eval_loss_before']:.3f}", f"{metrics['eval_loss']:.3f}")
+    for prompt, old, new in zip(HELD_OUT, before, after):
+        table.add_row(prompt, old, new)
+    console.print(table)
+    console.print(f"adapter: {metrics['output']}\nMLflow run: {metrics['mlflow_run_id']} "
+                  f"(store {Path('mlflow.db').resolve()}; `mlflow ui --backend-store-uri sqlite:///mlflow.db`)\n"
+                  f"throughput: {metrics['tokens_per_s']:.0f} tokens/s over {metrics['steps']} steps")
+    return metrics
