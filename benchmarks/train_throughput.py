@@ -62,7 +62,7 @@ def run_rayft(data_path: Path, work: Path, args) -> dict:
         "data": {"train": str(data_path), "cutoff_len": args.cutoff, "packing": True, "val_size": 0.05},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4, "logging_steps": 1,
                   "eval_steps": 10_000, "save_steps": 10_000, "precision": args.precision},
-        "distributed": {"num_workers": args.workers, "zero_stage": 2},
+        "distributed": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "zero_stage": 2},
         "tracking": {"mlflow_uri": f"sqlite:///{work / 'mlflow.db'}"},
     })
     metrics = run_training(cfg)
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cpus-per-worker", type=float, default=1, help="torch threads per worker follow it")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
 
@@ -143,7 +144,7 @@ def main() -> None:
                       "ratio": round(rayft["tokens_per_s"] / baseline["tokens_per_s"], 2),
                       "rayft_mfu": round(mfu, 3), "matmul_peak_gflops": round(peak / 1e9, 1),
                       "precision": args.precision, "cutoff": args.cutoff, "batch": args.batch,
-                      "workers": args.workers, "steps": args.steps, "cpus": os.cpu_count()}, indent=2))
+                      "workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "steps": args.steps, "cpus": os.cpu_count()}, indent=2))
 
 
 if __name__ == "__main__":

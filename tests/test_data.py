@@ -156,3 +156,25 @@ def test_worker_shards_are_disjoint_and_cover_the_data(world):
         assert len(joined) == n - n % world  # all but the remainder that keeps ranks in step
         assert len({len(s) for s in shards}) == 1
     assert not np.array_equal(shard_indices(n, 0, world, 0, 5, True), shard_indices(n, 0, world, 1, 5, True))
+
+
+def test_loss_step_matches_full_logits(tokenizer, tiny_model):
+    """token_losses runs the output head only on learned positions; the loss must not change."""
+    from transformers import AutoModelForCausalLM
+
+    from rayft.train.loop import token_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": "Say hi " * (i + 1)},
+                                                 {"role": "assistant", "content": "hi " * (i + 2)}], 256, False)
+               for i in range(5)]
+    batch = collate(list(pack(samples, 128)), 2)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+        loss, count = token_losses(model, batch, "fp32")
+    assert count.item() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the hook is gone afterwards: a plain forward returns logits for every position again
+    assert model(input_ids=batch["input_ids"]).logits.shape[1] == batch["input_ids"].shape[1]

@@ -49,18 +49,29 @@ def autocast_context(precision: str, device: torch.device):
     return nullcontext()
 
 
+def output_head(model) -> torch.nn.Module:
+    """The LM head under any wrapping (DeepSpeed engine, peft)."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
 def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the learned tokens of a batch, and how many there are.
 
     No attention mask: position ids that restart per packed sample give a block-diagonal
-    causal mask, and right padding is invisible under causal attention."""
-    device = batch["input_ids"].device
-    with autocast_context(precision, device):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    targets = batch["labels"][:, 1:]
-    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (targets != IGNORE_INDEX).sum()
+    causal mask, and right padding is invisible under causal attention. The output head (a
+    hidden x vocabulary matmul, the biggest of the model) runs only at positions whose next
+    token is learned: a forward pre-hook hands it just those hidden states."""
+    labels = batch["labels"]
+    learned = torch.zeros_like(labels, dtype=torch.bool)
+    learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
+    try:
+        with autocast_context(precision, labels.device):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    finally:
+        hook.remove()
+    targets = labels[:, 1:][learned[:, :-1]]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), learned.sum()
 
 
 # ---------------------------------------------------------------- data
