@@ -175,6 +175,6 @@ def test_loss_step_matches_full_logits(tokenizer, tiny_model):
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
         loss, count = token_losses(model, batch, "fp32")
     assert count.item() == (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)  # fp32 sums in another order
     # the hook is gone afterwards: a plain forward returns logits for every position again
     assert model(input_ids=batch["input_ids"]).logits.shape[1] == batch["input_ids"].shape[1]
