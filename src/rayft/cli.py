@@ -53,7 +53,8 @@ def train(
     except RayftError:
         raise
     except Exception as exc:  # a worker failed past max_failures: Ray already printed its traceback
-        typer.echo(f"error: training failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", err=True)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        typer.echo(f"error: training failed: {first_line}", err=True)
         raise typer.Exit(1)
     _print_summary(metrics, cfg)
 
@@ -88,11 +89,11 @@ def merge(
 @models_app.command("list")
 def models_list():
     """List the model aliases and whether each is prepared."""
-    from rayft.models.resolve import KNOWN_ALIASES, _alias_dir
+    from rayft.models.resolve import KNOWN_ALIASES, alias_dir
 
     for alias, bundle in KNOWN_ALIASES.items():
-        prepared = (_alias_dir(alias) / "config.json").is_file()
-        typer.echo(f"{alias}\t{'prepared at ' + str(_alias_dir(alias)) if prepared else 'not prepared'}\t(from {bundle.pip_name})")
+        prepared = (alias_dir(alias) / "config.json").is_file()
+        typer.echo(f"{alias}\t{'prepared at ' + str(alias_dir(alias)) if prepared else 'not prepared'}\t(from {bundle.pip_name})")
 
 
 @models_app.command("prepare")

@@ -33,7 +33,7 @@ def rayft_home() -> Path:
     return Path(os.environ.get("RAYFT_HOME", Path.home() / ".cache" / "rayft")).expanduser()
 
 
-def _alias_dir(alias: str) -> Path:
+def alias_dir(alias: str) -> Path:
     return rayft_home() / "models" / alias
 
 
@@ -51,7 +51,7 @@ def _gguf_path(bundle: BundledModel) -> Path:
 def prepare_alias(alias: str) -> Path:
     """Convert a bundled GGUF model once into a plain HF directory (safetensors, tokenizer,
     chat template) under rayft_home(); later calls return the cached directory."""
-    target = _alias_dir(alias)
+    target = alias_dir(alias)
     if (target / "config.json").is_file():
         return target
     bundle = KNOWN_ALIASES[alias]

@@ -31,15 +31,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-def publish_dir(source: Path, target: Path) -> None:
-    """Copy a directory under a temporary name, then rename it into place."""
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(source, staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
-
-
 # ---------------------------------------------------------------- pre-flight checks
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     if not output_dir.exists() or not any(output_dir.iterdir()):
