@@ -34,6 +34,7 @@ CASES = {
     "absent target modules": ({"method": {"lora": {"target_modules": ["c_attn"]}}}, "method.lora.target_modules: ['c_attn'] not in the model; linear modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     "rank zero": ({"method": {"lora": {"r": 0}}}, "method.lora.r=0: Input should be greater than 0"),
     "val_size": ({"data": {"val_size": 1.0}}, "data.val_size=1.0: must be inside (0, 1)"),
+    "unreachable mlflow": ({"tracking": {"mlflow_uri": "http://127.0.0.1:9"}}, "tracking.mlflow_uri=http://127.0.0.1:9 is unreachable"),
     "fp16 on cpu": ({"train": {"precision": "fp16"}}, "train.precision=fp16 needs GPUs"),
     "too many workers": ({"distributed": {"num_workers": 8}}, "distributed.num_workers=8 x cpus_per_worker=1 needs 8 CPUs; the Ray cluster has 4"),
 }
@@ -65,7 +66,8 @@ def test_unknown_config_key_via_set(tmp_path, tiny_model, alpaca_file):
 
 
 def test_hub_ids_fail_at_once(tmp_path, alpaca_file):
-    config = write_config(tmp_path, base_config(tmp_path, tmp_path / "x", alpaca_file, model={"name_or_path": "meta-llama/Llama-3-8B"}))
-    done = run_cli("train", str(config))
+    config = base_config(tmp_path, tmp_path / "x", alpaca_file)
+    config["model"]["name_or_path"] = "meta-llama/Llama-3-8B"
+    done = run_cli("train", str(write_config(tmp_path, config)))
     assert done.returncode == 2
     assert "model.name_or_path='meta-llama/Llama-3-8B' is neither a local model directory nor a known alias" in done.stderr
