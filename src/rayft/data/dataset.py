@@ -3,7 +3,7 @@
 The driver tokenizes (and packs) once, into Arrow IPC files under a cache directory keyed by a
 hash of the data, the tokenizer, its chat template and the data settings. Each Ray Train worker
 memory-maps those files and reads only its own rows, batch by batch: a corpus of millions of rows
-streams instead of sitting in every worker's memory. The shard of a worker is a strided slice of a
+streams instead of sitting in every worker's memory. The shard of a worker is its contiguous slice of a
 seeded per-epoch permutation, so shards are disjoint, equal-sized (every rank runs the same number
 of steps) and deterministic, which lets a resumed run skip exactly the batches it already trained.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import uuid
