@@ -75,6 +75,37 @@ def _print_summary(metrics: dict, cfg) -> None:
 
 @app.command()
 @user_errors
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep file (YAML): a base training config and a search section."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: search.num_samples=4 or "
+                                             "train.lr=1e-4 (name, output_dir and search.* are the sweep's; "
+                                             "every other key, or base.KEY, is the base training config's)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep; finished trials are kept."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a sweep already in output_dir."),
+):
+    """Search training hyperparameters with Ray Tune; every trial is a real `rayft train` run."""
+    from rayft.tune.sweep import load_sweep, run_sweep
+
+    if resume and overwrite:
+        raise RayftError("--resume and --overwrite exclude each other")
+    spec = load_sweep(sweep_file, set_ or [])
+    try:
+        summary = run_sweep(spec, resume=resume, overwrite=overwrite)
+    except RayftError:
+        raise
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        typer.echo(f"error: sweep failed: {first_line}", err=True)
+        raise typer.Exit(1)
+    best = summary["best"]
+    values = "  ".join(f"{k}={best[k]}" for k in spec.space.keys)
+    typer.echo(f"best trial {best['trial_id']}: eval_loss {best['final_eval_loss']:.4f}  {values}")
+    out = Path(summary["output_dir"])
+    typer.echo(f"wrote {out / 'results.csv'}, {out / 'best.yaml'}, {out / 'sweep.png'} and the best trial's weights")
+
+
+@app.command()
+@user_errors
 def merge(
     adapter_dir: Path = typer.Argument(..., help="A LoRA adapter written by rayft train."),
     out_dir: Path = typer.Argument(..., help="Where to write the merged HF model."),

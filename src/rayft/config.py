@@ -148,6 +148,67 @@ class TrainJobConfig(Strict):
         return self.model_dump(mode="json")
 
 
+# ---------------------------------------------------------------- sweeps
+class SchedulerConfig(Strict):
+    type: Literal["asha", "none"] = "asha"
+    # in optimizer steps; None: the base config's train.eval_steps (the first evaluation)
+    grace_period: Optional[int] = Field(None, gt=0)
+    reduction_factor: float = Field(2, gt=1)
+
+
+class SearchConfig(Strict):
+    # key path of the training config -> distribution: {choice: [...]}, {uniform: [lo, hi]},
+    # {loguniform: [lo, hi]}, {randint: [lo, hi]} (inclusive), {ratio_of: key, factor: x}
+    space: dict[str, Any]
+    algorithm: Literal["grid", "random", "optuna"] = "random"
+    # grid: how many times the whole grid runs (default 1); random/optuna: trials, required
+    num_samples: Optional[int] = Field(None, gt=0)
+    # None: as many as the cluster's CPUs/GPUs hold
+    max_concurrent_trials: Optional[int] = Field(None, gt=0)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    metric: Literal["eval_loss", "eval_ppl"] = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, value: Any) -> Any:
+        return {"type": "none"} if value in (None, "none") else value
+
+
+class SweepConfig(Strict):
+    # a training config file (relative to the working directory, else to the sweep file), or
+    # the training config inline
+    base: Union[str, dict[str, Any]]
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
+    output_dir: str
+    search: SearchConfig
+
+
+SWEEP_KEYS = ("name", "output_dir", "search")
+
+
+def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """--set for a sweep: name, output_dir and search.* change the sweep; base.* and every other
+    key change the base training config."""
+    sweep_overrides, base_overrides = [], []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] in SWEEP_KEYS:
+            sweep_overrides.append(item)
+        else:
+            base_overrides.append(item.removeprefix("base."))
+    return sweep_overrides, base_overrides
+
+
+def parse_sweep(raw: Any, source: str) -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.path=value` overrides (values parsed as YAML) to a raw config dict."""
     raw = copy.deepcopy(raw)

@@ -50,28 +50,39 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_run(uri: str, cfg: TrainJobConfig, model_path: str) -> str:
+def experiment_id(uri: str, name: str) -> str:
     mlflow_client = client(uri)
-    experiment = mlflow_client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (experiment.experiment_id if experiment else
-                     mlflow_client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri)))
-    run = mlflow_client.create_run(experiment_id, run_name=cfg.name, tags={
-        "rayft.method": cfg.method.type, "rayft.base_model": cfg.model.name_or_path,
-        "rayft.base_model_path": model_path, "rayft.output_dir": str(Path(cfg.output_dir).resolve()),
-    })
-    params = flatten(cfg.to_dict())
-    from mlflow.entities import Param
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except Exception:  # created meanwhile by a concurrent sweep trial
+        return mlflow_client.get_experiment_by_name(name).experiment_id
 
-    batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for start in range(0, len(batch), 100):
-        mlflow_client.log_batch(run.info.run_id, params=batch[start:start + 100])
+
+def start_run(uri: str, cfg: TrainJobConfig, model_path: str, parent_run_id: Optional[str] = None) -> str:
+    tags = {"rayft.method": cfg.method.type, "rayft.base_model": cfg.model.name_or_path,
+            "rayft.base_model_path": model_path, "rayft.output_dir": str(Path(cfg.output_dir).resolve())}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # shows the run nested under its sweep
+    run = client(uri).create_run(experiment_id(uri, cfg.tracking.experiment), run_name=cfg.name, tags=tags)
+    log_params(uri, run.info.run_id, flatten(cfg.to_dict()))
+    return run.info.run_id
+
+
+def start_parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict) -> str:
+    run = client(uri).create_run(experiment_id(uri, experiment), run_name=name, tags=tags)
+    log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
 
 def log_params(uri: str, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
-    client(uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(batch), 100):
+        client(uri).log_batch(run_id, params=batch[start:start + 100])
 
 
 def log_artifacts(uri: str, run_id: str, files: list[Path], directory: Path) -> None:

@@ -217,13 +217,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         loop_config.get("progress_queue"))
     param_counts = {"trainable_params": trainable_params, "total_params": total_params}
 
-    def checkpoint_and_report(metrics: dict, export: bool = False) -> None:
+    def report(metrics: dict, checkpoint: bool, export: bool) -> None:
+        metrics = {**metrics, **param_counts, "step": state.step, "total_steps": plan.total_steps}
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
             save_training_state(engine, state, Path(tmp), rank)
             if export:
                 export_weights(engine.module, method.output, Path(tmp), rank)
-            ray.train.report({**metrics, **param_counts, "step": state.step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     if state.step == 0:
         state.eval_loss_before = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
@@ -263,14 +266,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window = dict.fromkeys(window, 0.0)
 
         last = state.step == plan.total_steps
-        if state.step % cfg.train.eval_steps == 0 or last:
+        evaluated = state.step % cfg.train.eval_steps == 0 or last
+        saving = last or state.step % cfg.train.save_steps == 0
+        eval_metrics = {}
+        if evaluated:
             eval_loss = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
-            reporter.log(state.step, {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50)),
-                                      "total_steps": plan.total_steps}, state)
-            step_start = time.perf_counter()  # evaluation time is not training time
-        if last:
-            checkpoint_and_report({"eval_loss": eval_loss}, export=True)
-        elif state.step % cfg.train.save_steps == 0:
-            checkpoint_and_report({})
-            step_start = time.perf_counter()
-
+            eval_metrics = {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+            reporter.log(state.step, {**eval_metrics, "total_steps": plan.total_steps}, state)
+        if evaluated or saving:
+            # Every evaluation reaches Ray Train (and, in a sweep, Tune's scheduler), with or
+            # without a checkpoint; the last one also exports the weights.
+            report(eval_metrics, checkpoint=saving, export=last)
+            step_start = time.perf_counter()  # evaluation and saving are not training time

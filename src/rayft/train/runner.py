@@ -208,8 +208,13 @@ def publish_outputs(checkpoint_dir: Path, output_dir: Path, output_kind: str, cf
 
 
 # ---------------------------------------------------------------- the job
-def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = False, console=None) -> dict[str, Any]:
-    """Train as `cfg` says; returns metrics.json's content."""
+def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = False, console=None,
+                 parent_run_id: Optional[str] = None, callbacks: Optional[list] = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns metrics.json's content.
+
+    A sweep trial passes its sweep's MLflow run as `parent_run_id` and Ray Train callbacks that
+    forward the reported metrics to Tune; it then gets no progress bar.
+    """
     from rayft.data.dataset import prepare_data
     from rayft.methods import get_method
     from rayft.models import rayft_home, resolve_model_path
@@ -232,11 +237,11 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     if resume:
         run_id = json.loads(run_file.read_text())["mlflow_run_id"]
     else:
-        run_id = mlflow_run.start_run(uri, cfg, str(model_dir))
+        run_id = mlflow_run.start_run(uri, cfg, str(model_dir), parent_run_id)
         write_atomic(run_file, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     write_atomic(output_dir / "config.yaml", dump_config(cfg))
     try:
-        result = _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console)
+        result = _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks)
         metrics = _finish(cfg, result, output_dir, model_dir, uri, run_id, get_method(cfg.method.type).output)
     except BaseException:
         mlflow_run.fail_run(uri, run_id)
@@ -244,14 +249,16 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     return metrics
 
 
-def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console):
+def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks):
+    import contextlib
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
     from rayft.train.loop import train_loop_per_worker
 
-    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    queue = None if callbacks else Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     dist = cfg.distributed
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -263,9 +270,10 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console):
         run_config=RunConfig(
             name=cfg.name, storage_path=dist.storage_path or str(output_dir / "ray"),
             failure_config=FailureConfig(max_failures=dist.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks or []),
     )
-    with Progress(queue, console):
+    with Progress(queue, console) if queue else contextlib.nullcontext():
         return trainer.fit()
 
 

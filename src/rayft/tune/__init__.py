@@ -1,0 +1,1 @@
+"""rayft sweep: Ray Tune over the training of rayft train."""
