@@ -142,10 +142,14 @@ def models_prepare(alias: str = typer.Argument("smollm2-135m-instruct")):
 @user_errors
 def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), help="Where the demo writes its data and run."),
+    data_only: bool = typer.Option(False, "--data-only", help="Only write the demo data set (for the sweep pipeline)."),
 ):
     """Fine-tune SmolLM2-135M with LoRA on 2 workers (ZeRO-2) and show before/after."""
-    from rayft.demo import run_demo
+    from rayft.demo import run_demo, write_demo_data
 
+    if data_only:
+        typer.echo(str(write_demo_data(output_dir / "data" / "people.jsonl")))
+        return
     run_demo(output_dir)
 
 

@@ -273,7 +273,7 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or []),
     )
-    with Progress(queue, console) if queue else contextlib.nullcontext():
+    with Progress(queue, console) if queue is not None else contextlib.nullcontext():  # an empty Queue is falsy
         return trainer.fit()
 
 
