@@ -95,6 +95,35 @@ def test_trials_that_cannot_fit_fail_at_once(tmp_path, tiny_model, alpaca_file, 
     assert "distributed.num_workers=8 x cpus_per_worker=1 needs 8 CPUs; the Ray cluster has 4" in result.stderr
 
 
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_search_algorithms_sample_inside_the_space(tmp_path, tiny_model, alpaca_file, ray_address, algorithm):
+    """The space as each algorithm receives it (a stand-in trial function: sampling, not training)."""
+    import ray
+    from ray import tune
+
+    from rayft.tune.sweep import build_search_alg
+
+    search = {"space": {"method.lora.r": {"choice": [4, 8]}, "train.lr": {"loguniform": [1e-5, 1e-3]},
+                        "train.warmup_ratio": {"uniform": [0.0, 0.2]}, "train.grad_accum": {"randint": [1, 3]},
+                        "method.lora.alpha": {"ratio_of": "method.lora.r", "factor": 2}},
+              "algorithm": algorithm, "num_samples": 4}
+    sweep = load_sweep(sweep_file(tmp_path, tiny_model, alpaca_file, search))
+    ray.init(address=ray_address, ignore_reinit_error=True)
+    grid = tune.Tuner(
+        tune.with_resources(lambda config: tune.report({"eval_loss": config["train.lr"]}), {"memory": 2**20}),
+        param_space=sweep.space.tune_space(algorithm),
+        tune_config=tune.TuneConfig(metric="eval_loss", mode="min", num_samples=4,
+                                    search_alg=build_search_alg(sweep, 4)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+    sampled = [sweep.space.resolve(result.config, sweep.base) for result in grid]
+    assert len(sampled) == 4 and not grid.errors
+    for values in sampled:
+        assert values["method.lora.r"] in (4, 8) and values["method.lora.alpha"] == 2 * values["method.lora.r"]
+        assert 1e-5 <= values["train.lr"] <= 1e-3 and 0.0 <= values["train.warmup_ratio"] <= 0.2
+        assert values["train.grad_accum"] in (1, 2, 3)
+    assert len({v["train.lr"] for v in sampled}) == 4
+
+
 # ---------------------------------------------------------------- a real sweep
 def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_address):
     # Two good and two hopeless learning rates, run one trial at a time (Tune's grid order) so

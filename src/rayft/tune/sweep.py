@@ -354,7 +354,7 @@ def write_outputs(sweep: Sweep, summary: dict[str, Any], output_dir: Path, uri: 
         client.log_artifact(parent_run_id, str(output_dir / path))
     if best is None:
         client.set_terminated(parent_run_id, "FAILED")
-        raise RayftError(f"sweep {sweep.cfg.name}: no trial completed; see {output_dir / 'results.csv'}")
+        raise RuntimeError(f"sweep {sweep.cfg.name}: no trial completed; see {output_dir / 'results.csv'}")
 
     trial_dir = output_dir / "trials" / best["trial_id"]
     output_kind = "adapter" if (trial_dir / "adapter").is_dir() else "model"
