@@ -74,8 +74,9 @@ def connect_ray(address: Optional[str]) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # address="local": always a fresh instance, never whatever cluster /tmp/ray last recorded.
         # The dashboard serves the state API that Ray Train's controller polls; loopback only.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  log_to_driver=True)
 
 
