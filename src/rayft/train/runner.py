@@ -120,6 +120,25 @@ def check_steps(cfg: TrainJobConfig, train_rows: int) -> int:
     return batches
 
 
+def preflight(cfg: TrainJobConfig):
+    """Every check that can fail before a worker starts (shared by train and sweep); returns
+    (model_dir, tracking uri, prepared data, batches per epoch, use_gpu)."""
+    from rayft.data.dataset import prepare_data
+    from rayft.models import rayft_home, resolve_model_path
+    from rayft.tracking import mlflow_run
+
+    model_dir = resolve_model_path(cfg.model.name_or_path)
+    check_method(cfg, model_dir)
+    uri = mlflow_run.tracking_uri(cfg)
+    mlflow_run.check_reachable(uri)
+    data = prepare_data(cfg.data, model_dir, rayft_home() / "datasets", cfg.train.seed)
+    batches = check_steps(cfg, data.train_rows)
+    connect_ray(cfg.distributed.ray_address)
+    use_gpu = resolve_use_gpu(cfg)
+    check_placement(cfg, use_gpu)
+    return model_dir, uri, data, batches, use_gpu
+
+
 # ---------------------------------------------------------------- progress bar
 class Progress:
     """Shows rank 0's step metrics (sent through a Ray queue actor) as a console progress bar."""
@@ -216,22 +235,12 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     A sweep trial passes its sweep's MLflow run as `parent_run_id` and Ray Train callbacks that
     forward the reported metrics to Tune; it then gets no progress bar.
     """
-    from rayft.data.dataset import prepare_data
     from rayft.methods import get_method
-    from rayft.models import rayft_home, resolve_model_path
     from rayft.tracking import mlflow_run
 
     output_dir = Path(cfg.output_dir).resolve()
     check_output_dir(output_dir, resume, overwrite)
-    model_dir = resolve_model_path(cfg.model.name_or_path)
-    check_method(cfg, model_dir)
-    uri = mlflow_run.tracking_uri(cfg)
-    mlflow_run.check_reachable(uri)
-    data = prepare_data(cfg.data, model_dir, rayft_home() / "datasets", cfg.train.seed)
-    check_steps(cfg, data.train_rows)
-    connect_ray(cfg.distributed.ray_address)
-    use_gpu = resolve_use_gpu(cfg)
-    check_placement(cfg, use_gpu)
+    model_dir, uri, data, _, use_gpu = preflight(cfg)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     run_file = output_dir / "run.json"

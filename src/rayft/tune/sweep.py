@@ -154,10 +154,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, conso
     """Run every trial; returns the summary (best trial, rows of results.csv)."""
     from ray import tune
 
-    from rayft.data.dataset import prepare_data
-    from rayft.models import rayft_home, resolve_model_path
     from rayft.tracking import mlflow_run
-    from rayft.train.runner import check_method, check_placement, check_steps, connect_ray, resolve_use_gpu
+    from rayft.train.runner import preflight
     from rayft.train.schedule import StepPlan
     from rayft.tune.table import TrialTable, print_summary
     from rayft.tune.trial import run_trial
@@ -165,16 +163,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, conso
     cfg, base = sweep.cfg, sweep.base
     output_dir = Path(cfg.output_dir).resolve()
     check_output_dir(output_dir, resume, overwrite)
-    model_dir = resolve_model_path(base.model.name_or_path)
-    check_method(base, model_dir)
-    uri = mlflow_run.tracking_uri(base)
-    mlflow_run.check_reachable(uri)
-    data = prepare_data(base.data, model_dir, rayft_home() / "datasets", base.train.seed)  # once, for every trial
-    plan = StepPlan.build(base.train, check_steps(base, data.train_rows))
-    scheduler = build_scheduler(sweep, plan.total_steps)
-    connect_ray(base.distributed.ray_address)
-    use_gpu = resolve_use_gpu(base)
-    check_placement(base, use_gpu)
+    _, uri, _, batches, use_gpu = preflight(base)  # also tokenizes the data once, for every trial
+    scheduler = build_scheduler(sweep, StepPlan.build(base.train, batches).total_steps)
     concurrency, note = trial_capacity(base, use_gpu, cfg.search.max_concurrent_trials)
     console = console or _console()
     if note:
