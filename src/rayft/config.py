@@ -184,6 +184,67 @@ class SweepConfig(Strict):
     search: SearchConfig
 
 
+# ---------------------------------------------------------------- serving
+class ServeBaseModel(Strict):
+    name_or_path: str = DEFAULT_BASE_MODEL
+    load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (adapters stay full precision)
+
+
+class ServeLimits(Strict):
+    max_prompt_tokens: int = Field(2048, gt=0)
+    max_new_tokens: int = Field(512, gt=0)
+    max_concurrent_requests: int = Field(64, gt=0)  # per ingress replica; beyond it: 429
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    max_lora_rank: int = Field(64, gt=0)
+    max_adapter_bytes: int = Field(256 * 2**20, gt=0)
+
+
+class AuthConfig(Strict):
+    # None: no keys, every caller is tenant "default" with admin rights (loopback hosts only)
+    keys_file: Optional[str] = None
+
+
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(16, gt=0)
+
+
+class ServeConfig(Strict):
+    base_model: ServeBaseModel = ServeBaseModel()
+    registry: str = "adapters"  # published adapters: <registry>/<tenant>/<name>/versions/<n>/
+    adapters: list[str] = []  # "tenant/name" (or "name" of tenant default/shared) loaded at start
+    max_resident_adapters: int = Field(32, gt=0)  # per replica; least recently used are evicted
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_ms: float = Field(10, ge=0)
+    limits: ServeLimits = ServeLimits()
+    auth: AuthConfig = AuthConfig()
+    replicas: Union[int, AutoscalingConfig] = 1
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    cpus_per_replica: float = Field(1, gt=0)
+    gpus_per_replica: float = Field(0, ge=0)
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_model_shorthand(cls, value: Any) -> Any:
+        return {"name_or_path": value} if isinstance(value, str) else value
+
+    @field_validator("replicas")
+    @classmethod
+    def _positive_replicas(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or an autoscaling block)")
+        return value
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> "ServeConfig":
+        if self.auth.keys_file is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"host {self.host} is reachable from other machines: set auth.keys_file")
+        return self
+
+
 SWEEP_KEYS = ("name", "output_dir", "search")
 
 
@@ -201,12 +262,7 @@ def split_sweep_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 
 def parse_sweep(raw: Any, source: str) -> SweepConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
-    try:
-        return SweepConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+    return _validate(SweepConfig, raw, source)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -239,13 +295,26 @@ def _describe_error(error: dict[str, Any], source: str) -> str:
     return f"{source}: {where}={error.get('input')!r}: {message}"
 
 
-def parse_config(raw: Any, source: str = "config") -> TrainJobConfig:
+def _validate(schema: type[Strict], raw: Any, source: str):
+    """Validate a raw mapping against a schema; the first error as one line naming key and value."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     try:
-        return TrainJobConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainJobConfig:
+    return _validate(TrainJobConfig, raw, source)
+
+
+def parse_serve(raw: Any, source: str = "serve config") -> "ServeConfig":
+    return _validate(ServeConfig, raw, source)
+
+
+def load_serve_config(path: str | Path, overrides: list[str] | None = None) -> "ServeConfig":
+    return parse_serve(apply_overrides(read_yaml(path), overrides or []), source=str(path))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

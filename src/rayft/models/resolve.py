@@ -99,3 +99,21 @@ def resolve_model_path(name_or_path: str) -> Path:
         f"model.name_or_path={name_or_path!r} is neither a local model directory nor a known alias "
         f"({', '.join(KNOWN_ALIASES)}); models are not downloaded from a hub"
     )
+
+
+# The config fields that decide whether an adapter's weights fit a base model.
+_FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def base_fingerprint(model_dir: str | Path) -> str:
+    """A short hash of a base model's architecture: training records it beside an adapter, serving
+    refuses an adapter whose fingerprint differs from the served base (a path or alias would not
+    survive a move between machines)."""
+    import hashlib
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    picked = {key: text_config.get(key) for key in _FINGERPRINT_FIELDS}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

@@ -202,7 +202,10 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
 
 def adapter_metadata(cfg: TrainJobConfig, model_dir: Path, run_id: str) -> dict[str, Any]:
-    return {"base_model": cfg.model.name_or_path, "base_model_path": str(model_dir), "method": cfg.method.type,
+    from rayft.models import base_fingerprint
+
+    return {"base_model": cfg.model.name_or_path, "base_model_path": str(model_dir),
+            "base_fingerprint": base_fingerprint(model_dir), "method": cfg.method.type,
             "lora": cfg.method.lora.model_dump(mode="json"), "name": cfg.name, "mlflow_run_id": run_id}
 
 

@@ -1,0 +1,297 @@
+"""The generation engine of one replica: base model + adapter cache + mixed-adapter batches.
+
+Token ids in, token ids out (tokenizing and the HTTP API live in api.py). Requests wait at most
+`batch_wait_ms` to be batched with others, whatever adapter they use; a batch runs prefill and
+then decodes step by step on one worker thread (torch releases the GIL, so the event loop keeps
+accepting requests), streaming each row's tokens back as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional, Sequence
+
+import torch
+
+from rayft.serve.lora import BatchLoRA, LoadedAdapter, load_adapter, wrap_linear_layers
+from rayft.serve.validate import BaseShape, check_fits_base, inspect_adapter
+
+
+class EngineMetrics:
+    """Hooks the Serve deployment fills with Prometheus metrics; no-ops elsewhere."""
+
+    def batch(self, rows: int, adapters: int) -> None: ...
+    def tokens(self, model: str, count: int) -> None: ...
+    def adapter_load(self, model: str, seconds: float) -> None: ...
+    def adapter_eviction(self, model: str) -> None: ...
+    def adapter_cache_hit(self, model: str) -> None: ...
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    model: str  # for metrics: the adapter's name, or the base model's
+    adapter: Optional[LoadedAdapter] = None
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    cancelled: bool = False  # set when the caller goes away: the row stops at the next step
+    events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+
+
+class Engine:
+    """Batches requests and runs them. `backend.prepare(row_adapters)` sets up the LoRA of each
+    row and returns extra forward arguments (BatchLoRA here; the benchmark plugs in peft's)."""
+
+    def __init__(self, model, backend, eos_token_ids: Sequence[int], pad_token_id: int, max_batch_size: int = 16,
+                 batch_wait_ms: float = 10, mix_adapters: bool = True, metrics: Optional[EngineMetrics] = None):
+        self.model = model
+        self.backend = backend
+        self.eos_token_ids = set(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.mix_adapters = mix_adapters  # False: one adapter per batch (the naive baseline)
+        self.metrics = metrics or EngineMetrics()
+        self.device = next(model.parameters()).device
+        self._pending: collections.deque[GenerationRequest] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rayft-batch")
+        self._loop_task: Optional[asyncio.Task] = None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple]:
+        """Yields ("token", id) per generated token, then ("end", "stop" | "length")."""
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        self._pending.append(request)
+        self._wakeup.set()
+        try:
+            while True:
+                event = await request.events.get()
+                if event[0] == "error":
+                    raise RuntimeError(event[1])
+                yield event
+                if event[0] == "end":
+                    return
+        finally:
+            request.cancelled = True
+
+    # ------------------------------------------------------------ batching
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            deadline = loop.time() + self.batch_wait_s
+            while len(self._pending) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._run_batch, batch, loop)
+            except Exception as exc:  # a failed batch fails its requests, never the engine
+                for request in batch:
+                    request.events.put_nowait(("error", f"generation failed: {exc}"))
+
+    def _take_batch(self) -> list[GenerationRequest]:
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        if self.mix_adapters:
+            return [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+        head_adapter = self._pending[0].adapter
+        batch, rest = [], collections.deque()
+        while self._pending:
+            request = self._pending.popleft()
+            if request.adapter is head_adapter and len(batch) < self.max_batch_size and not request.cancelled:
+                batch.append(request)
+            elif not request.cancelled:
+                rest.append(request)
+        self._pending = rest
+        return batch
+
+    # ------------------------------------------------------------ one batch (worker thread)
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[GenerationRequest], loop: asyncio.AbstractEventLoop) -> None:
+        from transformers import DynamicCache
+
+        rows = len(batch)
+        extra = self.backend.prepare([request.adapter for request in batch])
+        self.metrics.batch(rows, len({id(r.adapter) for r in batch if r.adapter is not None}))
+        try:
+            width = max(len(request.prompt_ids) for request in batch)
+            input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((rows, width), dtype=torch.long)
+            for i, request in enumerate(batch):  # left padding: every row's next token is at the end
+                input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+                attention_mask[i, width - len(request.prompt_ids):] = 1
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            generators = [_generator(request) for request in batch]
+            finished: list[Optional[str]] = [None] * rows
+            produced = [0] * rows
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+            while True:
+                next_ids = _pick_tokens(logits, batch, generators)
+                events = []
+                for i, request in enumerate(batch):
+                    if finished[i]:
+                        continue
+                    token = int(next_ids[i])
+                    if request.cancelled:
+                        finished[i] = "cancelled"
+                    elif token in self.eos_token_ids:
+                        finished[i] = "stop"
+                    else:
+                        produced[i] += 1
+                        events.append((request, ("token", token)))
+                        if produced[i] >= request.max_new_tokens:
+                            finished[i] = "length"
+                    if finished[i]:
+                        events.append((request, ("end", finished[i])))
+                        self.metrics.tokens(request.model, produced[i])
+                loop.call_soon_threadsafe(_deliver, events)
+                if all(finished):
+                    return
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+                logits = self.model(input_ids=next_ids[:, None], attention_mask=attention_mask,
+                                    position_ids=position_ids, past_key_values=cache, use_cache=True,
+                                    **extra).logits[:, -1]
+        finally:
+            self.backend.clear()
+
+
+def _deliver(events: list) -> None:
+    for request, event in events:
+        request.events.put_nowait(event)
+
+
+def _generator(request: GenerationRequest) -> Optional[torch.Generator]:
+    if request.temperature <= 0:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**63))
+    return generator
+
+
+def _pick_tokens(logits: torch.Tensor, batch: list[GenerationRequest], generators: list) -> torch.Tensor:
+    """Greedy rows take the argmax; sampling rows draw from temperature + top-p, each with its own
+    generator so a seeded request gives the same text in any batch."""
+    next_ids = logits.argmax(dim=-1)
+    for i, generator in enumerate(generators):
+        if generator is None:
+            continue
+        probs = torch.softmax(logits[i].float().cpu() / batch[i].temperature, dim=-1)
+        if batch[i].top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > batch[i].top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        next_ids[i] = torch.multinomial(probs, 1, generator=generator).item()
+    return next_ids
+
+
+class AdapterCache:
+    """Loaded adapters of one replica, least recently used evicted beyond `capacity`.
+
+    Concurrent requests for the same cold adapter share one load. An evicted adapter stays usable
+    by the requests already holding it; a newer version of an adapter evicts its older ones.
+    """
+
+    def __init__(self, load: Callable[[str], LoadedAdapter], capacity: int, metrics: Optional[EngineMetrics] = None):
+        self._load = load
+        self.capacity = capacity
+        self.metrics = metrics or EngineMetrics()
+        self._resident: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()
+        self._loading: dict[str, asyncio.Future] = {}
+        self.loads = 0
+
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    async def get(self, model_id: str) -> LoadedAdapter:
+        if model_id in self._resident:
+            self._resident.move_to_end(model_id)
+            self.metrics.adapter_cache_hit(model_id)
+            return self._resident[model_id]
+        if model_id in self._loading:
+            return await asyncio.shield(self._loading[model_id])
+        loop = asyncio.get_running_loop()
+        future = self._loading[model_id] = loop.create_future()
+        started = time.perf_counter()
+        try:
+            adapter = await loop.run_in_executor(None, self._load, model_id)
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: only the waiters need it
+            raise
+        finally:
+            self._loading.pop(model_id, None)
+        self.loads += 1
+        self.metrics.adapter_load(model_id, time.perf_counter() - started)
+        name = model_id.rpartition("@")[0]
+        for older in [key for key in self._resident if key.rpartition("@")[0] == name]:
+            del self._resident[older]
+        self._resident[model_id] = adapter
+        while len(self._resident) > self.capacity:
+            evicted, _ = self._resident.popitem(last=False)
+            self.metrics.adapter_eviction(evicted)
+        future.set_result(adapter)
+        return adapter
+
+
+def serving_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_base_model(model_dir: Path, dtype: torch.dtype, device: torch.device, load_in_4bit: bool = False):
+    """The served base model, eval mode, its linear layers wrapped for batched LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def adapter_loader(registry, base: BaseShape, max_rank: int, max_bytes: int, dtype: torch.dtype,
+                   device: torch.device) -> Callable[[str], LoadedAdapter]:
+    """model id -> weights, checked again at load: the registry is shared storage that others write."""
+
+    def load(model_id: str) -> LoadedAdapter:
+        spec = inspect_adapter(registry.path_of(model_id), max_rank, max_bytes)
+        check_fits_base(spec, base)
+        return load_adapter(spec, model_id, dtype, device)
+
+    return load
+
+
+def batched_lora_model(model) -> BatchLoRA:
+    return BatchLoRA(wrap_linear_layers(model))
