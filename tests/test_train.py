@@ -142,7 +142,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
     import ray
     from ray.util.state import list_actors
 
-    from rayft.train.runner import connect_ray
+    from rayft.raycluster import connect_ray
 
     connect_ray(None)
     sections = dict(train={"max_steps": 16, "save_steps": 4, "eval_steps": 8}, distributed={"max_failures": 2})

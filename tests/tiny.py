@@ -42,3 +42,33 @@ def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
                         "output": json.dumps({"name": name, "age": age, "city": city})})
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
+
+
+def make_lora_adapter(model_dir: Path, target: Path, r: int = 8, seed: int = 0, target_modules="all-linear",
+                      **lora_kwargs) -> Path:
+    """A LoRA adapter for `model_dir` with random (non-zero) A and B, saved the way peft saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules,
+                                      init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(target)
+    return target
+
+
+def build_other_tiny_model(target: Path, vocab_size: int) -> Path:
+    """Like the tiny model but with intermediate size 96: its adapters do not fit the tiny model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not (target / "config.json").is_file():
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             tie_word_embeddings=True)
+        LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
+    return target

@@ -15,6 +15,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Distributed LLM fine-tuning and adapter serving on Ray.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models: list aliases, prepare them.")
 app.add_typer(models_app, name="models")
+adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry that rayft serve loads from.")
+app.add_typer(adapters_app, name="adapters")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the serving API.")
+app.add_typer(keys_app, name="keys")
 
 SET_HELP = "Override a config key: --set train.lr=1e-4 (repeatable)."
 
@@ -151,6 +155,69 @@ def demo(
         typer.echo(str(write_demo_data(output_dir / "data" / "people.jsonl")))
         return
     run_demo(output_dir)
+
+
+@app.command()
+@user_errors
+def serve(
+    config: Path = typer.Argument(..., help="Serve config (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a serve config key (repeatable)."),
+):
+    """Serve the base model and its LoRA adapters behind an OpenAI-compatible API (Ctrl-C stops)."""
+    from rayft.config import load_serve_config
+    from rayft.serve.server import run_server
+
+    run_server(load_serve_config(config, set_ or []))
+
+
+@adapters_app.command("publish")
+@user_errors
+def adapters_publish(
+    source: Path = typer.Argument(..., help="A training output dir (holding adapter/) or an adapter dir."),
+    name: str = typer.Option(..., "--name", help="The adapter's name: clients send it as `model`."),
+    tenant: str = typer.Option("default", "--tenant", help="Owner; 'shared' for every tenant."),
+    registry: Path = typer.Option(Path("adapters"), "--registry", help="Registry directory (serve config: registry)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Check against this base (default: the one it was trained on)."),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="Model Registry (default: the training run's)."),
+):
+    """Check an adapter and put it into the registry as a new version; register it in MLflow."""
+    from rayft.serve.publish import publish_from_cli
+
+    for line in publish_from_cli(source, name, tenant, registry, base, mlflow_uri):
+        typer.echo(line)
+
+
+@adapters_app.command("list")
+@user_errors
+def adapters_list(
+    registry: Path = typer.Option(Path("adapters"), "--registry", help="Registry directory."),
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Only what this tenant may use."),
+):
+    """List published adapters (current versions)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rayft.serve.registry import AdapterRegistry
+
+    table = Table("tenant", "name", "version", "rank", "mlflow run", "source")
+    for ref in AdapterRegistry(registry).list(tenant):
+        meta = ref.meta()
+        table.add_row(ref.tenant, ref.name, str(ref.version), str(meta.get("rank")), str(meta.get("mlflow_run_id") or "-"),
+                      str(meta.get("source")))
+    Console().print(table)
+
+
+@keys_app.command("create")
+@user_errors
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="The tenant this key acts for."),
+    admin: bool = typer.Option(False, "--admin", help="May publish and delete adapters through the API."),
+    keys_file: Path = typer.Option(Path("tenants.yaml"), "--keys-file", help="Where key hashes are kept (serve config: auth.keys_file)."),
+):
+    """Create an API key; it is printed once, only its SHA-256 is stored."""
+    from rayft.serve.keys import create_key
+
+    typer.echo(create_key(keys_file, tenant, admin))
 
 
 def main() -> None:  # pragma: no cover

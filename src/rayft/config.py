@@ -225,6 +225,8 @@ class ServeConfig(Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     cpus_per_replica: float = Field(1, gt=0)
     gpus_per_replica: float = Field(0, ge=0)
+    # where POST /v1/adapters fetches runs:/ and models:/ sources (None: MLFLOW_TRACKING_URI or ./mlflow.db)
+    mlflow_uri: Optional[str] = None
 
     @field_validator("base_model", mode="before")
     @classmethod

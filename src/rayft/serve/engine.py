@@ -67,8 +67,10 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Yields ("token", id) per generated token, then ("end", "stop" | "length")."""
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            self._wakeup = asyncio.Event()  # an Event belongs to the loop that first awaits it
+            self._loop_task = loop.create_task(self._batch_loop())
         self._pending.append(request)
         self._wakeup.set()
         try:
@@ -145,7 +147,7 @@ class Engine:
             finished: list[Optional[str]] = [None] * rows
             produced = [0] * rows
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+                                cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
             while True:
                 next_ids = _pick_tokens(logits, batch, generators)
                 events = []
@@ -171,7 +173,7 @@ class Engine:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
                 position_ids = position_ids[:, -1:] + 1
                 logits = self.model(input_ids=next_ids[:, None], attention_mask=attention_mask,
-                                    position_ids=position_ids, past_key_values=cache, use_cache=True,
+                                    position_ids=position_ids, cache=cache, use_cache=True,
                                     **extra).logits[:, -1]
         finally:
             self.backend.clear()
@@ -225,6 +227,19 @@ class AdapterCache:
     def resident(self) -> list[str]:
         return list(self._resident)
 
+    def preload(self, model_id: str) -> None:
+        """Load at start-up, before any request (synchronously)."""
+        self._insert(model_id, self._load(model_id))
+
+    def _insert(self, model_id: str, adapter: LoadedAdapter) -> None:
+        name = model_id.rpartition("@")[0]
+        for older in [key for key in self._resident if key.rpartition("@")[0] == name]:
+            del self._resident[older]
+        self._resident[model_id] = adapter
+        while len(self._resident) > self.capacity:
+            evicted, _ = self._resident.popitem(last=False)
+            self.metrics.adapter_eviction(evicted)
+
     async def get(self, model_id: str) -> LoadedAdapter:
         if model_id in self._resident:
             self._resident.move_to_end(model_id)
@@ -245,13 +260,7 @@ class AdapterCache:
             self._loading.pop(model_id, None)
         self.loads += 1
         self.metrics.adapter_load(model_id, time.perf_counter() - started)
-        name = model_id.rpartition("@")[0]
-        for older in [key for key in self._resident if key.rpartition("@")[0] == name]:
-            del self._resident[older]
-        self._resident[model_id] = adapter
-        while len(self._resident) > self.capacity:
-            evicted, _ = self._resident.popitem(last=False)
-            self.metrics.adapter_eviction(evicted)
+        self._insert(model_id, adapter)
         future.set_result(adapter)
         return adapter
 

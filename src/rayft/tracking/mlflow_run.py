@@ -100,3 +100,16 @@ def fail_run(uri: str, run_id: str) -> None:
     except Exception:  # reporting a failure must not hide the failure itself
         pass
 
+
+
+def register_adapter(uri: str, run_id: str, model_name: str, tags: dict) -> str:
+    """A model version in the MLflow Model Registry for a published adapter, whose source is the
+    adapter artifact of its training run (so the version links back to that run)."""
+    mlflow_client = client(uri)
+    try:
+        mlflow_client.get_registered_model(model_name)
+    except Exception:  # not registered yet
+        mlflow_client.create_registered_model(model_name, description="LoRA adapter published by rayft")
+    version = mlflow_client.create_model_version(model_name, source=f"runs:/{run_id}/adapter", run_id=run_id,
+                                                 tags={k: str(v) for k, v in tags.items()})
+    return version.version

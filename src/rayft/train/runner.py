@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from rayft.config import TrainJobConfig, dump_config
 from rayft.errors import ConfigError, RayftError
+from rayft.raycluster import connect_ray
 
 FINISHED_MARKER = "metrics.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -58,26 +59,6 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
     from rayft.models.loading import load_on_meta
 
     get_method(cfg.method.type).check(cfg.method, load_on_meta(model_dir))
-
-
-def connect_ray(address: Optional[str]) -> None:
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing may phone home
-    if not address:
-        # A local instance is a one-machine cluster: keep its listeners on loopback (read by
-        # ray at import, hence before it).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": always a fresh instance, never whatever cluster /tmp/ray last recorded.
-        # The dashboard serves the state API that Ray Train's controller polls; loopback only.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
 
 
 def resolve_use_gpu(cfg: TrainJobConfig) -> bool:

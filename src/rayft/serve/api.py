@@ -1,0 +1,410 @@
+"""The OpenAI-compatible HTTP API: auth, limits, adapter resolution, tokenizing, responses.
+
+Every error is an OpenAI-style JSON body {"error": {"message", "type", "param", "code"}} with a 4xx
+status that says what is wrong: 400 bad request, 401 unknown key, 403 not an admin, 404 unknown
+model (another tenant's adapter answers exactly the same), 413 body too large, 429 too many
+requests in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rayft.config import ServeConfig
+from rayft.errors import RayftError
+from rayft.serve.keys import Caller, KeyStore
+from rayft.serve.registry import SHARED_TENANT, AdapterRef, AdapterRegistry, adapter_dir_of, publish_adapter
+from rayft.serve.validate import AdapterError, BaseShape, check_name
+
+# engine(model_id or None for the base, payload) -> events: ("token", id) ... ("end", reason)
+EngineStream = Callable[[Optional[str], dict], AsyncIterator[tuple]]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None,
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                    code="model_not_found", param="model")
+
+
+# ------------------------------------------------------------------ request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs...)
+    model: str
+    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str], list[int]]
+    max_tokens: Optional[int] = Field(16, gt=0)  # OpenAI's default for completions
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, gt=0)
+
+
+class AdapterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    # a training output dir or adapter dir on the server's storage, "registry:<tenant>/<name>",
+    # or an MLflow URI (runs:/<run_id>/adapter, models:/<name>/<version>)
+    source: str
+    tenant: Optional[str] = None  # default: the caller's tenant; "shared" for every tenant
+
+
+def _parse(schema: type[BaseModel], raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        raise APIError(400, f"{where}: {error['msg']}", param=where) from None
+
+
+# ------------------------------------------------------------------ the frontend
+class Frontend:
+    def __init__(self, cfg: ServeConfig, tokenizer, base_id: str, base: BaseShape, engine: EngineStream,
+                 mlflow_uri: Optional[str] = None):
+        self.cfg = cfg
+        self.limits = cfg.limits
+        self.tokenizer = tokenizer
+        self.base_id = base_id
+        self.base = base
+        self.engine = engine
+        self.registry = AdapterRegistry(cfg.registry)
+        self.keys = KeyStore(cfg.auth.keys_file)
+        self.mlflow_uri = mlflow_uri
+        self.in_flight = 0
+        self.eos_ids = {tokenizer.eos_token_id}
+
+    # ------------------------------------------------------------ request checks
+    def caller(self, authorization: Optional[str]) -> Caller:
+        caller = self.keys.caller(authorization)
+        if caller is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return caller
+
+    def check_size(self, content_length: Optional[str], body: Optional[bytes] = None) -> None:
+        size = len(body) if body is not None else int(content_length or 0)
+        if size > self.limits.max_body_bytes:
+            raise APIError(413, f"request body is {size} bytes, above the limit of {self.limits.max_body_bytes}",
+                           code="request_too_large")
+
+    def admit(self) -> None:
+        """At most max_concurrent_requests in flight on this ingress replica; beyond it 429.
+        Each admit() is paired with one release(), when the response (or its stream) ends."""
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            raise APIError(429, f"too many requests in flight (limit {self.limits.max_concurrent_requests}); "
+                           "retry later", type="rate_limit_error", code="rate_limit_exceeded")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def resolve(self, caller: Caller, model: str) -> Optional[AdapterRef]:
+        """None for the base model, else the adapter the caller may use; 404 otherwise."""
+        if model == self.base_id:
+            return None
+        ref = self.registry.resolve(caller.tenant, model)
+        if ref is None:
+            raise not_found(model)
+        return ref
+
+    def prompt_ids(self, body: Union[CompletionBody, ChatBody]) -> list[int]:
+        if isinstance(body, ChatBody):
+            messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(body.prompt, list) and body.prompt and all(isinstance(t, int) for t in body.prompt):
+            ids = list(body.prompt)
+            if max(ids) >= len(self.tokenizer) or min(ids) < 0:
+                raise APIError(400, "prompt: token ids outside the vocabulary", param="prompt")
+        else:
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1 or not isinstance(prompts[0], str):
+                raise APIError(400, "prompt: one prompt per request is supported", param="prompt")
+            ids = self.tokenizer(prompts[0])["input_ids"]
+        if not ids:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise APIError(400, f"prompt is {len(ids)} tokens, above the limit of {self.limits.max_prompt_tokens}",
+                           param="prompt", code="context_length_exceeded")
+        return ids
+
+    def max_new_tokens(self, body: Union[CompletionBody, ChatBody]) -> int:
+        asked = (body.max_completion_tokens or body.max_tokens) if isinstance(body, ChatBody) else body.max_tokens
+        if asked is None:
+            return self.limits.max_new_tokens
+        if asked > self.limits.max_new_tokens:
+            raise APIError(400, f"max_tokens={asked} is above the limit of {self.limits.max_new_tokens}",
+                           param="max_tokens")
+        return asked
+
+    # ------------------------------------------------------------ generation
+    async def generate(self, caller: Caller, body: Union[CompletionBody, ChatBody]):
+        """(events, model id shown to the caller, prompt token count): the first event is already
+        awaited, so a failure to load the adapter becomes an error status, not a broken stream."""
+        ref = self.resolve(caller, body.model)
+        prompt_ids = self.prompt_ids(body)
+        payload = {"prompt_ids": prompt_ids, "max_new_tokens": self.max_new_tokens(body),
+                   "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+                   "model": body.model if ref is None else f"{ref.tenant}/{ref.name}"}
+        events = self.engine(ref.model_id if ref else None, payload).__aiter__()
+        first = await events.__anext__()
+        if first[0] == "error":
+            raise APIError(400 if first[1] == "adapter" else 500, first[2],
+                           type="invalid_request_error" if first[1] == "adapter" else "server_error",
+                           code="adapter_invalid" if first[1] == "adapter" else None)
+        return _prepend(first, events), len(prompt_ids)
+
+    async def texts(self, events: AsyncIterator[tuple], stop: list[str]) -> AsyncIterator[tuple[str, Optional[str], int]]:
+        """Decoded text pieces: (new text, finish reason or None, tokens so far). Stop strings end
+        the request; text that could be the start of one is held back until it is known."""
+        ids: list[int] = []
+        sent = ""
+        hold = max((len(s) for s in stop), default=1) - 1
+        async for event in events:
+            if event[0] == "token":
+                ids.append(event[1])
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    await events.aclose()  # cancels the row in the engine
+                    yield text[len(sent):cut], "stop", len(ids)
+                    return
+                if text.endswith("\ufffd"):  # half of a multi-byte character
+                    continue
+                ready = len(text) - hold if stop else len(text)
+                if ready > len(sent):
+                    yield text[len(sent):ready], None, len(ids)
+                    sent = text[:ready]
+            elif event[0] == "end":
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                yield text[len(sent):], "stop" if event[1] == "stop" else "length", len(ids)
+                return
+
+    # ------------------------------------------------------------ adapters
+    def add_adapter(self, caller: Caller, body: AdapterBody) -> dict:
+        tenant = self._managed_tenant(caller, body.tenant)
+        try:
+            check_name(body.name)
+            if body.name == self.base_id:
+                raise AdapterError(f"adapter name {body.name!r} is the served base model's name")
+            with tempfile.TemporaryDirectory(prefix="rayft-adapter-") as scratch:
+                source = self._fetch_source(body.source, Path(scratch))
+                ref = publish_adapter(self.registry, source, tenant, body.name, self.base,
+                                      self.limits.max_lora_rank, self.limits.max_adapter_bytes,
+                                      {"source": body.source})
+        except RayftError as exc:
+            raise APIError(400, str(exc), code="adapter_invalid", param="source") from None
+        return adapter_json(ref)
+
+    def _fetch_source(self, source: str, scratch: Path) -> Path:
+        if source.startswith("registry:"):
+            tenant, _, name = source.removeprefix("registry:").partition("/")
+            ref = self.registry.get(tenant, name) if tenant and name else None
+            if ref is None:
+                raise AdapterError(f"source {source!r}: no such registry entry (expected registry:<tenant>/<name>)")
+            return ref.path
+        if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+            import mlflow
+
+            try:
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch),
+                                                                tracking_uri=self.mlflow_uri))
+            except Exception as exc:  # unknown run, model or artifact
+                raise AdapterError(f"source {source!r}: cannot be fetched from MLflow ({exc})") from None
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise AdapterError(f"source {source!r}: no such directory on the server")
+        return adapter_dir_of(path)
+
+    def delete_adapter(self, caller: Caller, name: str, tenant: Optional[str]) -> dict:
+        owner = self._managed_tenant(caller, tenant)
+        if not self.registry.delete(owner, name):
+            raise APIError(404, f"adapter {owner}/{name} does not exist", code="adapter_not_found")
+        return {"id": name, "tenant": owner, "object": "adapter", "deleted": True}
+
+    def list_adapters(self, caller: Caller) -> dict:
+        self._require_admin(caller)
+        return {"object": "list", "data": [adapter_json(ref) for ref in self.registry.list()]}
+
+    def list_models(self, caller: Caller) -> dict:
+        models = [{"id": self.base_id, "object": "model", "created": 0, "owned_by": "rayft"}]
+        for ref in self.registry.list(caller.tenant):
+            if ref.name != self.base_id and (ref.tenant == caller.tenant or not any(
+                    m["id"] == ref.name for m in models)):  # a tenant's own adapter hides a shared namesake
+                meta = ref.meta()
+                models.append({"id": ref.name, "object": "model", "created": int(meta.get("published_at", 0)),
+                               "owned_by": ref.tenant, "parent": self.base_id, "root": self.base_id})
+        return {"object": "list", "data": models}
+
+    def _require_admin(self, caller: Caller) -> None:
+        if not caller.admin:
+            raise APIError(403, "this API key may not manage adapters (admin keys only)", code="admin_required")
+
+    def _managed_tenant(self, caller: Caller, tenant: Optional[str]) -> str:
+        self._require_admin(caller)
+        tenant = tenant or caller.tenant
+        try:
+            return check_name(tenant, "tenant")
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="tenant") from None
+
+
+def adapter_json(ref: AdapterRef) -> dict:
+    meta = ref.meta()
+    return {"id": ref.name, "object": "adapter", "tenant": ref.tenant, "version": ref.version,
+            "shared": ref.tenant == SHARED_TENANT, "rank": meta.get("rank"), "source": meta.get("source"),
+            "mlflow_run_id": meta.get("mlflow_run_id"), "created": int(meta.get("published_at", 0))}
+
+
+def _text_of(content) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+async def _prepend(first: tuple, rest) -> AsyncIterator[tuple]:
+    try:
+        yield first
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()  # a caller that stops early (stop string, disconnect) ends the engine row
+
+
+# ------------------------------------------------------------------ the FastAPI app
+def create_app(frontend: Frontend):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="rayft serve", description="OpenAI-compatible multi-LoRA serving")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def read(request: Request, schema: type[BaseModel]) -> tuple[Caller, Any]:
+        caller = frontend.caller(request.headers.get("authorization"))
+        frontend.check_size(request.headers.get("content-length"))
+        raw = await request.body()
+        frontend.check_size(None, raw)
+        return caller, _parse(schema, raw)
+
+    async def respond(request: Request, schema: type[_Body]):
+        caller, body = await read(request, schema)
+        chat = schema is ChatBody
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        frontend.admit()
+        streaming = False
+        try:
+            events, prompt_tokens = await frontend.generate(caller, body)
+            if body.stream:
+                streaming = True  # the stream releases its admission when it ends
+                return StreamingResponse(_sse(frontend, events, stop, chat, request_id, created, body.model),
+                                         media_type="text/event-stream")
+            pieces, finish, produced = [], "length", 0
+            async for text, reason, produced in frontend.texts(events, stop):
+                pieces.append(text)
+                finish = reason or finish
+        finally:
+            if not streaming:
+                frontend.release()
+        text = "".join(pieces)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": body.model, "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
+                      "total_tokens": prompt_tokens + produced}})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await respond(request, CompletionBody)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(request, ChatBody)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return frontend.list_models(frontend.caller(request.headers.get("authorization")))
+
+    @app.get("/v1/adapters")
+    async def adapters(request: Request):
+        return frontend.list_adapters(frontend.caller(request.headers.get("authorization")))
+
+    @app.post("/v1/adapters", status_code=201)
+    async def add_adapter(request: Request):
+        caller, body = await read(request, AdapterBody)
+        return JSONResponse(frontend.add_adapter(caller, body), status_code=201)
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str, request: Request, tenant: Optional[str] = None):
+        return frontend.delete_adapter(frontend.caller(request.headers.get("authorization")), name, tenant)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return app
+
+
+async def _sse(frontend: Frontend, events, stop, chat: bool, request_id: str, created: int, model: str):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        if chat:
+            yield chunk(None, None, first=True)
+        async for text, reason, _ in frontend.texts(events, stop):
+            if text or reason:
+                yield chunk(text, reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        frontend.release()

@@ -1,0 +1,383 @@
+"""Serving: mixed-adapter batching, adapter checks, hot swap, tenants, limits, the openai client.
+
+The engine tests run in-process; the rest go through real HTTP to `rayft serve` (Ray Serve on the
+session's Ray instance, on 127.0.0.1) with the tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import RAYFT, _free_port, run_cli
+from tiny import build_other_tiny_model, make_lora_adapter
+
+PROMPTS = ["Hello there, how are you?", "The capital of France is", "SELECT"]
+
+
+# ------------------------------------------------------------------ engine, in-process
+def _engine(model_dir: Path, **kwargs):
+    from transformers import AutoTokenizer
+
+    from rayft.models import base_fingerprint
+    from rayft.serve.engine import Engine, EngineMetrics, batched_lora_model, load_base_model
+    from rayft.serve.validate import BaseShape
+
+    class Batches(EngineMetrics):
+        def __init__(self):
+            self.seen = []
+
+        def batch(self, rows, adapters):
+            self.seen.append((rows, adapters))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_base_model(model_dir, torch.float32, torch.device("cpu"))
+    base = BaseShape.of_model(model, base_fingerprint(model_dir))  # before the layers are wrapped
+    metrics = Batches()
+    engine = Engine(model, batched_lora_model(model), [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                    metrics=metrics, **kwargs)
+    return engine, tokenizer, base, metrics
+
+
+def _load(path: Path, base, model_id: str):
+    from rayft.serve.lora import load_adapter
+    from rayft.serve.validate import check_fits_base, inspect_adapter
+
+    spec = inspect_adapter(path, 64, 10**9)
+    check_fits_base(spec, base)
+    return load_adapter(spec, model_id, torch.float32, torch.device("cpu"))
+
+
+async def _tokens(engine, requests):
+    async def one(request):
+        return [event[1] async for event in engine.generate(request) if event[0] == "token"]
+
+    return await asyncio.gather(*[one(r) for r in requests])
+
+
+def test_mixed_batch_equals_solo_and_peft(tiny_model, tmp_path):
+    """Rows of different adapters (and the base) in one batch give the tokens each gives alone,
+    and those are the tokens peft's own model generates (ranks 4/8/16, rsLoRA included)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayft.serve.engine import GenerationRequest
+
+    paths = [make_lora_adapter(tiny_model, tmp_path / f"a{i}", r=r, seed=i, use_rslora=i == 1)
+             for i, r in enumerate([4, 8, 16])]
+    engine, tokenizer, base, metrics = _engine(tiny_model, max_batch_size=16, batch_wait_ms=50)
+    adapters = [None] + [_load(p, base, f"t/a{i}@1") for i, p in enumerate(paths)]
+
+    def request(prompt, adapter):
+        return GenerationRequest(tokenizer(prompt)["input_ids"], 10, "m", adapter)
+
+    pairs = [(p, a) for p in PROMPTS for a in adapters]
+    solo = [asyncio.run(_tokens(engine, [request(p, a)]))[0] for p, a in pairs]
+    assert all(rows == 1 for rows, _ in metrics.seen)
+    metrics.seen.clear()
+    mixed = asyncio.run(_tokens(engine, [request(p, a) for p, a in pairs]))
+    assert metrics.seen == [(len(pairs), 3)]  # one batch, three adapters and the base
+    assert mixed == solo
+    for i, adapter_path in enumerate([None, *paths]):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        if adapter_path is not None:
+            model = PeftModel.from_pretrained(model, adapter_path)
+        ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+        reference = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+        assert solo[i] == reference[:len(solo[i])] and len(solo[i]) > 0
+
+
+def test_adapter_cache_loads_once_and_evicts_lru():
+    from rayft.serve.engine import AdapterCache
+    from rayft.serve.lora import LoadedAdapter
+
+    loads = []
+
+    def load(model_id):
+        loads.append(model_id)
+        return LoadedAdapter(model_id, 4, {})
+
+    cache = AdapterCache(load, capacity=2)
+
+    async def scenario():
+        first = await asyncio.gather(*[cache.get("t/a@1") for _ in range(5)])  # one cold adapter, 5 requests
+        assert len({id(a) for a in first}) == 1 and loads == ["t/a@1"]
+        await cache.get("t/b@1")
+        await cache.get("t/a@1")  # a is now the most recently used
+        await cache.get("t/c@1")  # evicts b
+        assert cache.resident() == ["t/a@1", "t/c@1"]
+        await cache.get("t/b@1")
+        assert loads == ["t/a@1", "t/b@1", "t/c@1", "t/b@1"]
+        await cache.get("t/a@2")  # a newer version replaces the old one
+        assert "t/a@1" not in cache.resident()
+
+    asyncio.run(scenario())
+
+
+def test_adapter_names_refuse_paths():
+    from rayft.serve.validate import AdapterError, check_name
+
+    for bad in ["../evil", "a/b", ".hidden", "", "x" * 65, "a..b", "na me"]:
+        with pytest.raises(AdapterError):
+            check_name(bad)
+    assert check_name("support-bot_v2.1") == "support-bot_v2.1"
+
+
+# ------------------------------------------------------------------ the server, over HTTP
+class Server:
+    def __init__(self, url: str, keys: dict, root: Path, adapters: dict):
+        self.url, self.keys, self.root, self.adapters = url, keys, root, adapters
+
+    def client(self, tenant: str):
+        import httpx
+
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.keys[tenant]}"}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(ray_address, tiny_model, tmp_path_factory):
+    from rayft.serve.keys import create_key
+
+    root = tmp_path_factory.mktemp("serve")
+    keys_file = root / "tenants.yaml"
+    keys = {"acme": create_key(keys_file, "acme"), "globex": create_key(keys_file, "globex"),
+            "ops": create_key(keys_file, "ops", admin=True)}
+    adapters = {name: make_lora_adapter(tiny_model, root / "made" / name, r=r, seed=seed)
+                for name, r, seed in [("support", 4, 1), ("sql", 8, 2), ("summary", 16, 3), ("support2", 8, 4),
+                                      ("huge", 48, 5)]}
+    # a training run's output: the adapter plus rayft.json naming its base and MLflow run
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_id = mlflow.MlflowClient(uri).create_run(mlflow.MlflowClient(uri).create_experiment("t")).info.run_id
+    trained = root / "trained-run"
+    (trained / "adapter").mkdir(parents=True)
+    for f in adapters["support"].iterdir():
+        (trained / "adapter" / f.name).write_bytes(f.read_bytes())
+    (trained / "adapter" / "rayft.json").write_text(json.dumps({"base_model": str(tiny_model), "mlflow_run_id": run_id}))
+    (trained / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    registry = root / "registry"
+    published = run_cli("adapters", "publish", str(trained), "--name", "support-bot", "--tenant", "acme",
+                        "--registry", str(registry))
+    assert published.returncode == 0, published.stderr
+    assert "registered MLflow model acme.support-bot version 1" in published.stdout
+    version = mlflow.MlflowClient(uri).get_model_version("acme.support-bot", "1")
+    assert version.run_id == run_id
+    for name, tenant, made in [("sql-writer", "globex", "sql"), ("summarizer", "shared", "summary")]:
+        out = run_cli("adapters", "publish", str(adapters[made]), "--name", name, "--tenant", tenant,
+                      "--registry", str(registry), "--base", str(tiny_model))
+        assert out.returncode == 0, out.stderr
+
+    port = _free_port()
+    config = {"base_model": str(tiny_model), "registry": str(registry), "adapters": ["acme/support-bot"],
+              "max_resident_adapters": 3, "max_batch_size": 8, "batch_wait_ms": 30, "port": port,
+              "auth": {"keys_file": str(keys_file)},
+              "limits": {"max_prompt_tokens": 64, "max_new_tokens": 40, "max_concurrent_requests": 10,
+                         "max_body_bytes": 20000, "max_lora_rank": 32}}
+    config_path = root / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([RAYFT, "serve", str(config_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ready, log = threading.Event(), []
+
+    def drain():  # keep reading, or Ray's worker logs would fill the pipe and block the server
+        for line in process.stdout:
+            log.append(line)
+            if line.startswith("serving "):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    ready.wait(timeout=300)
+    assert process.poll() is None and any(line.startswith("serving ") for line in log), "".join(log[-40:])
+    yield Server(f"http://127.0.0.1:{port}", keys, root, adapters)
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _complete(client, model: str, prompt: str = PROMPTS[0], max_tokens: int = 12, **extra):
+    response = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                    "temperature": 0, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def test_openai_client_completions_chat_and_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=server.keys["acme"], max_retries=0)
+    models = {m.id for m in client.models.list().data}
+    assert models == {"tiny", "support-bot", "summarizer"}  # its own, the shared one, the base
+
+    completion = client.completions.create(model="support-bot", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert completion.usage.completion_tokens == 8 and completion.choices[0].finish_reason == "length"
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model="support-bot", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True))
+    assert streamed == completion.choices[0].text
+
+    messages = [{"role": "user", "content": "Say hello"}]
+    chat = client.chat.completions.create(model="summarizer", messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="summarizer", messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    base = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert base.choices[0].text != completion.choices[0].text  # the adapter changes the output
+
+
+def test_concurrent_mixed_requests_equal_solo(server):
+    with server.client("acme") as acme, server.client("globex") as globex:
+        jobs = [(acme, m, p) for m in ["support-bot", "summarizer", "tiny"] for p in PROMPTS] + \
+               [(globex, "sql-writer", p) for p in PROMPTS]
+        solo = [_complete(c, m, p) for c, m, p in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: _complete(*job), jobs))
+    assert together == solo
+
+
+def test_tenants_keys_and_admin(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as anonymous:
+        assert anonymous.get("/v1/models").status_code == 401
+        wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer rft-not-a-key"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    with server.client("acme") as acme, server.client("globex") as globex:
+        assert {m["id"] for m in globex.get("/v1/models").json()["data"]} == {"tiny", "sql-writer", "summarizer"}
+        # another tenant's adapter answers exactly like one that does not exist
+        theirs = acme.post("/v1/completions", json={"model": "sql-writer", "prompt": "x", "max_tokens": 2})
+        missing = acme.post("/v1/completions", json={"model": "no-such", "prompt": "x", "max_tokens": 2})
+        assert theirs.status_code == missing.status_code == 404
+        assert theirs.json()["error"]["message"].replace("sql-writer", "X") == \
+            missing.json()["error"]["message"].replace("no-such", "X")
+        assert _complete(globex, "sql-writer")
+        # tenants do not manage adapters, admins do
+        assert acme.post("/v1/adapters", json={"name": "x", "source": str(server.adapters["sql"])}).status_code == 403
+        assert acme.get("/v1/adapters").status_code == 403
+        assert acme.delete("/v1/adapters/support-bot").status_code == 403
+    with server.client("ops") as ops:
+        listed = {(a["tenant"], a["id"]) for a in ops.get("/v1/adapters").json()["data"]}
+        assert {("acme", "support-bot"), ("globex", "sql-writer"), ("shared", "summarizer")} <= listed
+
+
+def test_bad_adapters_are_refused_and_serving_goes_on(server, tiny_model, tmp_path):
+    from transformers import AutoConfig
+
+    pickled = make_lora_adapter(tiny_model, tmp_path / "pickled", r=4)
+    (pickled / "adapter_model.bin").write_bytes(b"not really a pickle")
+    other = build_other_tiny_model(tmp_path / "other-base", AutoConfig.from_pretrained(tiny_model).vocab_size)
+    wrong_shapes = make_lora_adapter(other, tmp_path / "wrong-shapes", r=4)
+    wrong_module = make_lora_adapter(tiny_model, tmp_path / "wrong-module", r=4, target_modules=["q_proj"])
+    config = json.loads((wrong_module / "adapter_config.json").read_text())
+    tensors_file = wrong_module / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k.replace("q_proj", "qq_proj"): v for k, v in load_file(tensors_file).items()}, tensors_file)
+    (wrong_module / "adapter_config.json").write_text(json.dumps(config))
+    wrong_base = make_lora_adapter(tiny_model, tmp_path / "wrong-base", r=4)
+    (wrong_base / "rayft.json").write_text(json.dumps({"base_model": "other", "base_fingerprint": "0123456789abcdef"}))
+
+    cases = [("pickled", pickled, "pickle"), ("shapes", wrong_shapes, "(in, out)"),
+             ("module", wrong_module, "not a linear layer"), ("base", wrong_base, "not the served base"),
+             ("huge", server.adapters["huge"], "above the served limit of 32"),
+             ("../evil", server.adapters["sql"], "not allowed"), ("missing", tmp_path / "nowhere", "no such directory")]
+    with server.client("ops") as ops:
+        for name, source, reason in cases:
+            response = ops.post("/v1/adapters", json={"name": name, "source": str(source)})
+            assert response.status_code == 400, (name, response.text)
+            assert reason in response.json()["error"]["message"], (name, response.text)
+        assert ops.post("/v1/adapters", content=b"{not json").status_code == 400
+    assert not (server.root / "registry" / "ops" / "pickled").exists()
+    with server.client("acme") as acme:
+        assert _complete(acme, "support-bot")
+
+
+def test_hot_swap_while_requests_run(server):
+    import httpx
+
+    with server.client("ops") as ops, server.client("acme") as acme:
+        added = ops.post("/v1/adapters", json={"name": "swap", "tenant": "acme", "source": str(server.adapters["sql"])})
+        assert added.status_code == 201, added.text
+        first = _complete(acme, "swap", max_tokens=40)
+        ops.post("/v1/adapters", json={"name": "reference", "tenant": "acme", "source": str(server.adapters["support2"])})
+        second = _complete(acme, "reference", max_tokens=40)
+        assert first != second
+
+        # a long streaming request on version 1 ...
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {server.keys['acme']}"},
+                          json={"model": "swap", "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0,
+                                "stream": True}) as stream:
+            lines = stream.iter_lines()
+            head = next(line for line in lines if line.startswith("data: "))
+            # ... while the adapter is replaced: new requests see version 2 at once
+            replaced = ops.post("/v1/adapters", json={"name": "swap", "tenant": "acme",
+                                                      "source": str(server.adapters["support2"])})
+            assert replaced.status_code == 201 and replaced.json()["version"] == 2
+            assert _complete(acme, "swap", max_tokens=40) == second
+            deleted = ops.delete("/v1/adapters/swap", params={"tenant": "acme"})
+            assert deleted.status_code == 200
+            assert acme.post("/v1/completions", json={"model": "swap", "prompt": "x"}).status_code == 404
+            rest = [line for line in lines if line.startswith("data: ")]
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in [head, *rest] if line != "data: [DONE]"]
+        assert rest[-1] == "data: [DONE]" and "".join(texts) == first  # the running request kept version 1
+
+
+def test_limits(server):
+    import httpx
+
+    with server.client("acme") as acme:
+        too_long = acme.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 200})
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+        too_many = acme.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 41})
+        assert too_many.status_code == 400 and "max_tokens" in too_many.json()["error"]["message"]
+        big = acme.post("/v1/completions", json={"model": "tiny", "prompt": "y" * 30000})
+        assert big.status_code == 413
+        assert acme.post("/v1/completions", json={"model": "tiny"}).status_code == 400  # no prompt
+        assert acme.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2}).status_code == 400
+        stop = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
+                                                  "temperature": 0})
+        text = stop.json()["choices"][0]["text"]
+        word = text.strip().split()[1] if len(text.strip().split()) > 1 else None
+        if word:  # a stop string ends the text before it
+            cut = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
+                                                     "temperature": 0, "stop": [word]}).json()["choices"][0]
+            assert cut["finish_reason"] == "stop" and cut["text"] == text[:text.index(word)]
+
+    # more requests in flight than max_concurrent_requests (10): the rest get 429 at once
+    def open_stream(_):
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {server.keys['acme']}"},
+                          json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 40, "stream": True}) as r:
+            r.read()
+            return r.status_code, r.text
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = [status for status, _ in pool.map(open_stream, range(16))]
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 10
+
+
+def test_evicted_adapter_reloads(server):
+    """max_resident_adapters=3: using four adapters in turn evicts and reloads, transparently."""
+    with server.client("acme") as acme, server.client("ops") as ops:
+        for name, made in [("e1", "sql"), ("e2", "summary"), ("e3", "support2")]:
+            assert ops.post("/v1/adapters", json={"name": name, "tenant": "acme",
+                                                  "source": str(server.adapters[made])}).status_code == 201
+        first = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
+        again = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
+        assert first == again
