@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
+from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rayft.config import ServeConfig
@@ -308,9 +310,6 @@ async def _prepend(first: tuple, rest) -> AsyncIterator[tuple]:
 
 # ------------------------------------------------------------------ the FastAPI app
 def create_app(frontend: Frontend):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI(title="rayft serve", description="OpenAI-compatible multi-LoRA serving")
 
     @app.exception_handler(APIError)
