@@ -383,3 +383,32 @@ def test_evicted_adapter_reloads(server):
         first = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
         again = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
         assert first == again
+
+
+def test_shipped_serve_configs_build(tmp_path):
+    """services/serve.yaml (serve deploy) builds the application; the demo serve config parses."""
+    from ray.serve import Application
+
+    from rayft.config import load_serve_config
+    from rayft.serve.app import build_app
+
+    REPO = Path(__file__).resolve().parent.parent
+    deploy = yaml.safe_load((REPO / "services" / "serve.yaml").read_text())
+    app_spec = deploy["applications"][0]
+    assert app_spec["import_path"] == "rayft.serve.app:build_app"
+    assert isinstance(build_app(app_spec["args"]), Application)
+    assert load_serve_config(REPO / "pipelines" / "serve_demo.yaml").auth.keys_file is None
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"registry": "r", "maxbatch": 3}, "unknown key maxbatch"),
+    ({"auth": {"keys_file": "nope.yaml"}}, "auth.keys_file=nope.yaml: no such file"),
+    ({"host": "0.0.0.0"}, "set auth.keys_file"),
+    ({"adapters": ["acme/absent"], "registry": "r"}, "'acme/absent' is not in the registry"),
+])
+def test_serve_cli_rejects_bad_configs(tmp_path, tiny_model, config, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"base_model": str(tiny_model), **config}))
+    result = run_cli("serve", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+        result.stderr

@@ -29,8 +29,8 @@ class MultiLoRALinear(nn.Module):
         if self.rows is None:
             return out
         a_rows, b_rows = self.rows
-        # out + (x @ A) @ B, row by row of the batch: x (rows, tokens, in)
-        return torch.baddbmm(out, torch.bmm(x.to(a_rows.dtype), a_rows), b_rows).to(out.dtype)
+        # out += (x @ A) @ B, row by row of the batch: x (rows, tokens, in); in place, out is ours
+        return out.baddbmm_(torch.bmm(x, a_rows), b_rows)
 
 
 def wrap_linear_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
