@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,39 +31,53 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class LocalCluster:
+    """The test run's Ray cluster: cluster/local.sh with a head and one worker node (two raylets on
+    127.0.0.1, 2 CPUs each) and an MLflow tracking server."""
+    address: str
+    jobs_address: str
+    mlflow_uri: str
+    state: Path
+
+    def script(self, *args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", str(REPO / "cluster" / "local.sh"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"cluster/local.sh {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "RAYFT_CLUSTER_DIR": str(self.state), "RAY_PORT": self.address.split(":")[1],
+                "DASHBOARD_PORT": self.jobs_address.rsplit(":", 1)[1], "MLFLOW_PORT": self.mlflow_uri.rsplit(":", 1)[1]}
+
+
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """A Ray head on 127.0.0.1 started once for the whole test run, and stopped by its own pid."""
-    port, dashboard_port = _free_port(), _free_port()
-    temp_dir = tmp_path_factory.mktemp("ray")
+def local_cluster(tmp_path_factory):
+    """Started once for the whole test run with cluster/local.sh and stopped by it (it ends only the
+    processes it started, by their recorded pids)."""
     # Everything listens on 127.0.0.1 and lives for this test run only: no auth tokens to share.
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    lines = []
-    for line in head.stdout:  # wait for the event that the head is up, not a fixed sleep
-        lines.append(line)
-        if "Ray runtime started" in line or "--block" in line:
-            break
-        if head.poll() is not None:
-            raise RuntimeError("ray start failed:\n" + "".join(lines))
-    os.environ["RAY_ADDRESS"] = address
-    yield address
-    os.environ.pop("RAY_ADDRESS", None)
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    os.killpg(head.pid, signal.SIGTERM)  # --block: the head process stops the node it started
+    cluster = LocalCluster(address=f"127.0.0.1:{_free_port()}", jobs_address=f"http://127.0.0.1:{_free_port()}",
+                           mlflow_uri=f"http://127.0.0.1:{_free_port()}", state=tmp_path_factory.mktemp("cluster"))
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        cluster.script("up")
+        os.environ["RAY_ADDRESS"] = cluster.address
+        os.environ["RAYFT_JOBS_ADDRESS"] = cluster.jobs_address  # Ray's job server
+        yield cluster
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop("RAYFT_JOBS_ADDRESS", None)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.script("down")
+
+
+@pytest.fixture(scope="session")
+def ray_address(local_cluster) -> str:
+    return local_cluster.address
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,9 @@ adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry that
 app.add_typer(adapters_app, name="adapters")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the serving API.")
 app.add_typer(keys_app, name="keys")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster with rayft submit.")
+app.add_typer(jobs_app, name="jobs")
+ADDRESS_HELP = "Ray job server (dashboard) address; default $RAYFT_JOBS_ADDRESS or http://127.0.0.1:8265."
 
 SET_HELP = "Override a config key: --set train.lr=1e-4 (repeatable)."
 
@@ -218,6 +221,59 @@ def keys_create(
     from rayft.serve.keys import create_key
 
     typer.echo(create_key(keys_file, tenant, admin))
+
+
+@app.command()
+@user_errors
+def submit(
+    config: Path = typer.Argument(..., help="Training or sweep config (YAML)."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Validate CONFIG here, then run it on a Ray cluster through Ray's job system."""
+    from rayft.jobs.client import default_address, submit as submit_job
+
+    typer.echo(submit_job(config, address or default_address(), set_ or []))
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """rayft jobs on the cluster, oldest first."""
+    from rayft.jobs.client import default_address, list_jobs
+
+    for job in list_jobs(address or default_address()):
+        typer.echo(f"{job['id']}\t{job['kind']}\t{job['status']}\t{job['output_dir']}")
+
+
+@jobs_app.command("status")
+@user_errors
+def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """A job's status (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED) and message."""
+    from rayft.jobs.client import default_address, job_info
+
+    info = job_info(address or default_address(), job_id)
+    typer.echo(f"{info.status.value}\t{info.message or ''}")
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
+              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """A job's driver output."""
+    from rayft.jobs.client import default_address, logs
+
+    for chunk in logs(address or default_address(), job_id, follow):
+        typer.echo(chunk, nl=False)
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
+    """Stop a running job."""
+    from rayft.jobs.client import default_address, stop
+
+    typer.echo("stopping" if stop(address or default_address(), job_id) else "not running")
 
 
 def main() -> None:  # pragma: no cover

@@ -108,6 +108,8 @@ class DistributedConfig(Strict):
     offload_optimizer: bool = False
     offload_params: bool = False
     max_failures: int = Field(2, ge=0)
+    # how Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # None: RAY_ADDRESS if set, else a local Ray instance started for this run
     ray_address: Optional[str] = None
     # None: <output_dir>/ray (use shared storage, e.g. s3:// or an NFS path, on a cluster)

@@ -83,6 +83,11 @@ def check_placement(cfg: TrainJobConfig, use_gpu: bool) -> None:
     if use_gpu and resources.get("GPU", 0) < dist.num_workers:
         raise ConfigError(f"distributed.num_workers={dist.num_workers} needs {dist.num_workers} GPUs; "
                           f"the Ray cluster has {resources.get('GPU', 0):g}")
+    if dist.placement_strategy == "STRICT_SPREAD":
+        nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= dist.cpus_per_worker)
+        if nodes < dist.num_workers:
+            raise ConfigError(f"distributed.placement_strategy=STRICT_SPREAD puts each of num_workers={dist.num_workers} "
+                              f"workers on its own node; the Ray cluster has {nodes} node(s) that fit one")
     if cfg.train.precision == "fp16" and not use_gpu:
         raise ConfigError("train.precision=fp16 needs GPUs (loss scaling of half-precision weights); "
                           "on CPU use bf16 or fp32")
@@ -260,6 +265,7 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
                            "mlflow_uri": uri, "mlflow_run_id": run_id, "progress_queue": queue},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=use_gpu,
+                                     placement_strategy=dist.placement_strategy,
                                      resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=cfg.name, storage_path=dist.storage_path or str(output_dir / "ray"),

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on one machine, for trying rayft's cluster path locally:
+#   cluster/local.sh up      head (ray start --head) + worker node(s) (ray start --address), each its
+#                            own raylet with its own CPU count; an MLflow tracking server; a shared
+#                            storage folder. Everything listens on 127.0.0.1.
+#   cluster/local.sh status  what runs, and the addresses to use
+#   cluster/local.sh down    stops exactly the processes `up` started (by their recorded pids)
+# Settings (environment): RAYFT_CLUSTER_DIR (state, logs, storage; default .rayft-cluster),
+# RAY_TEMP_DIR (/tmp/ray-rayft-$RAY_PORT), RAY_PORT (6390), DASHBOARD_PORT (8265), MLFLOW_PORT (5000), HEAD_CPUS (2), WORKER_CPUS (2),
+# WORKERS (1). Uses the ray and mlflow of .venv when there is one.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+STATE="${RAYFT_CLUSTER_DIR:-$ROOT/.rayft-cluster}"
+BIN="$ROOT/.venv/bin"; [ -x "$BIN/ray" ] || BIN="$(dirname "$(command -v ray)")"
+RAY_PORT="${RAY_PORT:-6390}"; DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"; MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+# Ray's own session files: a short path, since its unix socket paths must stay under 108 bytes
+RAY_TEMP="${RAY_TEMP_DIR:-/tmp/ray-rayft-$RAY_PORT}"
+HEAD_CPUS="${HEAD_CPUS:-2}"; WORKER_CPUS="${WORKER_CPUS:-2}"; WORKERS="${WORKERS:-1}"
+# With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray keeps the head on 127.0.0.1 (with 1 it swaps 127.0.0.1
+# for the machine's public address); a worker node needs 1 (else `ray start --address` refuses), so
+# worker node i gets its own loopback address 127.0.0.(i+1), which Ray leaves as it is, and reaches the
+# head as [::ffff:127.0.0.1] (the same loopback address, in a spelling Ray does not swap). Drivers on
+# this machine need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too (`status` prints it).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+# job entrypoints (`python -m rayft ...`) run with this environment's python, as on an image with rayft
+export PATH="$BIN:$PATH"
+
+started() { [ -f "$STATE/pids" ] && while read -r pid _; do kill -0 "$pid" 2>/dev/null && return 0; done < "$STATE/pids"; return 1; }
+
+wait_for() {  # wait_for LOGFILE PATTERN PID: until the process logs PATTERN (or dies)
+  for _ in $(seq 1 600); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    kill -0 "$3" 2>/dev/null || { echo "failed, see $1" >&2; tail -20 "$1" >&2; return 1; }
+    sleep 0.2
+  done
+  echo "timed out waiting for '$2' in $1" >&2; return 1
+}
+
+up() {
+  if started; then echo "already up (cluster/local.sh status)"; return 0; fi
+  mkdir -p "$STATE/logs" "$STATE/storage" "$STATE/mlartifacts"; : > "$STATE/pids"
+  # --block keeps each node's `ray start` in the foreground of its own session: killing that
+  # process group stops exactly that node.
+  setsid "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+    --temp-dir="$RAY_TEMP" --disable-usage-stats > "$STATE/logs/head.log" 2>&1 &
+  echo "$! head" >> "$STATE/pids"
+  wait_for "$STATE/logs/head.log" "Ray runtime started" "$!"
+  for i in $(seq 1 "$WORKERS"); do
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 \
+    setsid "$BIN/ray" start --block --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address="127.0.0.$((i + 1))" \
+      --num-cpus="$WORKER_CPUS" --disable-usage-stats > "$STATE/logs/worker-$i.log" 2>&1 &
+    echo "$! worker-$i" >> "$STATE/pids"
+    wait_for "$STATE/logs/worker-$i.log" "Ray runtime started" "$!"
+  done
+  setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
+    > "$STATE/logs/mlflow.log" 2>&1 &
+  echo "$! mlflow" >> "$STATE/pids"
+  wait_for "$STATE/logs/mlflow.log" "Listening at\|Uvicorn running\|Application startup complete" "$!"
+  status
+}
+
+status() {
+  if ! started; then echo "down"; return 0; fi
+  while read -r pid role; do
+    kill -0 "$pid" 2>/dev/null && echo "$role: running (pid $pid)" || echo "$role: stopped"
+  done < "$STATE/pids"
+  cat <<EOF
+RAY_ADDRESS=127.0.0.1:$RAY_PORT RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+RAYFT_JOBS_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT     # rayft submit / rayft jobs
+tracking.mlflow_uri: http://127.0.0.1:$MLFLOW_PORT
+distributed.storage_path: $STATE/storage                # shared by every node
+EOF
+}
+
+down() {
+  [ -f "$STATE/pids" ] || { echo "down"; return 0; }
+  # each process group gets SIGTERM (a `ray start --block` then stops its node), all at once; what
+  # still runs after 30 s gets SIGKILL
+  while read -r pid _; do kill -TERM -- "-$pid" 2>/dev/null || true; done < "$STATE/pids"
+  for _ in $(seq 1 150); do started || break; sleep 0.2; done
+  while read -r pid role; do
+    kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || true; echo "$role killed"; } || echo "$role stopped"
+  done < "$STATE/pids"
+  rm -f "$STATE/pids"
+}
+
+case "${1:-}" in
+  up) up ;; down) down ;; status) status ;;
+  *) echo "usage: cluster/local.sh up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Submitting rayft jobs to a Ray cluster through Ray's job system."""

@@ -1,0 +1,130 @@
+"""`rayft submit` and `rayft jobs`: a thin layer over Ray's JobSubmissionClient.
+
+A job carries its resolved config (overrides applied, validated here with the same errors as
+`rayft train` / `rayft sweep`) in a small working_dir; its entrypoint is `python -m rayft train
+rayft-job.yaml` (or `sweep`). Local relative paths are made absolute: the cluster must see them
+at the same place (shared storage), which is how data, outputs and checkpoints reach every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from rayft.errors import RayftError
+
+JOB_FILE = "rayft-job.yaml"
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _train_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    raw["output_dir"] = _absolute(raw.get("output_dir"))
+    data = raw.get("data", {})
+    for key in ("train", "val"):
+        if data.get(key):
+            data[key] = _absolute(data[key])
+    model = raw.get("model", {})
+    if model.get("name_or_path") and Path(model["name_or_path"]).expanduser().is_dir():
+        model["name_or_path"] = _absolute(model["name_or_path"])
+    tracking = raw.get("tracking", {})
+    if tracking.get("mlflow_uri") and tracking["mlflow_uri"].startswith("sqlite:///"):
+        tracking["mlflow_uri"] = "sqlite:///" + _absolute(tracking["mlflow_uri"].removeprefix("sqlite:///"))
+    return raw
+
+
+def resolve_job(config: Path, overrides: list[str]) -> tuple[str, dict[str, Any]]:
+    """("train" | "sweep", the config to run), validated exactly as the local commands do."""
+    from rayft.config import dump_config, load_config, read_yaml
+
+    if "search" in read_yaml(config):
+        from rayft.tune.sweep import load_sweep
+
+        sweep = load_sweep(config, overrides)
+        resolved = sweep.cfg.model_dump(mode="json")
+        resolved["output_dir"] = _absolute(resolved["output_dir"])
+        resolved["base"] = _train_paths(dict(sweep.base_raw))
+        return "sweep", resolved
+    cfg = load_config(config, overrides)
+    return "train", _train_paths(yaml.safe_load(dump_config(cfg)))
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given; the address
+    # named here (--address or default_address()) must be the one used.
+    saved = {key: os.environ.pop(key) for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if key in os.environ}
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # unreachable or not a Ray dashboard
+        raise RayftError(f"--address {address}: no Ray job server answers ({str(exc).splitlines()[0]})") from None
+    finally:
+        os.environ.update(saved)
+
+
+def submit(config: Path, address: str, overrides: list[str]) -> str:
+    kind, resolved = resolve_job(config, overrides)
+    client = _client(address)
+    submission_id = f"rayft-{resolved['name']}-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="rayft-job-") as folder:
+        (Path(folder) / JOB_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        return client.submit_job(
+            entrypoint=f"python -m rayft {kind} {JOB_FILE}", submission_id=submission_id,
+            runtime_env={"working_dir": folder, "env_vars": {"PYTHONUNBUFFERED": "1"}},
+            metadata={"rayft.kind": kind, "rayft.name": resolved["name"], "rayft.output_dir": resolved["output_dir"]})
+
+
+def list_jobs(address: str) -> list[dict[str, Any]]:
+    jobs = []
+    for job in _client(address).list_jobs():
+        if (job.metadata or {}).get("rayft.kind"):
+            jobs.append({"id": job.submission_id, "kind": job.metadata["rayft.kind"], "name": job.metadata["rayft.name"],
+                         "status": str(job.status.value), "output_dir": job.metadata.get("rayft.output_dir"),
+                         "start_time": job.start_time, "message": job.message})
+    return sorted(jobs, key=lambda j: j["start_time"] or 0)
+
+
+def job_info(address: str, job_id: str):
+    try:
+        return _client(address).get_job_info(job_id)
+    except RuntimeError as exc:
+        raise RayftError(f"job {job_id}: not found on {address} ({str(exc).splitlines()[0]})") from None
+
+
+def logs(address: str, job_id: str, follow: bool) -> Iterator[str]:
+    client = _client(address)
+    job_info(address, job_id)
+    if not follow:
+        yield client.get_job_logs(job_id)
+        return
+    stream = client.tail_job_logs(job_id)  # ends when the job ends
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
+def stop(address: str, job_id: str) -> bool:
+    job_info(address, job_id)
+    return _client(address).stop_job(job_id)
+
+
+def default_address() -> str:
+    return os.environ.get("RAYFT_JOBS_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS

@@ -1,0 +1,56 @@
+"""Jobs on a cluster through Ray's job system: `rayft submit` and `rayft jobs` against the test's
+Ray head (its dashboard is the job server)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import base_config, run_cli, write_config
+
+
+def _rayft_jobs() -> list[str]:
+    listed = run_cli("jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    return [line.split("\t")[0] for line in listed.stdout.splitlines() if line.strip()]
+
+
+def test_bad_configs_never_reach_the_cluster(tmp_path, tiny_model, alpaca_file, ray_address):
+    before = _rayft_jobs()
+    bad = base_config(tmp_path, tiny_model, alpaca_file, train={"lr": -1})
+    result = run_cli("submit", str(write_config(tmp_path, bad)))
+    assert result.returncode == 2 and "train.lr=-1" in result.stderr
+    result = run_cli("submit", str(write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file))),
+                     "--set", "method.lora.rank=4")
+    assert result.returncode == 2 and "unknown key method.lora.rank" in result.stderr
+    unreachable = run_cli("submit", str(write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file))),
+                          "--address", "http://127.0.0.1:9")
+    assert unreachable.returncode == 2 and "no Ray job server answers" in unreachable.stderr
+    assert _rayft_jobs() == before
+    assert run_cli("jobs", "status", "rayft-no-such-job").returncode == 2
+
+
+def test_lora_job_spread_over_two_nodes_runs_to_completion(tmp_path, tiny_model, alpaca_file, local_cluster):
+    """`rayft submit` of a LoRA job whose 2 workers must sit on different nodes (two raylets), tracked
+    by the cluster's MLflow server."""
+    config = write_config(tmp_path, base_config(
+        tmp_path, tiny_model, alpaca_file, train={"max_steps": 4}, distributed={"placement_strategy": "STRICT_SPREAD"},
+        tracking={"mlflow_uri": local_cluster.mlflow_uri, "experiment": "jobs-test"}))
+    submitted = run_cli("submit", str(config), "--set", "name=submitted")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("rayft-submitted-") and job_id in _rayft_jobs()
+    followed = run_cli("jobs", "logs", job_id, "--follow", timeout=600)  # returns when the job ends
+    assert followed.returncode == 0
+    status = run_cli("jobs", "status", job_id)
+    assert status.stdout.startswith("SUCCEEDED"), followed.stdout[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and Path(metrics["output"]).name == "adapter"
+    assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    # Ray Train's own report of where it placed the workers: ranks on node 0 and node 1
+    assert "node_rank=0" in followed.stdout and "node_rank=1" in followed.stdout, followed.stdout[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["eval_loss"] == metrics["eval_loss"]
