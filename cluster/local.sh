@@ -5,6 +5,7 @@
 #                            storage folder. Everything listens on 127.0.0.1.
 #   cluster/local.sh status  what runs, and the addresses to use
 #   cluster/local.sh down    stops exactly the processes `up` started (by their recorded pids)
+#   cluster/local.sh kill-node worker-1   simulates a node failure (SIGKILL); `up` restarts it
 # Settings (environment): RAYFT_CLUSTER_DIR (state, logs, storage; default .rayft-cluster),
 # RAY_TEMP_DIR (/tmp/ray-rayft-$RAY_PORT), RAY_PORT (6390), DASHBOARD_PORT (8265), MLFLOW_PORT (5000), HEAD_CPUS (2), WORKER_CPUS (2),
 # WORKERS (1). Uses the ray and mlflow of .venv when there is one.
@@ -14,7 +15,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STATE="${RAYFT_CLUSTER_DIR:-$ROOT/.rayft-cluster}"
 BIN="$ROOT/.venv/bin"; [ -x "$BIN/ray" ] || BIN="$(dirname "$(command -v ray)")"
 RAY_PORT="${RAY_PORT:-6390}"; DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"; MLFLOW_PORT="${MLFLOW_PORT:-5000}"
-# Ray's own session files: a short path, since its unix socket paths must stay under 108 bytes
+# Ray's own session files: a short path, since its unix socket paths must stay under 108 bytes.
+# Each node has its own (worker i: $RAY_TEMP-wi), as on separate machines: nodes sharing one would
+# delete each other's job working directories when cleaning up.
 RAY_TEMP="${RAY_TEMP_DIR:-/tmp/ray-rayft-$RAY_PORT}"
 HEAD_CPUS="${HEAD_CPUS:-2}"; WORKER_CPUS="${WORKER_CPUS:-2}"; WORKERS="${WORKERS:-1}"
 # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray keeps the head on 127.0.0.1 (with 1 it swaps 127.0.0.1
@@ -37,29 +40,48 @@ wait_for() {  # wait_for LOGFILE PATTERN PID: until the process logs PATTERN (or
   echo "timed out waiting for '$2' in $1" >&2; return 1
 }
 
+pid_of() { [ -f "$STATE/pids" ] && awk -v role="$1" '$2 == role {print $1}' "$STATE/pids"; }
+running() { local pid; pid="$(pid_of "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+record() {  # record PID ROLE, replacing the role's old line
+  { [ -f "$STATE/pids" ] && awk -v role="$2" '$2 != role' "$STATE/pids"; echo "$1 $2"; } > "$STATE/pids.new"
+  mv "$STATE/pids.new" "$STATE/pids"
+}
+
 up() {
-  if started; then echo "already up (cluster/local.sh status)"; return 0; fi
-  mkdir -p "$STATE/logs" "$STATE/storage" "$STATE/mlartifacts"; : > "$STATE/pids"
+  # starts whatever is not running: the whole cluster, or a node that was killed (kill-node)
+  mkdir -p "$STATE/logs" "$STATE/storage" "$STATE/mlartifacts"; touch "$STATE/pids"
   # --block keeps each node's `ray start` in the foreground of its own session: killing that
   # process group stops exactly that node.
-  setsid "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
-    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-    --temp-dir="$RAY_TEMP" --disable-usage-stats > "$STATE/logs/head.log" 2>&1 &
-  echo "$! head" >> "$STATE/pids"
-  wait_for "$STATE/logs/head.log" "Ray runtime started" "$!"
+  if ! running head; then
+    setsid "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+      --temp-dir="$RAY_TEMP" --disable-usage-stats > "$STATE/logs/head.log" 2>&1 &
+    record "$!" head
+    wait_for "$STATE/logs/head.log" "Ray runtime started" "$!"
+  fi
   for i in $(seq 1 "$WORKERS"); do
+    running "worker-$i" && continue
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 \
     setsid "$BIN/ray" start --block --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address="127.0.0.$((i + 1))" \
-      --num-cpus="$WORKER_CPUS" --disable-usage-stats > "$STATE/logs/worker-$i.log" 2>&1 &
-    echo "$! worker-$i" >> "$STATE/pids"
+      --num-cpus="$WORKER_CPUS" --temp-dir="$RAY_TEMP-w$i" --disable-usage-stats > "$STATE/logs/worker-$i.log" 2>&1 &
+    record "$!" "worker-$i"
     wait_for "$STATE/logs/worker-$i.log" "Ray runtime started" "$!"
   done
-  setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
-    > "$STATE/logs/mlflow.log" 2>&1 &
-  echo "$! mlflow" >> "$STATE/pids"
-  wait_for "$STATE/logs/mlflow.log" "Listening at\|Uvicorn running\|Application startup complete" "$!"
+  if ! running mlflow; then
+    setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+      --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
+      > "$STATE/logs/mlflow.log" 2>&1 &
+    record "$!" mlflow
+    wait_for "$STATE/logs/mlflow.log" "Listening at\|Uvicorn running\|Application startup complete" "$!"
+  fi
   status
+}
+
+kill_node() {  # a node failure: SIGKILL to the node's whole process group (raylet, its workers)
+  local pid; pid="$(pid_of "$1")"
+  [ -n "$pid" ] && [ "$1" != mlflow ] || { echo "kill-node: no node named '$1' (see status)" >&2; return 2; }
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  echo "$1 killed (cluster/local.sh up brings it back)"
 }
 
 status() {
@@ -88,6 +110,6 @@ down() {
 }
 
 case "${1:-}" in
-  up) up ;; down) down ;; status) status ;;
-  *) echo "usage: cluster/local.sh up|down|status" >&2; exit 2 ;;
+  up) up ;; down) down ;; status) status ;; kill-node) kill_node "${2:-}" ;;
+  *) echo "usage: cluster/local.sh up|down|status|kill-node ROLE" >&2; exit 2 ;;
 esac

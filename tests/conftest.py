@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -121,3 +122,21 @@ def write_config(tmp_path: Path, config: dict) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([RAYFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def registered_checkpoints(output_dir: Path, name: str) -> int:
+    """Checkpoints Ray Train has registered (its snapshot), not folders still being written."""
+    snapshot = output_dir / "ray" / name / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)  # polling the file system: there is no event to await across processes
+    raise AssertionError(f"timed out waiting for {what}")

@@ -54,3 +54,4 @@ def test_lora_job_spread_over_two_nodes_runs_to_completion(tmp_path, tiny_model,
 
     run = MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["eval_loss"] == metrics["eval_loss"]
+

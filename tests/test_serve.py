@@ -386,7 +386,7 @@ def test_evicted_adapter_reloads(server):
 
 
 def test_shipped_serve_configs_build(tmp_path):
-    """services/serve.yaml (serve deploy) builds the application; the demo serve config parses."""
+    """services/serve.yaml (serve deploy) builds both applications; the demo serve config parses."""
     from ray.serve import Application
 
     from rayft.config import load_serve_config
@@ -397,6 +397,13 @@ def test_shipped_serve_configs_build(tmp_path):
     app_spec = deploy["applications"][0]
     assert app_spec["import_path"] == "rayft.serve.app:build_app"
     assert isinstance(build_app(app_spec["args"]), Application)
+    from rayft.jobs.service import build_service_app
+
+    training = deploy["applications"][1]
+    assert training["import_path"] == "rayft.jobs.service:build_service_app"
+    assert isinstance(build_service_app(training["args"]), Application)
+    with pytest.raises(Exception, match="unknown key"):
+        build_service_app({**training["args"], "dburl": "x"})
     assert load_serve_config(REPO / "pipelines" / "serve_demo.yaml").auth.keys_file is None
 
 

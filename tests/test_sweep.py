@@ -126,15 +126,15 @@ def test_search_algorithms_sample_inside_the_space(tmp_path, tiny_model, alpaca_
 
 # ---------------------------------------------------------------- a real sweep
 def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_address):
-    # Two good and two hopeless learning rates, run one trial at a time (Tune's grid order) so
+    # One good and two hopeless learning rates, run one trial at a time (Tune's grid order) so
     # that ASHA has a finished good trial to compare each hopeless one with at a rung.
-    search = {"space": {"train.lr": {"choice": [5e-3, 4e-3, 1e-6, 2e-6]}, "method.lora.r": {"choice": [4]},
+    search = {"space": {"train.lr": {"choice": [5e-3, 1e-6, 2e-6]}, "method.lora.r": {"choice": [4]},
                         "method.lora.alpha": {"ratio_of": "method.lora.r", "factor": 2}},
               "algorithm": "grid", "max_concurrent_trials": 1,
               "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}}
     path = sweep_file(tmp_path, tiny_model, alpaca_file, search,
                       train={"max_steps": 8, "eval_steps": 2, "save_steps": 4, "scheduler": "constant"},
-                      distributed={"zero_stage": 0})
+                      distributed={"zero_stage": 0, "num_workers": 1})
     out = tmp_path / "sweep"
 
     # Kill the driver as soon as the first trial has finished.
@@ -157,9 +157,9 @@ def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_ad
     assert "sweep trials (* best)" in resumed.stdout
 
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 4
+    assert len(rows) == 3
     by_lr = {float(r["train.lr"]): r for r in rows}
-    assert set(by_lr) == {5e-3, 4e-3, 1e-6, 2e-6}
+    assert set(by_lr) == {5e-3, 1e-6, 2e-6}
     assert all(r["method.lora.alpha"] in ("8", "8.0") for r in rows)  # tied: 2 x r
     stopped = [r for r in rows if r["stopped_early"] == "True"]
     assert stopped, "ASHA stopped no trial"
@@ -191,7 +191,7 @@ def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_ad
     assert float(parent.data.params["train.lr"]) == best_cfg.train.lr
     assert parent.data.metrics["eval_loss"] == pytest.approx(float(best_row["final_eval_loss"]))
     assert {"results.csv", "sweep.png", "best.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert len(children) == 4  # one per trial: resumed trials continued their own runs
+    assert len(children) == 3  # one per trial: resumed trials continued their own runs
     for child in children:
         row = next(r for r in rows if r["mlflow_run_id"] == child.info.run_id)
         assert float(child.data.params["train.lr"]) == float(row["train.lr"])

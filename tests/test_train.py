@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RAYFT, base_config, run_cli, write_config
+from conftest import RAYFT, base_config, registered_checkpoints, run_cli, wait_for, write_config
 from rayft.config import parse_config
 from rayft.data.dataset import RowFile, prepare_data
 from rayft.data.packing import collate
@@ -120,24 +120,6 @@ def test_cli_lora_zero2_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     assert eval_loss_of(model, cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
 
 
-def _registered_checkpoints(output_dir: Path, name: str) -> int:
-    """Checkpoints Ray Train has registered (its snapshot), not folders still being written."""
-    snapshot = output_dir / "ray" / name / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)  # polling the file system: there is no event to await across processes
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, alpaca_file):
     import ray
     from ray.util.state import list_actors
@@ -145,13 +127,14 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
     from rayft.raycluster import connect_ray
 
     connect_ray(None)
-    sections = dict(train={"max_steps": 16, "save_steps": 4, "eval_steps": 8}, distributed={"max_failures": 2})
+    sections = dict(train={"max_steps": 16, "save_steps": 4, "eval_steps": 8, "logging_steps": 1},
+                    distributed={"max_failures": 2})
     result = {}
     thread = threading.Thread(target=lambda: result.update(zip(("cfg", "metrics"), train_in_process(
         tmp_path, tiny_model, alpaca_file, **sections))))
     thread.start()
     out = tmp_path / "out"
-    _wait_for(lambda: _registered_checkpoints(out, "t") >= 1, 300, "a registered checkpoint")
+    wait_for(lambda: registered_checkpoints(out, "t") >= 1, 300, "a registered checkpoint")
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert workers
     os.kill(workers[-1].pid, signal.SIGKILL)
@@ -161,6 +144,13 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
     assert len(metrics["resumed_from_steps"]) == 1 and metrics["resumed_from_steps"][0] % 4 == 0
     assert metrics["resumed_from_steps"][0] >= 4  # resumed from a checkpoint, not from scratch
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    # every step logs its loss: the steps logged twice are the ones redone after the restart
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(metrics["mlflow_run_id"], "loss")
+    steps = [m.step for m in history]
+    redone = len(steps) - len(set(steps))
+    assert sorted(set(steps)) == list(range(1, 17)) and redone <= 4, steps  # at most save_steps
     assert ray.is_initialized()
 
 
@@ -171,7 +161,7 @@ def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
                               stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "out"
     try:
-        _wait_for(lambda: _registered_checkpoints(out, "t") >= 1, 300, "a registered checkpoint")
+        wait_for(lambda: registered_checkpoints(out, "t") >= 1, 300, "a registered checkpoint")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver dies: Ray tears its training job down
         driver.wait()

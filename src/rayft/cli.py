@@ -17,7 +17,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Base models: list aliases, 
 app.add_typer(models_app, name="models")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry that rayft serve loads from.")
 app.add_typer(adapters_app, name="adapters")
-keys_app = typer.Typer(no_args_is_help=True, help="API keys of the serving API.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the serving API and the training service.")
 app.add_typer(keys_app, name="keys")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster with rayft submit.")
 app.add_typer(jobs_app, name="jobs")
@@ -59,7 +59,10 @@ def train(
         metrics = run_training(cfg, resume=resume, overwrite=overwrite)
     except RayftError:
         raise
-    except Exception as exc:  # a worker failed past max_failures: Ray already printed its traceback
+    except Exception as exc:  # a worker failed past max_failures, or the driver itself did
+        import traceback
+
+        traceback.print_exc()  # the whole story for logs (job logs included); the last line sums it up
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         typer.echo(f"error: training failed: {first_line}", err=True)
         raise typer.Exit(1)
@@ -101,6 +104,9 @@ def sweep(
     except RayftError:
         raise
     except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         typer.echo(f"error: sweep failed: {first_line}", err=True)
         raise typer.Exit(1)
@@ -274,6 +280,34 @@ def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, "--addres
     from rayft.jobs.client import default_address, stop
 
     typer.echo("stopping" if stop(address or default_address(), job_id) else "not running")
+
+
+@app.command()
+@user_errors
+def service(
+    db: str = typer.Option("sqlite:///rayft-jobs.db", "--db", help="Job records: a SQLAlchemy URL (sqlite:///FILE or postgresql+psycopg://...)."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    root: Path = typer.Option(Path("."), "--root", help="Relative paths in job configs are read here; outputs go to ROOT/outputs/<tenant>/."),
+    keys_file: Optional[Path] = typer.Option(None, "--keys-file", help="API keys (rayft keys create); none: no auth, one tenant 'default'."),
+    max_active_jobs: int = typer.Option(2, "--max-active-jobs", min=1, help="Active (pending or running) jobs per tenant."),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="Tracking URI for jobs whose config names none."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8100, "--port"),
+):
+    """Run the multi-user training service (REST API; OpenAPI at /docs and /openapi.json)."""
+    import uvicorn
+
+    from rayft.jobs.client import default_address
+    from rayft.jobs.service import ServiceSettings, create_service
+
+    if keys_file is not None and not keys_file.is_file():
+        raise RayftError(f"--keys-file {keys_file}: no such file (create keys with rayft keys create)")
+    if not root.is_dir():
+        raise RayftError(f"--root {root}: no such directory")
+    settings = ServiceSettings(db_url=db, ray_address=address or default_address(), root=str(root.resolve()),
+                               keys_file=str(keys_file.resolve()) if keys_file else None,
+                               max_active_jobs_per_tenant=max_active_jobs, mlflow_uri=mlflow_uri)
+    uvicorn.run(create_service(settings), host=host, port=port, log_level="warning")
 
 
 def main() -> None:  # pragma: no cover

@@ -306,7 +306,8 @@ def _validate(schema: type[Strict], raw: Any, source: str):
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe_error(exc.errors()[0], source)) from None
+        first = exc.errors()[0]
+        raise ConfigError(_describe_error(first, source), key=".".join(str(part) for part in first["loc"]) or None) from None
 
 
 def parse_config(raw: Any, source: str = "config") -> TrainJobConfig:

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message as one line and exits with code 2."""
 
+from __future__ import annotations
+
 
 class RayftError(Exception):
     """Bad input or an impossible request; the message says what is wrong and where."""
@@ -7,6 +9,10 @@ class RayftError(Exception):
 
 class ConfigError(RayftError):
     """A config value that the schema or a cross-field rule rejects."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key  # the dotted key path, when one key is to blame
 
 
 class DataError(RayftError):

@@ -23,41 +23,49 @@ JOB_FILE = "rayft-job.yaml"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
-def _absolute(path: Optional[str]) -> Optional[str]:
+def _absolute(path: Optional[str], base: Path) -> Optional[str]:
     if path is None or "://" in path:
         return path
-    return str(Path(path).expanduser().resolve())
+    return str((base / Path(path).expanduser()).resolve())
 
 
-def _train_paths(raw: dict[str, Any]) -> dict[str, Any]:
-    raw["output_dir"] = _absolute(raw.get("output_dir"))
+def _train_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    from rayft.tracking.mlflow_run import DEFAULT_DB
+
+    raw["output_dir"] = _absolute(raw.get("output_dir"), base)
     data = raw.get("data", {})
     for key in ("train", "val"):
         if data.get(key):
-            data[key] = _absolute(data[key])
+            data[key] = _absolute(data[key], base)
     model = raw.get("model", {})
-    if model.get("name_or_path") and Path(model["name_or_path"]).expanduser().is_dir():
-        model["name_or_path"] = _absolute(model["name_or_path"])
-    tracking = raw.get("tracking", {})
-    if tracking.get("mlflow_uri") and tracking["mlflow_uri"].startswith("sqlite:///"):
-        tracking["mlflow_uri"] = "sqlite:///" + _absolute(tracking["mlflow_uri"].removeprefix("sqlite:///"))
+    if model.get("name_or_path") and (base / Path(model["name_or_path"]).expanduser()).is_dir():
+        model["name_or_path"] = _absolute(model["name_or_path"], base)
+    # The job runs in a throw-away working_dir: its default SQLite store must live where it was asked for.
+    tracking = raw.setdefault("tracking", {})
+    uri = tracking.get("mlflow_uri") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///"):
+        tracking["mlflow_uri"] = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"), base)
+    elif "://" not in uri:  # a plain path: a file store
+        tracking["mlflow_uri"] = _absolute(uri, base)
     return raw
 
 
-def resolve_job(config: Path, overrides: list[str]) -> tuple[str, dict[str, Any]]:
-    """("train" | "sweep", the config to run), validated exactly as the local commands do."""
+def resolve_job(config: Path, overrides: list[str], base_dir: Optional[Path] = None) -> tuple[str, dict[str, Any]]:
+    """("train" | "sweep", the config to run), validated exactly as the local commands do, with
+    relative paths made absolute against base_dir (default: the working directory)."""
     from rayft.config import dump_config, load_config, read_yaml
 
+    base = Path(base_dir or Path.cwd())
     if "search" in read_yaml(config):
         from rayft.tune.sweep import load_sweep
 
         sweep = load_sweep(config, overrides)
         resolved = sweep.cfg.model_dump(mode="json")
-        resolved["output_dir"] = _absolute(resolved["output_dir"])
-        resolved["base"] = _train_paths(dict(sweep.base_raw))
+        resolved["output_dir"] = _absolute(resolved["output_dir"], base)
+        resolved["base"] = _train_paths(dict(sweep.base_raw), base)
         return "sweep", resolved
     cfg = load_config(config, overrides)
-    return "train", _train_paths(yaml.safe_load(dump_config(cfg)))
+    return "train", _train_paths(yaml.safe_load(dump_config(cfg)), base)
 
 
 def _client(address: str):
@@ -74,16 +82,28 @@ def _client(address: str):
         os.environ.update(saved)
 
 
-def submit(config: Path, address: str, overrides: list[str]) -> str:
-    kind, resolved = resolve_job(config, overrides)
+def new_job_id(name: str) -> str:
+    return f"rayft-{name}-{uuid.uuid4().hex[:8]}"
+
+
+def submit_resolved(address: str, kind: str, resolved: dict[str, Any], job_id: Optional[str] = None,
+                    metadata: Optional[dict[str, str]] = None) -> str:
+    """Hand a resolved config to Ray's job server; returns the job (submission) id."""
     client = _client(address)
-    submission_id = f"rayft-{resolved['name']}-{uuid.uuid4().hex[:8]}"
+    job_id = job_id or new_job_id(resolved["name"])
     with tempfile.TemporaryDirectory(prefix="rayft-job-") as folder:
         (Path(folder) / JOB_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
         return client.submit_job(
-            entrypoint=f"python -m rayft {kind} {JOB_FILE}", submission_id=submission_id,
-            runtime_env={"working_dir": folder, "env_vars": {"PYTHONUNBUFFERED": "1"}},
-            metadata={"rayft.kind": kind, "rayft.name": resolved["name"], "rayft.output_dir": resolved["output_dir"]})
+            entrypoint=f"python -m rayft {kind} {JOB_FILE}", submission_id=job_id,
+            # RAYFT_JOB_ID tags the job's MLflow runs, so a job's metrics can be found from its id
+            runtime_env={"working_dir": folder, "env_vars": {"PYTHONUNBUFFERED": "1", "RAYFT_JOB_ID": job_id}},
+            metadata={"rayft.kind": kind, "rayft.name": resolved["name"], "rayft.output_dir": resolved["output_dir"],
+                      **(metadata or {})})
+
+
+def submit(config: Path, address: str, overrides: list[str]) -> str:
+    kind, resolved = resolve_job(config, overrides)
+    return submit_resolved(address, kind, resolved)
 
 
 def list_jobs(address: str) -> list[dict[str, Any]]:

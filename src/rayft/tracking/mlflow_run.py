@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -61,9 +62,18 @@ def experiment_id(uri: str, name: str) -> str:
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
+JOB_ID_TAG = "rayft.job_id"
+
+
+def job_tags() -> dict[str, str]:
+    """Runs started inside a submitted job carry its id (set by `rayft submit` / the service)."""
+    job_id = os.environ.get("RAYFT_JOB_ID")
+    return {JOB_ID_TAG: job_id} if job_id else {}
+
+
 def start_run(uri: str, cfg: TrainJobConfig, model_path: str, parent_run_id: Optional[str] = None) -> str:
     tags = {"rayft.method": cfg.method.type, "rayft.base_model": cfg.model.name_or_path,
-            "rayft.base_model_path": model_path, "rayft.output_dir": str(Path(cfg.output_dir).resolve())}
+            "rayft.base_model_path": model_path, "rayft.output_dir": str(Path(cfg.output_dir).resolve()), **job_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # shows the run nested under its sweep
     run = client(uri).create_run(experiment_id(uri, cfg.tracking.experiment), run_name=cfg.name, tags=tags)
@@ -72,7 +82,7 @@ def start_run(uri: str, cfg: TrainJobConfig, model_path: str, parent_run_id: Opt
 
 
 def start_parent_run(uri: str, experiment: str, name: str, params: dict, tags: dict) -> str:
-    run = client(uri).create_run(experiment_id(uri, experiment), run_name=name, tags=tags)
+    run = client(uri).create_run(experiment_id(uri, experiment), run_name=name, tags={**tags, **job_tags()})
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
@@ -92,6 +102,31 @@ def log_artifacts(uri: str, run_id: str, files: list[Path], directory: Path) -> 
         mlflow_client.log_artifact(run_id, str(path))
     mlflow_client.log_artifacts(run_id, str(directory), artifact_path=directory.name)
     mlflow_client.set_terminated(run_id, "FINISHED")
+
+
+def job_run(uri: str, job_id: str):
+    """The top-level MLflow run of a submitted job (a sweep's parent run), or None."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None  # the job has not created its store yet; opening it would create an empty one
+    try:
+        runs = client(uri).search_runs(experiment_ids=[e.experiment_id for e in client(uri).search_experiments()],
+                                       filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'", max_results=50)
+    except Exception:  # tracking store unreachable: the job record still answers without metrics
+        return None
+    top = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    return (top or runs or [None])[0]
+
+
+def end_job_runs(uri: str, job_id: str, status: str) -> None:
+    """Mark a stopped job's runs that are still RUNNING as `status` (its driver was killed)."""
+    try:
+        mlflow_client = client(uri)
+        runs = mlflow_client.search_runs(experiment_ids=[e.experiment_id for e in mlflow_client.search_experiments()],
+                                         filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            mlflow_client.set_terminated(run.info.run_id, status)
+    except Exception:  # the job's record is right either way; the tracking store may be down
+        pass
 
 
 def fail_run(uri: str, run_id: str) -> None:
