@@ -100,9 +100,9 @@ EOF
 down() {
   [ -f "$STATE/pids" ] || { echo "down"; return 0; }
   # each process group gets SIGTERM (a `ray start --block` then stops its node), all at once; what
-  # still runs after 30 s gets SIGKILL
+  # still runs after 10 s gets SIGKILL
   while read -r pid _; do kill -TERM -- "-$pid" 2>/dev/null || true; done < "$STATE/pids"
-  for _ in $(seq 1 150); do started || break; sleep 0.2; done
+  for _ in $(seq 1 50); do started || break; sleep 0.2; done
   while read -r pid role; do
     kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || true; echo "$role killed"; } || echo "$role stopped"
   done < "$STATE/pids"

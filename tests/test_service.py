@@ -66,8 +66,11 @@ def job_config(svc, **sections) -> dict:
     return config
 
 
-def call(svc, method: str, path: str, tenant: str | None = "acme", **kwargs) -> httpx.Response:
+def call(svc, method: str, path: str, tenant: str | None = "acme", content_type: str | None = None,
+         **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {svc.keys[tenant]}"} if tenant else {}
+    if content_type:
+        headers["Content-Type"] = content_type
     return httpx.request(method, f"{svc.url}{path}", headers=headers, timeout=60, **kwargs)
 
 
@@ -94,8 +97,7 @@ def test_bad_requests_are_4xx_json_naming_the_problem(service):
     missing = job_config(service)
     missing["data"]["train"] = "nope.jsonl"
     assert "nope.jsonl" in call(service, "POST", "/v1/jobs", json=missing).json()["error"]["message"]
-    broken_yaml = call(service, "POST", "/v1/jobs", content=b"name: [", headers={
-        "Authorization": f"Bearer {service.keys['acme']}", "Content-Type": "application/yaml"})
+    broken_yaml = call(service, "POST", "/v1/jobs", content=b"name: [", content_type="application/yaml")
     assert broken_yaml.status_code == 400 and "YAML" in broken_yaml.json()["error"]["message"]
     assert call(service, "GET", "/v1/jobs/rayft-nope-0").status_code == 404
     assert call(service, "GET", "/v1/jobs").json() == {"jobs": []}  # nothing reached the cluster
@@ -109,8 +111,7 @@ def test_job_lifecycle_tenants_limits_restart_and_stop(service, local_cluster):
 
     # a YAML body runs to completion; the tenant's limit (1 active job) holds meanwhile
     body = yaml.safe_dump(job_config(service, name="quick", train={"max_steps": 6}))
-    created = call(service, "POST", "/v1/jobs", content=body, headers={
-        "Authorization": f"Bearer {service.keys['acme']}", "Content-Type": "application/yaml"})
+    created = call(service, "POST", "/v1/jobs", content=body, content_type="application/yaml")
     assert created.status_code == 201, created.text
     quick = created.json()
     assert quick["status"] in ("PENDING", "RUNNING") and quick["output_dir"] == str(service.root / "outputs/acme/quick")

@@ -126,9 +126,10 @@ def test_search_algorithms_sample_inside_the_space(tmp_path, tiny_model, alpaca_
 
 # ---------------------------------------------------------------- a real sweep
 def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_address):
-    # One good and two hopeless learning rates, run one trial at a time (Tune's grid order) so
-    # that ASHA has a finished good trial to compare each hopeless one with at a rung.
-    search = {"space": {"train.lr": {"choice": [5e-3, 1e-6, 2e-6]}, "method.lora.r": {"choice": [4]},
+    # Two good learning rates and a hopeless one, run one trial at a time (Tune's grid order): the
+    # driver is killed after the first; after --resume (ASHA's rungs start empty again) the second
+    # good trial gives ASHA the result to stop the hopeless one against.
+    search = {"space": {"train.lr": {"choice": [5e-3, 4e-3, 1e-6]}, "method.lora.r": {"choice": [4]},
                         "method.lora.alpha": {"ratio_of": "method.lora.r", "factor": 2}},
               "algorithm": "grid", "max_concurrent_trials": 1,
               "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}}
@@ -159,7 +160,7 @@ def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_ad
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 3
     by_lr = {float(r["train.lr"]): r for r in rows}
-    assert set(by_lr) == {5e-3, 1e-6, 2e-6}
+    assert set(by_lr) == {5e-3, 4e-3, 1e-6}
     assert all(r["method.lora.alpha"] in ("8", "8.0") for r in rows)  # tied: 2 x r
     stopped = [r for r in rows if r["stopped_early"] == "True"]
     assert stopped, "ASHA stopped no trial"

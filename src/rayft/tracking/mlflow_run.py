@@ -118,13 +118,15 @@ def job_run(uri: str, job_id: str):
 
 
 def end_job_runs(uri: str, job_id: str, status: str) -> None:
-    """Mark a stopped job's runs that are still RUNNING as `status` (its driver was killed)."""
+    """Mark the runs a stopped or failed job did not finish as `status` (KILLED for a stop: its
+    driver may have marked them FAILED on the way down, or left them RUNNING)."""
     try:
         mlflow_client = client(uri)
         runs = mlflow_client.search_runs(experiment_ids=[e.experiment_id for e in mlflow_client.search_experiments()],
-                                         filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}' and attributes.status = 'RUNNING'")
+                                         filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'")
         for run in runs:
-            mlflow_client.set_terminated(run.info.run_id, status)
+            if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
+                mlflow_client.set_terminated(run.info.run_id, status)
     except Exception:  # the job's record is right either way; the tracking store may be down
         pass
 
