@@ -287,10 +287,10 @@ class TrainingService:
             job_id = jobs_client.new_job_id(resolved["name"])
             now = time.time()
             # the record first: a job Ray runs is never without one, even if the service dies now
-            record = self.store.add(JobRecord(id=job_id, tenant=caller.tenant, kind=kind, name=resolved["name"],
-                                              status="PENDING", message="submitting", config=json.dumps(resolved),
-                                              output_dir=resolved["output_dir"], mlflow_uri=uri,
-                                              created_at=now, updated_at=now))
+            self.store.add(JobRecord(id=job_id, tenant=caller.tenant, kind=kind, name=resolved["name"],
+                                     status="PENDING", message="submitting", config=json.dumps(resolved),
+                                     output_dir=resolved["output_dir"], mlflow_uri=uri,
+                                     created_at=now, updated_at=now))
             try:
                 jobs_client.submit_resolved(self.settings.ray_address, kind, resolved, job_id,
                                             metadata={"rayft.tenant": caller.tenant})
