@@ -377,12 +377,12 @@ def create_service(settings: ServiceSettings) -> FastAPI:
     @app.post("/v1/jobs", status_code=201, response_model=JobView, responses=ERRORS, openapi_extra=body_schema)
     async def create_job(request: Request):
         caller = caller_of(request)
-        if int(request.headers.get("content-length") or 0) > settings.max_body_bytes:
-            raise APIError(413, f"body larger than {settings.max_body_bytes} bytes", "invalid_request_error")
-        body = await request.body()
-        if len(body) > settings.max_body_bytes:
-            raise APIError(413, f"body larger than {settings.max_body_bytes} bytes", "invalid_request_error")
-        raw = parse_body(body, request.headers.get("content-type", ""))
+        body = bytearray()
+        async for chunk in request.stream():  # read no further than the limit
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                raise APIError(413, f"body larger than {settings.max_body_bytes} bytes", "invalid_request_error")
+        raw = parse_body(bytes(body), request.headers.get("content-type", ""))
         return await asyncio.get_running_loop().run_in_executor(None, lambda: service.view(service.submit(caller, raw)))
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERRORS)
