@@ -104,13 +104,19 @@ def log_artifacts(uri: str, run_id: str, files: list[Path], directory: Path) -> 
     mlflow_client.set_terminated(run_id, "FINISHED")
 
 
+def _job_runs(uri: str, job_id: str) -> list:
+    """Every MLflow run tagged with a submitted job's id (its run, or a sweep's parent and trials)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # the job has not created its store yet; opening it would create an empty one
+    mlflow_client = client(uri)
+    return mlflow_client.search_runs(experiment_ids=[e.experiment_id for e in mlflow_client.search_experiments()],
+                                     filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'")
+
+
 def job_run(uri: str, job_id: str):
     """The top-level MLflow run of a submitted job (a sweep's parent run), or None."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None  # the job has not created its store yet; opening it would create an empty one
     try:
-        runs = client(uri).search_runs(experiment_ids=[e.experiment_id for e in client(uri).search_experiments()],
-                                       filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'", max_results=50)
+        runs = _job_runs(uri, job_id)
     except Exception:  # tracking store unreachable: the job record still answers without metrics
         return None
     top = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
@@ -121,12 +127,9 @@ def end_job_runs(uri: str, job_id: str, status: str) -> None:
     """Mark the runs a stopped or failed job did not finish as `status` (KILLED for a stop: its
     driver may have marked them FAILED on the way down, or left them RUNNING)."""
     try:
-        mlflow_client = client(uri)
-        runs = mlflow_client.search_runs(experiment_ids=[e.experiment_id for e in mlflow_client.search_experiments()],
-                                         filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'")
-        for run in runs:
+        for run in _job_runs(uri, job_id):
             if run.info.status == "RUNNING" or (status == "KILLED" and run.info.status == "FAILED"):
-                mlflow_client.set_terminated(run.info.run_id, status)
+                client(uri).set_terminated(run.info.run_id, status)
     except Exception:  # the job's record is right either way; the tracking store may be down
         pass
 
