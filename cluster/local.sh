@@ -24,24 +24,27 @@ HEAD_CPUS="${HEAD_CPUS:-2}"; WORKER_CPUS="${WORKER_CPUS:-2}"; WORKERS="${WORKERS
 # for the machine's public address); a worker node needs 1 (else `ray start --address` refuses), so
 # worker node i gets its own loopback address 127.0.0.(i+1), which Ray leaves as it is, and reaches the
 # head as [::ffff:127.0.0.1] (the same loopback address, in a spelling Ray does not swap). Drivers on
-# this machine need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too (`status` prints it).
+# this machine need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too (`status` prints it). Each node's processes
+# get RAY_ADDRESS: with several nodes' processes on one machine, Ray's own address discovery (used by
+# Ray Train's placement-group cleaner) finds two GCS addresses and refuses to pick one.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 # job entrypoints (`python -m rayft ...`) run with this environment's python, as on an image with rayft
 export PATH="$BIN:$PATH"
 
-started() { [ -f "$STATE/pids" ] && while read -r pid _; do kill -0 "$pid" 2>/dev/null && return 0; done < "$STATE/pids"; return 1; }
+started() { [ -f "$STATE/pids" ] && while read -r pid _; do alive "$pid" && return 0; done < "$STATE/pids"; return 1; }
 
 wait_for() {  # wait_for LOGFILE PATTERN PID: until the process logs PATTERN (or dies)
   for _ in $(seq 1 600); do
     grep -q "$2" "$1" 2>/dev/null && return 0
-    kill -0 "$3" 2>/dev/null || { echo "failed, see $1" >&2; tail -20 "$1" >&2; return 1; }
+    alive "$3" || { echo "failed, see $1" >&2; tail -20 "$1" >&2; return 1; }
     sleep 0.2
   done
   echo "timed out waiting for '$2' in $1" >&2; return 1
 }
 
 pid_of() { [ -f "$STATE/pids" ] && awk -v role="$1" '$2 == role {print $1}' "$STATE/pids"; }
-running() { local pid; pid="$(pid_of "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+alive() { kill -0 "$1" 2>/dev/null && [ "$(ps -o stat= -p "$1" | cut -c1)" != Z ]; }  # a zombie is gone
+running() { local pid; pid="$(pid_of "$1")"; [ -n "$pid" ] && alive "$pid"; }
 record() {  # record PID ROLE, replacing the role's old line
   { [ -f "$STATE/pids" ] && awk -v role="$2" '$2 != role' "$STATE/pids"; echo "$1 $2"; } > "$STATE/pids.new"
   mv "$STATE/pids.new" "$STATE/pids"
@@ -53,6 +56,7 @@ up() {
   # --block keeps each node's `ray start` in the foreground of its own session: killing that
   # process group stops exactly that node.
   if ! running head; then
+    RAY_ADDRESS="127.0.0.1:$RAY_PORT" \
     setsid "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
       --temp-dir="$RAY_TEMP" --disable-usage-stats > "$STATE/logs/head.log" 2>&1 &
@@ -61,7 +65,7 @@ up() {
   fi
   for i in $(seq 1 "$WORKERS"); do
     running "worker-$i" && continue
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 \
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_ADDRESS="[::ffff:127.0.0.1]:$RAY_PORT" \
     setsid "$BIN/ray" start --block --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address="127.0.0.$((i + 1))" \
       --num-cpus="$WORKER_CPUS" --temp-dir="$RAY_TEMP-w$i" --disable-usage-stats > "$STATE/logs/worker-$i.log" 2>&1 &
     record "$!" "worker-$i"
@@ -81,13 +85,15 @@ kill_node() {  # a node failure: SIGKILL to the node's whole process group (rayl
   local pid; pid="$(pid_of "$1")"
   [ -n "$pid" ] && [ "$1" != mlflow ] || { echo "kill-node: no node named '$1' (see status)" >&2; return 2; }
   kill -KILL -- "-$pid" 2>/dev/null || true
+  # until it is gone: an `up` right after this must see the node down and start it again
+  for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
   echo "$1 killed (cluster/local.sh up brings it back)"
 }
 
 status() {
   if ! started; then echo "down"; return 0; fi
   while read -r pid role; do
-    kill -0 "$pid" 2>/dev/null && echo "$role: running (pid $pid)" || echo "$role: stopped"
+    alive "$pid" && echo "$role: running (pid $pid)" || echo "$role: stopped"
   done < "$STATE/pids"
   cat <<EOF
 RAY_ADDRESS=127.0.0.1:$RAY_PORT RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
@@ -104,7 +110,7 @@ down() {
   while read -r pid _; do kill -TERM -- "-$pid" 2>/dev/null || true; done < "$STATE/pids"
   for _ in $(seq 1 50); do started || break; sleep 0.2; done
   while read -r pid role; do
-    kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || true; echo "$role killed"; } || echo "$role stopped"
+    alive "$pid" && { kill -KILL -- "-$pid" 2>/dev/null || true; echo "$role killed"; } || echo "$role stopped"
   done < "$STATE/pids"
   rm -f "$STATE/pids"
 }

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import base_config, run_cli, write_config
+from conftest import base_config, registered_checkpoints, run_cli, wait_for, write_config
 
 
 def _rayft_jobs() -> list[str]:
@@ -55,3 +55,59 @@ def test_lora_job_spread_over_two_nodes_runs_to_completion(tmp_path, tiny_model,
     run = MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["eval_loss"] == metrics["eval_loss"]
 
+
+
+def _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluster, name: str, **distributed):
+    """Submits a LoRA job with one worker on each node; SIGKILLs the worker node (its raylet and the
+    training worker on it) once the job has a registered checkpoint. Returns the job id and output dir."""
+    out = tmp_path / name
+    config = write_config(tmp_path, base_config(
+        tmp_path, tiny_model, alpaca_file, name=name, output_dir=str(out),
+        train={"max_steps": 200, "save_steps": 10, "eval_steps": 100, "logging_steps": 10},
+        distributed={"placement_strategy": "STRICT_SPREAD", **distributed},
+        tracking={"mlflow_uri": local_cluster.mlflow_uri, "experiment": "node-failure"}))
+    submitted = run_cli("submit", str(config))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    wait_for(lambda: registered_checkpoints(out, name) >= 1, 300, "the job's first checkpoint")
+    local_cluster.script("kill-node", "worker-1")
+    return job_id, out
+
+
+def _ended(job_id: str) -> str:
+    run_cli("jobs", "logs", job_id, "--follow", timeout=600)  # returns when the job ends
+    return run_cli("jobs", "status", job_id).stdout
+
+
+def test_a_lost_worker_node_that_comes_back_is_recovered_from(tmp_path, tiny_model, alpaca_file, local_cluster):
+    try:
+        job_id, out = _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluster, "node-back",
+                                                   max_failures=2)
+        local_cluster.script("up")  # the node rejoins: same address, a new raylet
+        status = _ended(job_id)
+    finally:
+        local_cluster.script("up")
+    assert status.startswith("SUCCEEDED"), status[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 200 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 10
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_a_lost_worker_node_that_stays_away_fails_the_job_clearly(tmp_path, tiny_model, alpaca_file, local_cluster):
+    """With the node gone, the workers cannot be placed again: the job fails once
+    distributed.start_timeout_s has passed, saying so, instead of waiting forever."""
+    try:
+        job_id, out = _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluster, "node-gone",
+                                                   max_failures=2, start_timeout_s=15)
+        status = _ended(job_id)
+    finally:
+        local_cluster.script("up")
+    assert status.startswith("FAILED"), status[-3000:]
+    assert "could not be (re)started within 15 s (distributed.start_timeout_s)" in status
+    assert not (out / "metrics.json").exists()  # the partial output is not marked finished
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(run_id).info.status == "FAILED"

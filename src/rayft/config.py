@@ -108,6 +108,9 @@ class DistributedConfig(Strict):
     offload_optimizer: bool = False
     offload_params: bool = False
     max_failures: int = Field(2, ge=0)
+    # how long a (re)start may wait for the workers' resources, e.g. for a lost node to come back or
+    # an autoscaler to add one, before the run fails: a job never waits forever
+    start_timeout_s: float = Field(600, gt=0)
     # how Ray places the workers: PACK fills a node first; SPREAD puts them on different nodes
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # None: RAY_ADDRESS if set, else a local Ray instance started for this run

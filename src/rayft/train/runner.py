@@ -251,7 +251,8 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
 def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks):
     import contextlib
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -269,12 +270,23 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
                                      resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=cfg.name, storage_path=dist.storage_path or str(output_dir / "ray"),
-            failure_config=FailureConfig(max_failures=dist.max_failures),
+            # a worker group that cannot start within start_timeout_s fails the run (Ray's default retries forever)
+            failure_config=FailureConfig(max_failures=dist.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or []),
     )
+    # Ray Train reads this in its controller (it propagates the driver's value there)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(dist.start_timeout_s)
     with Progress(queue, console) if queue is not None else contextlib.nullcontext():  # an empty Queue is falsy
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except ControllerError as exc:
+            if isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+                raise RuntimeError(
+                    f"the {dist.num_workers} workers ({dist.placement_strategy}) could not be (re)started within "
+                    f"{dist.start_timeout_s:g} s (distributed.start_timeout_s): the cluster lacks their resources "
+                    "(a lost node?)") from exc
+            raise
 
 
 def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: str, output_kind: str) -> dict[str, Any]:
