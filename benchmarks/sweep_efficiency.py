@@ -1,11 +1,12 @@
 """ASHA against a full grid: the same search space on the demo task, run twice in one invocation.
 
     .venv/bin/python benchmarks/sweep_efficiency.py [--steps 16] [--eval-steps 4] \
-        [--lrs 1e-5 1e-4 1e-3 3e-3] [--ranks 4 16]
+        [--lrs 1e-5 1e-4 1e-3 3e-3] [--ranks 4 16] [--reduction-factor 3]
 
 Baseline: the full grid (every trial runs all --steps, scheduler none). Contender: the same grid
-in the same order with ASHA (grace period = one evaluation, reduction factor 2) stopping trials
-whose eval loss trails at a rung. Both are real `rayft sweep` runs (pipelines/demo_sweep.yaml's
+in the same order with ASHA (grace period = one evaluation, --reduction-factor) stopping trials
+whose eval loss trails at a rung. The order is rayft's default for a grid: each key's values in
+a seeded random order (search.shuffle_grid, seed train.seed), the same in both runs. Both are real `rayft sweep` runs (pipelines/demo_sweep.yaml's
 base: SmolLM2-135M-Instruct, LoRA, 2 Ray Train workers, ZeRO-2) with alpha tied to 2 x rank.
 
 Prints the best final eval loss of each, the optimizer steps each spent (a trial's steps are the
@@ -58,7 +59,8 @@ def run(label: str, args, out: Path, data: Path, scheduler: list[str]) -> dict:
 
     return {"best": summary["best"]["final_eval_loss"], "best_trial": {k: summary["best"][k] for k in sweep.space.keys},
             "steps": steps_spent(summary, tracking_uri(sweep.base)), "trials": len(summary["rows"]),
-            "stopped_early": sum(r["stopped_early"] for r in summary["rows"]), "seconds": seconds}
+            "stopped_early": sum(r["stopped_early"] for r in summary["rows"]), "seconds": seconds,
+            "order": [{k: r[k] for k in ("method.lora.r", "train.lr")} for r in summary["rows"]]}
 
 
 def main() -> None:
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=4)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 3e-3])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench-sweep")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -74,11 +77,12 @@ def main() -> None:
 
     grid = run("grid", args, out, data, ["search.scheduler=none"])
     asha = run("asha", args, out, data, [f"search.scheduler={{type: asha, grace_period: {args.eval_steps}, "
-                                         f"reduction_factor: 2}}"])
+                                         f"reduction_factor: {args.reduction_factor}}}"])
     loss_ratio = asha["best"] / grid["best"]
     steps_ratio = asha["steps"] / grid["steps"]
     print(f"\nsweep efficiency: {grid['trials']} trials (lr {args.lrs} x rank {args.ranks}), {args.steps} steps each, "
-          f"eval every {args.eval_steps}")
+          f"eval every {args.eval_steps}, ASHA reduction factor {args.reduction_factor}")
+    print(f"trial order (both runs): {grid['order']}")
     print(f"{'':6} {'best eval loss':>15} {'steps':>7} {'stopped':>8} {'seconds':>9}  best trial")
     for label, r in (("grid", grid), ("asha", asha)):
         print(f"{label:6} {r['best']:15.4f} {r['steps']:7d} {r['stopped_early']:8d} {r['seconds']:9.0f}  {r['best_trial']}")

@@ -65,6 +65,18 @@ def test_tied_key_follows_the_sampled_one(tmp_path):
     assert space.grid_size() == 2
 
 
+def test_grid_order_is_a_seeded_shuffle(tmp_path):
+    """Every listed value once, in an order fixed by the seed (a resumed sweep sees the same grid)."""
+    base_raw = base_config(tmp_path, Path("model"), Path("data.jsonl"))
+    base = load_config(_write(tmp_path, base_raw))
+    lrs = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    space = parse_space({"train.lr": {"choice": lrs}}, base_raw, base, "grid")
+    listed = space.tune_space("grid")["train.lr"]["grid_search"]
+    shuffled = space.tune_space("grid", grid_seed=42)["train.lr"]["grid_search"]
+    assert listed == lrs and sorted(shuffled) == lrs and shuffled != lrs
+    assert space.tune_space("grid", grid_seed=42)["train.lr"]["grid_search"] == shuffled
+
+
 def test_sweep_file_errors(tmp_path, tiny_model, alpaca_file):
     path = sweep_file(tmp_path, tiny_model, alpaca_file, {"space": {"train.lr": {"uniform": [1e-4, 1e-3]}}})
     with pytest.raises(ConfigError, match="search.num_samples is required with algorithm random"):
@@ -126,12 +138,12 @@ def test_search_algorithms_sample_inside_the_space(tmp_path, tiny_model, alpaca_
 
 # ---------------------------------------------------------------- a real sweep
 def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_address):
-    # Two good learning rates and a hopeless one, run one trial at a time (Tune's grid order): the
+    # Two good learning rates and a hopeless one, run one trial at a time in the listed order: the
     # driver is killed after the first; after --resume (ASHA's rungs start empty again) the second
     # good trial gives ASHA the result to stop the hopeless one against.
     search = {"space": {"train.lr": {"choice": [5e-3, 4e-3, 1e-6]}, "method.lora.r": {"choice": [4]},
                         "method.lora.alpha": {"ratio_of": "method.lora.r", "factor": 2}},
-              "algorithm": "grid", "max_concurrent_trials": 1,
+              "algorithm": "grid", "shuffle_grid": False, "max_concurrent_trials": 1,
               "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}}
     path = sweep_file(tmp_path, tiny_model, alpaca_file, search,
                       train={"max_steps": 8, "eval_steps": 2, "save_steps": 4, "scheduler": "constant"},

@@ -166,6 +166,10 @@ class SearchConfig(Strict):
     # {loguniform: [lo, hi]}, {randint: [lo, hi]} (inclusive), {ratio_of: key, factor: x}
     space: dict[str, Any]
     algorithm: Literal["grid", "random", "optuna"] = "random"
+    # grid: each key's values in a seeded random order (train.seed), not as listed. Early stopping
+    # compares a trial with those before it: in a listed order such as ascending learning rates
+    # every trial beats its predecessors and ASHA can stop none.
+    shuffle_grid: bool = True
     # grid: how many times the whole grid runs (default 1); random/optuna: trials, required
     num_samples: Optional[int] = Field(None, gt=0)
     # None: as many as the cluster's CPUs/GPUs hold

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,13 +48,17 @@ class SearchSpace:
     def kind_of(self, key: str) -> str:
         return next(d.kind for d in self.searched + self.tied if d.key == key)
 
-    def tune_space(self, algorithm: str) -> dict[str, Any]:
+    def tune_space(self, algorithm: str, grid_seed: Optional[int] = None) -> dict[str, Any]:
+        """Tune's param_space; a grid's values are shuffled with grid_seed when one is given."""
         from ray import tune
 
         space = {}
         for dim in self.searched:
             if algorithm == "grid":
-                space[dim.key] = tune.grid_search(list(dim.values))
+                values = list(dim.values)
+                if grid_seed is not None:
+                    random.Random(f"{grid_seed}:{dim.key}").shuffle(values)
+                space[dim.key] = tune.grid_search(values)
             elif dim.kind == "choice":
                 space[dim.key] = tune.choice(list(dim.values))
             elif dim.kind == "uniform":

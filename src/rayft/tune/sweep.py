@@ -195,7 +195,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, conso
                                        resume_errored=False, restart_errored=False)
         else:
             tuner = tune.Tuner(
-                trainable, param_space=sweep.space.tune_space(cfg.search.algorithm),
+                trainable, param_space=sweep.space.tune_space(
+                    cfg.search.algorithm, grid_seed=base.train.seed if cfg.search.shuffle_grid else None),
                 tune_config=tune.TuneConfig(metric=cfg.search.metric, mode=cfg.search.mode,
                                             search_alg=build_search_alg(sweep, concurrency), scheduler=scheduler,
                                             num_samples=sweep.num_samples),
