@@ -208,6 +208,53 @@ def postgres():
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _replicas_race_for_slots(url: str, tenant: str, limit: int = 2, attempts: int = 8) -> list[int]:
+    """Two stores on one database (two service replicas) add active jobs for one tenant at once."""
+    import threading
+
+    from rayft.jobs.store import JobRecord, JobStore
+
+    stores = [JobStore(url), JobStore(url)]
+    start, admitted = threading.Barrier(attempts), []
+
+    def submit(i: int) -> None:
+        now = time.time()
+        record = JobRecord(id=f"rayft-race-{tenant}-{i}", tenant=tenant, kind="train", name="race", status="RUNNING",
+                           message="", config="{}", output_dir=f"/o/{i}", mlflow_uri="", created_at=now, updated_at=now)
+        start.wait()
+        if stores[i % 2].add_active(record, limit):
+            admitted.append(i)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(attempts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    slots = sorted(r.slot for r in stores[0].list(tenant, active_only=True))
+    stores[0].update(f"rayft-race-{tenant}-{admitted[0]}", status="SUCCEEDED")  # frees its slot
+    assert stores[1].get(f"rayft-race-{tenant}-{admitted[0]}").slot is None
+    assert stores[1].add_active(JobRecord(id=f"rayft-race-{tenant}-next", tenant=tenant, kind="train", name="race",
+                                          status="PENDING", message="", config="{}", output_dir="/o/next",
+                                          mlflow_uri="", created_at=time.time(), updated_at=time.time()), limit)
+    for store in stores:
+        store.close()
+    assert len(admitted) == limit
+    return slots
+
+
+def test_replicas_on_one_sqlite_file_admit_no_more_than_the_limit(tmp_path):
+    import sqlite3
+
+    # a database from before slots existed gets the column and its unique index
+    old = sqlite3.connect(tmp_path / "jobs.db")
+    old.execute("CREATE TABLE rayft_jobs (id VARCHAR(200) PRIMARY KEY, tenant VARCHAR(100), kind VARCHAR(10), "
+                "name VARCHAR(128), status VARCHAR(16), message TEXT, config TEXT, output_dir TEXT, mlflow_uri TEXT, "
+                "created_at FLOAT, updated_at FLOAT, ended_at FLOAT)")
+    old.commit()
+    old.close()
+    assert _replicas_race_for_slots(f"sqlite:///{tmp_path / 'jobs.db'}", "acme") == [0, 1]
+
+
 def test_job_records_in_postgresql_survive_a_new_service(postgres, tmp_path):
     from fastapi.testclient import TestClient
 
@@ -233,3 +280,4 @@ def test_job_records_in_postgresql_survive_a_new_service(postgres, tmp_path):
     bad = subprocess.run([RAYFT, "service", "--db", "postgresql+psycopg://rayft@127.0.0.1:9/none"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --db postgresql+psycopg://")
+    assert _replicas_race_for_slots(postgres, "initech") == [0, 1]

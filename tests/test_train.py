@@ -142,16 +142,14 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
     assert len(metrics["resumed_from_steps"]) == 1 and metrics["resumed_from_steps"][0] % 4 == 0
     assert metrics["resumed_from_steps"][0] >= 4  # resumed from a checkpoint, not from scratch
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
-    # every step logs its loss: the steps logged twice are the ones redone after the restart. They
-    # are the steps since the last checkpoint Ray Train had registered when the worker died; a
-    # checkpoint still in flight then (rank 0 reported it, the dead rank never did) is lost, so
-    # fewer than 2 x save_steps (a run here redid 5 with save_steps 4).
+    # every step logs its loss: the steps logged twice are the ones redone after the restart, at
+    # most save_steps (the workers wait for Ray Train to commit each checkpoint before going on).
     from mlflow.tracking import MlflowClient
 
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(metrics["mlflow_run_id"], "loss")
     steps = [m.step for m in history]
     redone = len(steps) - len(set(steps))
-    assert sorted(set(steps)) == list(range(1, 17)) and redone < 2 * 4, steps
+    assert sorted(set(steps)) == list(range(1, 17)) and redone <= 4, steps
     assert ray.is_initialized()
 
 

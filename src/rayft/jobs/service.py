@@ -162,7 +162,9 @@ class TrainingService:
         self.settings = settings
         self.store = JobStore(settings.db_url)
         self.keys = KeyStore(settings.keys_file)
-        self.admission = threading.Lock()  # the active-job count and the insert happen together
+        # one submission at a time in this process (refresh, output_dir check, slot claim); across
+        # replicas the database's unique slot index holds the per-tenant limit
+        self.admission = threading.Lock()
 
     # -- who is calling
     def caller(self, authorization: Optional[str]) -> Caller:
@@ -275,22 +277,25 @@ class TrainingService:
         kind, resolved = prepare_job(raw, caller.tenant, self.settings)
         uri = (resolved["base"] if kind == "sweep" else resolved)["tracking"]["mlflow_uri"]
         with self.admission:
+            # ended jobs free their slots when refreshed; the slot claim itself is the database's
             active = [self.refresh(r) for r in self.store.list(caller.tenant, active_only=True)]
             active = [r for r in active if r.status in ACTIVE]
             limit = self.settings.max_active_jobs_per_tenant
+            at_limit = APIError(429, f"tenant {caller.tenant!r} has {max(limit, len(active))} active jobs (limit {limit}); "
+                                f"wait for one to end or stop one", "rate_limit_error")
             if len(active) >= limit:
-                raise APIError(429, f"tenant {caller.tenant!r} has {len(active)} active jobs (limit {limit}); "
-                               f"wait for one to end or stop one", "rate_limit_error")
+                raise at_limit
             if any(r.output_dir == resolved["output_dir"] for r in active):
                 raise APIError(409, f"output_dir={raw['output_dir']!r}: an active job already writes there",
                                "conflict", "output_dir")
             job_id = jobs_client.new_job_id(resolved["name"])
             now = time.time()
             # the record first: a job Ray runs is never without one, even if the service dies now
-            self.store.add(JobRecord(id=job_id, tenant=caller.tenant, kind=kind, name=resolved["name"],
-                                     status="PENDING", message="submitting", config=json.dumps(resolved),
-                                     output_dir=resolved["output_dir"], mlflow_uri=uri,
-                                     created_at=now, updated_at=now))
+            record = JobRecord(id=job_id, tenant=caller.tenant, kind=kind, name=resolved["name"], status="PENDING",
+                               message="submitting", config=json.dumps(resolved), output_dir=resolved["output_dir"],
+                               mlflow_uri=uri, created_at=now, updated_at=now)
+            if not self.store.add_active(record, limit):  # another replica took the last slot
+                raise at_limit
             try:
                 jobs_client.submit_resolved(self.settings.ray_address, kind, resolved, job_id,
                                             metadata={"rayft.tenant": caller.tenant})

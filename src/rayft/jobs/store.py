@@ -8,7 +8,8 @@ import json
 import time
 from typing import Any, Optional
 
-from sqlalchemy import Float, Index, String, Text, create_engine, func, select
+from sqlalchemy import Float, Index, Integer, String, Text, create_engine, func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from rayft.errors import RayftError
@@ -36,8 +37,13 @@ class JobRecord(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    # which of its tenant's active-job slots (0 .. limit-1) the job holds; None once it has ended.
+    # The unique (tenant, slot) index is what keeps several service replicas on one database
+    # from admitting more than the limit between them.
+    slot: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
 
-    __table_args__ = (Index("ix_rayft_jobs_tenant_status", "tenant", "status"),)
+    __table_args__ = (Index("ix_rayft_jobs_tenant_status", "tenant", "status"),
+                      Index("ux_rayft_jobs_tenant_slot", "tenant", "slot", unique=True))
 
     def config_dict(self) -> dict[str, Any]:
         return json.loads(self.config)
@@ -48,14 +54,43 @@ class JobStore:
         try:
             self.engine = create_engine(url, pool_pre_ping=True)
             Base.metadata.create_all(self.engine)
+            self._add_slot_column()
         except Exception as exc:  # bad URL, missing driver, server down
             raise RayftError(f"--db {url}: cannot open the job database ({str(exc).splitlines()[0]})") from None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_slot_column(self) -> None:
+        """A database written before active-job slots existed gets the column and its index."""
+        if "slot" in {c["name"] for c in inspect(self.engine).get_columns(JobRecord.__tablename__)}:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(text(f"ALTER TABLE {JobRecord.__tablename__} ADD COLUMN slot INTEGER"))
+            for index in JobRecord.__table__.indexes:
+                index.create(connection, checkfirst=True)
 
     def add(self, record: JobRecord) -> JobRecord:
         with self.sessions.begin() as session:
             session.add(record)
         return record
+
+    def add_active(self, record: JobRecord, limit: int) -> bool:
+        """Adds the record in a free one of its tenant's `limit` slots; False when all are taken.
+        The database arbitrates: of two writers that pick the same slot, one insert fails."""
+        values = {column.name: getattr(record, column.name) for column in JobRecord.__table__.columns}
+        for _ in range(limit + 3):
+            with self.sessions() as session:
+                taken = set(session.scalars(select(JobRecord.slot).where(JobRecord.tenant == record.tenant,
+                                                                         JobRecord.slot.is_not(None))))
+            free = [slot for slot in range(limit) if slot not in taken]
+            if not free:
+                return False
+            try:
+                with self.sessions.begin() as session:
+                    session.add(JobRecord(**{**values, "slot": free[0]}))
+                return True
+            except IntegrityError:
+                continue  # another writer took that slot first: look again
+        return False
 
     def get(self, job_id: str) -> Optional[JobRecord]:
         with self.sessions() as session:
@@ -81,8 +116,10 @@ class JobStore:
             for key, value in values.items():
                 setattr(record, key, value)
             record.updated_at = time.time()
-            if values.get("status") in FINAL and record.ended_at is None:
-                record.ended_at = record.updated_at
+            if values.get("status") in FINAL:
+                record.slot = None  # an ended job frees its tenant's slot
+                if record.ended_at is None:
+                    record.ended_at = record.updated_at
             return record
 
     def close(self) -> None:

@@ -227,6 +227,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if export:
                 export_weights(engine.module, method.output, Path(tmp), rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if not export:
+            # Train on once Ray Train has committed this checkpoint (it collects reports when it
+            # polls the workers): a worker lost after this point redoes at most save_steps steps,
+            # where a checkpoint still uncollected when a worker dies would be lost with it.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     if state.step == 0:
         state.eval_loss_before = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
