@@ -4,7 +4,6 @@ Ray head (its dashboard is the job server)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from conftest import base_config, registered_checkpoints, run_cli, wait_for, write_config
@@ -31,32 +30,6 @@ def test_bad_configs_never_reach_the_cluster(tmp_path, tiny_model, alpaca_file, 
     assert run_cli("jobs", "status", "rayft-no-such-job").returncode == 2
 
 
-def test_lora_job_spread_over_two_nodes_runs_to_completion(tmp_path, tiny_model, alpaca_file, local_cluster):
-    """`rayft submit` of a LoRA job whose 2 workers must sit on different nodes (two raylets), tracked
-    by the cluster's MLflow server."""
-    config = write_config(tmp_path, base_config(
-        tmp_path, tiny_model, alpaca_file, train={"max_steps": 4}, distributed={"placement_strategy": "STRICT_SPREAD"},
-        tracking={"mlflow_uri": local_cluster.mlflow_uri, "experiment": "jobs-test"}))
-    submitted = run_cli("submit", str(config), "--set", "name=submitted")
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().splitlines()[-1]
-    assert job_id.startswith("rayft-submitted-") and job_id in _rayft_jobs()
-    followed = run_cli("jobs", "logs", job_id, "--follow", timeout=600)  # returns when the job ends
-    assert followed.returncode == 0
-    status = run_cli("jobs", "status", job_id)
-    assert status.stdout.startswith("SUCCEEDED"), followed.stdout[-3000:]
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and Path(metrics["output"]).name == "adapter"
-    assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
-    # Ray Train's own report of where it placed the workers: ranks on node 0 and node 1
-    assert "node_rank=0" in followed.stdout and "node_rank=1" in followed.stdout, followed.stdout[-3000:]
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.metrics["eval_loss"] == metrics["eval_loss"]
-
-
-
 def _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluster, name: str, **distributed):
     """Submits a LoRA job with one worker on each node; SIGKILLs the worker node (its raylet and the
     training worker on it) once the job has a registered checkpoint. Returns the job id and output dir."""
@@ -69,30 +42,39 @@ def _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluste
     submitted = run_cli("submit", str(config))
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
+    assert job_id.startswith(f"rayft-{name}-") and job_id in _rayft_jobs()
     wait_for(lambda: registered_checkpoints(out, name) >= 1, 300, "the job's first checkpoint")
     local_cluster.script("kill-node", "worker-1")
     return job_id, out
 
 
-def _ended(job_id: str) -> str:
-    run_cli("jobs", "logs", job_id, "--follow", timeout=600)  # returns when the job ends
-    return run_cli("jobs", "status", job_id).stdout
+def _ended(job_id: str) -> tuple[str, str]:
+    """(status line, logs) of a job, once it has ended."""
+    followed = run_cli("jobs", "logs", job_id, "--follow", timeout=600)  # returns when the job ends
+    assert followed.returncode == 0
+    return run_cli("jobs", "status", job_id).stdout, followed.stdout
 
 
-def test_a_lost_worker_node_that_comes_back_is_recovered_from(tmp_path, tiny_model, alpaca_file, local_cluster):
+def test_a_spread_job_survives_losing_a_node_that_comes_back(tmp_path, tiny_model, alpaca_file, local_cluster):
+    """`rayft submit` of a LoRA job whose 2 workers must sit on different nodes (two raylets), tracked
+    by the cluster's MLflow server; its worker node is SIGKILLed mid-run and started again."""
     try:
         job_id, out = _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluster, "node-back",
                                                    max_failures=2)
         local_cluster.script("up")  # the node rejoins: same address, a new raylet
-        status = _ended(job_id)
+        status, logs = _ended(job_id)
     finally:
         local_cluster.script("up")
     assert status.startswith("SUCCEEDED"), status[-3000:]
+    # Ray Train's own report of where it placed the workers: ranks on node 0 and node 1
+    assert "node_rank=0" in logs and "node_rank=1" in logs, logs[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 200 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 10
+    assert Path(metrics["output"]).name == "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()
     from mlflow.tracking import MlflowClient
 
-    assert MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"]).info.status == "FINISHED"
+    run = MlflowClient(tracking_uri=local_cluster.mlflow_uri).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["eval_loss"] == metrics["eval_loss"]
 
 
 def test_a_lost_worker_node_that_stays_away_fails_the_job_clearly(tmp_path, tiny_model, alpaca_file, local_cluster):
@@ -101,7 +83,7 @@ def test_a_lost_worker_node_that_stays_away_fails_the_job_clearly(tmp_path, tiny
     try:
         job_id, out = _submit_and_kill_worker_node(tmp_path, tiny_model, alpaca_file, local_cluster, "node-gone",
                                                    max_failures=2, start_timeout_s=15)
-        status = _ended(job_id)
+        status, _ = _ended(job_id)
     finally:
         local_cluster.script("up")
     assert status.startswith("FAILED"), status[-3000:]
