@@ -50,6 +50,14 @@ record() {  # record PID ROLE, replacing the role's old line
   mv "$STATE/pids.new" "$STATE/pids"
 }
 
+start_worker() {  # start_worker I: worker node I joins the head
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_ADDRESS="[::ffff:127.0.0.1]:$RAY_PORT" \
+  setsid "$BIN/ray" start --block --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address="127.0.0.$(($1 + 1))" \
+    --num-cpus="$WORKER_CPUS" --temp-dir="$RAY_TEMP-w$1" --disable-usage-stats > "$STATE/logs/worker-$1.log" 2>&1 &
+  record "$!" "worker-$1"
+  wait_for "$STATE/logs/worker-$1.log" "Ray runtime started" "$!"
+}
+
 up() {
   # starts whatever is not running: the whole cluster, or a node that was killed (kill-node)
   mkdir -p "$STATE/logs" "$STATE/storage" "$STATE/mlartifacts"; touch "$STATE/pids"
@@ -65,11 +73,14 @@ up() {
   fi
   for i in $(seq 1 "$WORKERS"); do
     running "worker-$i" && continue
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_ADDRESS="[::ffff:127.0.0.1]:$RAY_PORT" \
-    setsid "$BIN/ray" start --block --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address="127.0.0.$((i + 1))" \
-      --num-cpus="$WORKER_CPUS" --temp-dir="$RAY_TEMP-w$i" --disable-usage-stats > "$STATE/logs/worker-$i.log" 2>&1 &
-    record "$!" "worker-$i"
-    wait_for "$STATE/logs/worker-$i.log" "Ray runtime started" "$!"
+    # A raylet can die while it registers when the machine is loaded (seen once: a failed check in
+    # Ray's NodeManager start-up on a busy 2-core machine): one more try before giving up.
+    start_worker "$i" || {
+      kill -KILL -- "-$(pid_of "worker-$i")" 2>/dev/null || true
+      mv "$STATE/logs/worker-$i.log" "$STATE/logs/worker-$i.failed.log"
+      echo "worker-$i did not start (logs/worker-$i.failed.log); trying again" >&2
+      start_worker "$i" || return 1
+    }
   done
   if ! running mlflow; then
     setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -383,6 +384,51 @@ def test_evicted_adapter_reloads(server):
         first = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
         again = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
         assert first == again
+
+
+def _scrape_metrics(ray_address: str) -> str:
+    """Every node's Prometheus endpoint (Ray's metrics agent), as a Prometheus server would scrape it."""
+    import httpx
+    import ray
+
+    ray.init(address=ray_address, ignore_reinit_error=True)
+    texts = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            texts.append(httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                                   timeout=10).text)
+    return "\n".join(texts)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels` (Ray prefixes application metrics with ray_)."""
+    import re
+
+    total = 0.0
+    for match in re.finditer(rf"^(?:ray_)?{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def test_prometheus_metrics_are_scraped(server, ray_address):
+    """The replica's metrics reach each node's Prometheus endpoint: requests and tokens per adapter,
+    latency, batch sizes, adapter loads, evictions and cache hits (the tests before this one used
+    them all). The metrics agent exports every few seconds: poll, with a bound."""
+    with server.client("acme") as acme:
+        _complete(acme, "support-bot")
+    wanted = [("rayft_requests_total", {"model": "support-bot"}), ("rayft_generated_tokens_total", {"model": "support-bot"}),
+              ("rayft_request_latency_ms_count", {"model": "support-bot"}), ("rayft_batch_size_count", {}),
+              ("rayft_batch_adapters_count", {}), ("rayft_adapter_loads_total", {}),
+              ("rayft_adapter_evictions_total", {}), ("rayft_adapter_cache_hits_total", {"model": "acme/support-bot"})]
+    deadline, missing = time.monotonic() + 90, wanted
+    while missing and time.monotonic() < deadline:
+        text = _scrape_metrics(ray_address)
+        missing = [(name, labels) for name, labels in wanted if _metric(text, name, **labels) <= 0]
+        if missing:
+            time.sleep(2)  # the agent's next export: nothing to await from here
+    assert not missing, f"not exported: {missing}\n" + "\n".join(line for line in text.splitlines() if "rayft" in line)
 
 
 def test_shipped_serve_configs_build(tmp_path):
