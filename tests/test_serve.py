@@ -413,22 +413,30 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_prometheus_metrics_are_scraped(server, ray_address):
-    """The replica's metrics reach each node's Prometheus endpoint: requests and tokens per adapter,
-    latency, batch sizes, adapter loads, evictions and cache hits (the tests before this one used
-    them all). The metrics agent exports every few seconds: poll, with a bound."""
-    with server.client("acme") as acme:
-        _complete(acme, "support-bot")
-    wanted = [("rayft_requests_total", {"model": "support-bot"}), ("rayft_generated_tokens_total", {"model": "support-bot"}),
-              ("rayft_request_latency_ms_count", {"model": "support-bot"}), ("rayft_batch_size_count", {}),
-              ("rayft_batch_adapters_count", {}), ("rayft_adapter_loads_total", {}),
-              ("rayft_adapter_evictions_total", {}), ("rayft_adapter_cache_hits_total", {"model": "acme/support-bot"})]
+    """The replica's metrics reach each node's Prometheus endpoint (Ray's metrics agent): requests,
+    tokens and latency per adapter, batch sizes, adapter loads, evictions and cache hits. Five
+    adapters in turn through a cache of 3 load, evict and hit. The agent exports every few
+    seconds: poll, with a bound."""
+    with server.client("acme") as acme, server.client("ops") as ops:
+        for name, made in [("m1", "sql"), ("m2", "summary"), ("m3", "support2")]:
+            assert ops.post("/v1/adapters", json={"name": name, "tenant": "acme",
+                                                  "source": str(server.adapters[made])}).status_code == 201
+        for model in ["support-bot", "m1", "m2", "m3", "support-bot", "support-bot"]:
+            _complete(acme, model)
+    wanted = [("rayft_requests_total", {"model": "acme/support-bot"}),
+              ("rayft_generated_tokens_total", {"model": "acme/support-bot"}),
+              ("rayft_request_latency_ms_count", {"model": "acme/support-bot"}),
+              ("rayft_adapter_cache_hits_total", {"model": "acme/support-bot"}),
+              ("rayft_adapter_loads_total", {"model": "acme/m1"}), ("rayft_adapter_evictions_total", {}),
+              ("rayft_batch_size_count", {}), ("rayft_batch_adapters_count", {})]
     deadline, missing = time.monotonic() + 90, wanted
     while missing and time.monotonic() < deadline:
         text = _scrape_metrics(ray_address)
         missing = [(name, labels) for name, labels in wanted if _metric(text, name, **labels) <= 0]
         if missing:
             time.sleep(2)  # the agent's next export: nothing to await from here
-    assert not missing, f"not exported: {missing}\n" + "\n".join(line for line in text.splitlines() if "rayft" in line)
+    assert not missing, f"not exported: {missing}\n" + "\n".join(
+        line[:200] for line in text.splitlines() if "rayft" in line and "_bucket" not in line)
 
 
 def test_shipped_serve_configs_build(tmp_path):
