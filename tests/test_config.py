@@ -57,6 +57,17 @@ def test_overrides_are_typed_and_reach_any_key(tmp_path):
         apply_overrides({}, ["train.lr"])
 
 
+def test_exponent_numbers_are_floats_as_users_write_them(tmp_path):
+    """PyYAML alone reads 1e-5 as a string (YAML 1.1); a sweep's results would then hold '1e-05'."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\noutput_dir: o\ndata: {train: d.jsonl}\ntrain: {lr: 1e-5, weight_decay: 1E-2}\n")
+    assert apply_overrides({}, ["search.space={train.lr: {choice: [1e-05, 3e-3]}}"]) == \
+        {"search": {"space": {"train.lr": {"choice": [1e-5, 3e-3]}}}}
+    cfg = load_config(path)
+    assert cfg.train.lr == 1e-5 and cfg.train.weight_decay == 0.01
+    assert load_config(path, ['name="1e5"']).name == "1e5"  # quoted stays a string
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ndata: {train: [\n")

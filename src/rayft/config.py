@@ -7,6 +7,7 @@ error names the key path, the bad value and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -14,6 +15,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayft.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: PyYAML (YAML 1.1) reads `1e-5` as a string, YAML 1.2 as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
@@ -292,7 +307,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {key!r} is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[keys[-1]] = load_yaml(text) if text.strip() else None
     return raw
 
 
@@ -334,7 +349,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

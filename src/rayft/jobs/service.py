@@ -27,6 +27,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
+from rayft.config import load_yaml
 from rayft.errors import ConfigError, RayftError
 from rayft.jobs import client as jobs_client
 from rayft.jobs.store import ACTIVE, FINAL, JobRecord, JobStore
@@ -146,7 +147,7 @@ def parse_body(body: bytes, content_type: str) -> Any:
     media = content_type.split(";")[0].strip().lower()
     try:
         if media in YAML_TYPES:
-            return yaml.safe_load(body.decode())
+            return load_yaml(body.decode())
         if media in ("", "application/json"):
             return json.loads(body)
     except (ValueError, yaml.YAMLError) as exc:
