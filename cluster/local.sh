@@ -7,7 +7,9 @@
 #   cluster/local.sh down    stops exactly the processes `up` started (by their recorded pids)
 #   cluster/local.sh kill-node worker-1   simulates a node failure (SIGKILL); `up` restarts it
 # Settings (environment): RAYFT_CLUSTER_DIR (state, logs, storage; default .rayft-cluster),
-# RAY_TEMP_DIR (/tmp/ray-rayft-$RAY_PORT), RAY_PORT (6390), DASHBOARD_PORT (8265), MLFLOW_PORT (5000), HEAD_CPUS (2), WORKER_CPUS (2),
+# RAY_TEMP_DIR (/tmp/ray-rayft-$RAY_PORT), RAY_PORT (6390), DASHBOARD_PORT (8265), MLFLOW_PORT (5000),
+# AGENT_PORT (52365: each node's dashboard agent; a second cluster on this machine needs its own, else
+# its head's agent cannot bind and Ray's job server answers "No available agent"), HEAD_CPUS (2), WORKER_CPUS (2),
 # WORKERS (1). Uses the ray and mlflow of .venv when there is one.
 set -euo pipefail
 
@@ -15,6 +17,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STATE="${RAYFT_CLUSTER_DIR:-$ROOT/.rayft-cluster}"
 BIN="$ROOT/.venv/bin"; [ -x "$BIN/ray" ] || BIN="$(dirname "$(command -v ray)")"
 RAY_PORT="${RAY_PORT:-6390}"; DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"; MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+AGENT_PORT="${AGENT_PORT:-52365}"
 # Ray's own session files: a short path, since its unix socket paths must stay under 108 bytes.
 # Each node has its own (worker i: $RAY_TEMP-wi), as on separate machines: nodes sharing one would
 # delete each other's job working directories when cleaning up.
@@ -53,7 +56,7 @@ record() {  # record PID ROLE, replacing the role's old line
 start_worker() {  # start_worker I: worker node I joins the head
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_ADDRESS="[::ffff:127.0.0.1]:$RAY_PORT" \
   setsid "$BIN/ray" start --block --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address="127.0.0.$(($1 + 1))" \
-    --num-cpus="$WORKER_CPUS" --temp-dir="$RAY_TEMP-w$1" --disable-usage-stats > "$STATE/logs/worker-$1.log" 2>&1 &
+    --dashboard-agent-listen-port="$AGENT_PORT" --num-cpus="$WORKER_CPUS" --temp-dir="$RAY_TEMP-w$1" --disable-usage-stats > "$STATE/logs/worker-$1.log" 2>&1 &
   record "$!" "worker-$1"
   wait_for "$STATE/logs/worker-$1.log" "Ray runtime started" "$!"
 }
@@ -67,7 +70,7 @@ up() {
     RAY_ADDRESS="127.0.0.1:$RAY_PORT" \
     setsid "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-      --temp-dir="$RAY_TEMP" --disable-usage-stats > "$STATE/logs/head.log" 2>&1 &
+      --dashboard-agent-listen-port="$AGENT_PORT" --temp-dir="$RAY_TEMP" --disable-usage-stats > "$STATE/logs/head.log" 2>&1 &
     record "$!" head
     wait_for "$STATE/logs/head.log" "Ray runtime started" "$!"
   fi

@@ -39,6 +39,7 @@ class LocalCluster:
     jobs_address: str
     mlflow_uri: str
     state: Path
+    agent_port: int  # each node's dashboard agent (Ray's default, 52365, may be another cluster's)
 
     def script(self, *args: str) -> subprocess.CompletedProcess:
         done = subprocess.run(["bash", str(REPO / "cluster" / "local.sh"), *args], env=self.env, capture_output=True,
@@ -49,7 +50,8 @@ class LocalCluster:
     @property
     def env(self) -> dict:
         return {**os.environ, "RAYFT_CLUSTER_DIR": str(self.state), "RAY_PORT": self.address.split(":")[1],
-                "DASHBOARD_PORT": self.jobs_address.rsplit(":", 1)[1], "MLFLOW_PORT": self.mlflow_uri.rsplit(":", 1)[1]}
+                "DASHBOARD_PORT": self.jobs_address.rsplit(":", 1)[1], "MLFLOW_PORT": self.mlflow_uri.rsplit(":", 1)[1],
+                "AGENT_PORT": str(self.agent_port)}
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,8 @@ def local_cluster(tmp_path_factory):
     # Everything listens on 127.0.0.1 and lives for this test run only: no auth tokens to share.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     cluster = LocalCluster(address=f"127.0.0.1:{_free_port()}", jobs_address=f"http://127.0.0.1:{_free_port()}",
-                           mlflow_uri=f"http://127.0.0.1:{_free_port()}", state=tmp_path_factory.mktemp("cluster"))
+                           mlflow_uri=f"http://127.0.0.1:{_free_port()}", state=tmp_path_factory.mktemp("cluster"),
+                           agent_port=_free_port())
     try:
         cluster.script("up")
         os.environ["RAY_ADDRESS"] = cluster.address

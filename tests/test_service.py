@@ -255,6 +255,32 @@ def test_replicas_on_one_sqlite_file_admit_no_more_than_the_limit(tmp_path):
     assert _replicas_race_for_slots(f"sqlite:///{tmp_path / 'jobs.db'}", "acme") == [0, 1]
 
 
+def test_a_job_still_being_submitted_is_not_taken_for_lost(local_cluster, tmp_path):
+    """The record is written before Ray hears of the job; a refresh meanwhile (the background poll,
+    another replica) gets Ray's 404 and must not end the job or free its tenant's slot."""
+    from rayft.jobs.service import SUBMIT_GRACE_S, SUBMITTING, ServiceSettings, TrainingService
+    from rayft.jobs.store import JobRecord
+
+    service = TrainingService(ServiceSettings(db_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+                                              ray_address=local_cluster.jobs_address))
+    now = time.time()
+
+    def record(job_id: str, message: str, created_at: float) -> JobRecord:
+        return JobRecord(id=job_id, tenant="acme", kind="train", name="n", status="PENDING", message=message,
+                         config="{}", output_dir=f"/o/{job_id}", mlflow_uri=local_cluster.mlflow_uri, created_at=created_at,
+                         updated_at=created_at)
+
+    in_flight = service.store.add(record("rayft-in-flight-0", SUBMITTING, now))
+    assert service.refresh(in_flight).status == "PENDING"
+    # a submission that never reached the cluster (its service died) or a job the cluster forgot
+    stale = service.store.add(record("rayft-stale-0", SUBMITTING, now - SUBMIT_GRACE_S - 1))
+    forgotten = service.store.add(record("rayft-forgotten-0", "submitted", now))
+    for lost in (stale, forgotten):
+        ended = service.refresh(lost)
+        assert ended.status == "FAILED" and "unknown to the Ray cluster" in ended.message
+    service.store.close()
+
+
 def test_job_records_in_postgresql_survive_a_new_service(postgres, tmp_path):
     from fastapi.testclient import TestClient
 

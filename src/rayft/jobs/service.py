@@ -158,6 +158,10 @@ def parse_body(body: bytes, content_type: str) -> Any:
 
 
 # ---------------------------------------------------------------- the service
+# A job's record is written before Ray hears of it; until the submission returns, the cluster
+# answers 404 for it, which must not read as "the cluster lost the job".
+SUBMITTING = "submitting"
+SUBMIT_GRACE_S = 300
 class TrainingService:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
@@ -190,7 +194,10 @@ class TrainingService:
             info = jobs_client._client(self.settings.ray_address).get_job_info(record.id)
         except RayftError:
             return record  # cluster unreachable: keep the last status seen
-        except RuntimeError:  # the cluster no longer knows the job (it was restarted)
+        except RuntimeError:  # the cluster does not know the job
+            if record.message == SUBMITTING and time.time() - record.created_at < SUBMIT_GRACE_S:
+                return record  # its submission (by this or another replica) is still on its way
+            # it was restarted, or the service died before the job reached it
             return self._end(record, "FAILED", f"job unknown to the Ray cluster at {self.settings.ray_address}")
         status, message = str(info.status.value), info.message or ""
         if info.status in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
@@ -293,7 +300,7 @@ class TrainingService:
             now = time.time()
             # the record first: a job Ray runs is never without one, even if the service dies now
             record = JobRecord(id=job_id, tenant=caller.tenant, kind=kind, name=resolved["name"], status="PENDING",
-                               message="submitting", config=json.dumps(resolved), output_dir=resolved["output_dir"],
+                               message=SUBMITTING, config=json.dumps(resolved), output_dir=resolved["output_dir"],
                                mlflow_uri=uri, created_at=now, updated_at=now)
             if not self.store.add_active(record, limit):  # another replica took the last slot
                 raise at_limit
