@@ -34,7 +34,7 @@ postgres:
 	  || echo "note: PostgreSQL not installed; its tests will skip"; }
 
 test: install postgres
-	$(VENV)/bin/pytest -x -q tests
+	$(VENV)/bin/pytest -x -q --durations=15 tests
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

@@ -64,6 +64,15 @@ start_worker() {  # start_worker I: worker node I joins the head
 up() {
   # starts whatever is not running: the whole cluster, or a node that was killed (kill-node)
   mkdir -p "$STATE/logs" "$STATE/storage" "$STATE/mlartifacts"; touch "$STATE/pids"
+  # the tracking server starts beside the nodes (its database set-up takes seconds of its own)
+  local mlflow_starting=""
+  if ! running mlflow; then
+    setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+      --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
+      > "$STATE/logs/mlflow.log" 2>&1 &
+    record "$!" mlflow
+    mlflow_starting=1
+  fi
   # --block keeps each node's `ray start` in the foreground of its own session: killing that
   # process group stops exactly that node.
   if ! running head; then
@@ -85,13 +94,7 @@ up() {
       start_worker "$i" || return 1
     }
   done
-  if ! running mlflow; then
-    setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-      --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
-      > "$STATE/logs/mlflow.log" 2>&1 &
-    record "$!" mlflow
-    wait_for "$STATE/logs/mlflow.log" "Listening at\|Uvicorn running\|Application startup complete" "$!"
-  fi
+  [ -z "$mlflow_starting" ] || wait_for "$STATE/logs/mlflow.log" "Listening at\|Uvicorn running\|Application startup complete" "$(pid_of mlflow)"
   status
 }
 

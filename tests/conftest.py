@@ -18,6 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Ray binds to a "remotely reachable" interface unless told this is a one-machine cluster;
 # the tests keep every listener on 127.0.0.1. Set before anything imports ray.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray Train's controller polls its workers every 2 s: it sees a run start and end, and commits each
+# checkpoint (which the workers wait for), that late. Runs of a few seconds each add that up; the
+# drivers pass it to their controllers, and the cluster's processes inherit it from here.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from tiny import build_tiny_model, write_alpaca  # noqa: E402
 
