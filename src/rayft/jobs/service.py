@@ -162,6 +162,8 @@ def parse_body(body: bytes, content_type: str) -> Any:
 # answers 404 for it, which must not read as "the cluster lost the job".
 SUBMITTING = "submitting"
 SUBMIT_GRACE_S = 300
+
+
 class TrainingService:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
