@@ -1,6 +1,7 @@
 """Multi-adapter serving throughput: rayft's mixed-adapter batches against three baselines.
 
     .venv/bin/python benchmarks/serve_multi_lora.py [--adapters 16 64] [--clients 16] [--requests 96] [--rounds 3]
+        [--mixed-lengths 8 64]
 
 One invocation, one model (SmolLM2-135M-Instruct, fp32 on CPU / bf16 on GPU), N random LoRA
 adapters (rank 16, all linear layers), adapter popularity Zipf-distributed (s=1.1), C closed-loop
@@ -12,6 +13,10 @@ a rayft Serve replica runs), in-process, so only the LoRA path and the batching 
   (b) naive      one adapter per batch (what model multiplexing or swapping between batches gives)
   (c) base       the base model alone, no adapters: the ceiling
   (d) peft-mixed batches mix adapters; peft's own per-row `adapter_names` forward
+
+Then, at the first N, requests whose lengths vary (--mixed-lengths): rayft's batches, which
+finished rows leave and waiting requests join at every step (continuous batching), against
+batches that run until their longest row ends, in alternating rounds.
 
 Prints generated tokens/s and p50/p99 request latency per path, and the ratios the goals name:
 (a)/(c) >= 0.9 and (a)/(d) >= 1.4. (a) and (c) run --rounds times, alternating, and report their
@@ -87,8 +92,9 @@ class PeftBackend:
 
 
 async def closed_loop(engine: Engine, choices: list, clients: int, requests: int, prompt_ids: list,
-                      new_tokens: int) -> dict:
-    """C clients, each sending its next request when the last one ended, until `requests` are done."""
+                      new_tokens) -> dict:
+    """C clients, each sending its next request when the last one ended, until `requests` are done;
+    `new_tokens`: a count, or a (low, high) range each request draws its own from."""
     latencies, produced = [], 0
     issued = 0
 
@@ -97,7 +103,8 @@ async def closed_loop(engine: Engine, choices: list, clients: int, requests: int
         rng = random.Random(seed)
         while issued < requests:
             issued += 1
-            request = GenerationRequest(rng.choice(prompt_ids), new_tokens, "bench", choices[rng.randrange(len(choices))])
+            length = new_tokens if isinstance(new_tokens, int) else rng.randint(*new_tokens)
+            request = GenerationRequest(rng.choice(prompt_ids), length, "bench", choices[rng.randrange(len(choices))])
             started = time.perf_counter()
             async for event in engine.generate(request):
                 produced += event[0] == "token"
@@ -129,6 +136,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of (a) and (c)")
+    parser.add_argument("--mixed-lengths", type=int, nargs=2, default=[8, 64], metavar=("LOW", "HIGH"),
+                        help="the continuous-batching part: new tokens per request drawn from LOW..HIGH")
     args = parser.parse_args()
 
     from peft import PeftModel
@@ -191,6 +200,8 @@ def main() -> None:
             results[(count, "ratio")] = statistics.median(
                 a["tokens_per_s"] / c["tokens_per_s"] for a, c in zip(runs["rayft"], runs["base"]))
             del peft_model
+            if count == args.adapters[0]:
+                results["mixed"] = mixed_lengths(args, ours, lora, tokenizer, choices, prompt_ids)
     print()
     for count in args.adapters:
         tps = {name: results[(count, name)]["tokens_per_s"] for name in ("rayft", "naive", "base", "peft-mixed")}
@@ -200,6 +211,27 @@ def main() -> None:
         print(f"N={count}: rayft/base {results[(count, 'ratio')]:.2f} (median of {args.rounds} rounds; goal >= 0.9)  rayft/peft-mixed "
               f"{tps['rayft'] / tps['peft-mixed']:.2f} (goal >= 1.4)  rayft/naive {tps['rayft'] / tps['naive']:.2f}  "
               f"peft-mixed/naive {tps['peft-mixed'] / tps['naive']:.2f}")
+    mixed = results["mixed"]
+    print(f"N={args.adapters[0]}, {args.mixed_lengths[0]}..{args.mixed_lengths[1]} new tokens per request, medians: " + "  ".join(
+        f"{name} {r['tokens_per_s']:.1f} tok/s p50 {r['p50_s']:.2f} s p99 {r['p99_s']:.2f} s" for name, r in mixed.items())
+        + f"  joining/to-the-end {mixed['joining']['tokens_per_s'] / mixed['to-the-end']['tokens_per_s']:.2f}")
+
+
+def mixed_lengths(args, model, lora, tokenizer, choices: list, prompt_ids: list) -> dict:
+    """Requests of different lengths, mixed adapters: rows joining the running batch as others end
+    (rayft) against batches that run until their longest row ends, in alternating rounds."""
+    engines = {"joining": Engine(model, lora, [], tokenizer.pad_token_id, args.batch, batch_wait_ms=5),
+               "to-the-end": Engine(model, lora, [], tokenizer.pad_token_id, args.batch, batch_wait_ms=5,
+                                    join_running=False)}
+    runs = {name: [] for name in engines}
+    for name in [*engines] * args.rounds:
+        result = asyncio.run(closed_loop(engines[name], choices, args.clients, args.requests, prompt_ids,
+                                         tuple(args.mixed_lengths)))
+        runs[name].append(result)
+        print(f"mixed lengths {name:10s} {result['tokens_per_s']:8.1f} tok/s  p50 {result['p50_s']:6.2f} s  "
+              f"p99 {result['p99_s']:6.2f} s  ({result['requests']} requests, {result['seconds']:.0f} s)", flush=True)
+    return {name: {key: statistics.median(r[key] for r in results) for key in ("tokens_per_s", "p50_s", "p99_s")}
+            for name, results in runs.items()}
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 Token ids in, token ids out (tokenizing and the HTTP API live in api.py). Requests wait at most
 `batch_wait_ms` to be batched with others, whatever adapter they use; a batch runs prefill and
 then decodes step by step on one worker thread (torch releases the GIL, so the event loop keeps
-accepting requests), streaming each row's tokens back as they come.
+accepting requests), streaming each row's tokens back as they come. Between two steps finished
+rows leave and waiting requests join the running batch (prefilled on their own, then stacked
+into the shared KV cache), so a batch is never held up by its longest request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +23,9 @@ import torch
 
 from rayft.serve.lora import BatchLoRA, LoadedAdapter, load_adapter, wrap_linear_layers
 from rayft.serve.validate import BaseShape, check_fits_base, inspect_adapter
+
+
+_ANY = object()  # _take_batch: requests of any adapter
 
 
 class EngineMetrics:
@@ -50,7 +56,8 @@ class Engine:
     row and returns extra forward arguments (BatchLoRA here; the benchmark plugs in peft's)."""
 
     def __init__(self, model, backend, eos_token_ids: Sequence[int], pad_token_id: int, max_batch_size: int = 16,
-                 batch_wait_ms: float = 10, mix_adapters: bool = True, metrics: Optional[EngineMetrics] = None):
+                 batch_wait_ms: float = 10, mix_adapters: bool = True, metrics: Optional[EngineMetrics] = None,
+                 join_running: bool = True):
         self.model = model
         self.backend = backend
         self.eos_token_ids = set(eos_token_ids)
@@ -58,9 +65,13 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self.mix_adapters = mix_adapters  # False: one adapter per batch (the naive baseline)
+        self.join_running = join_running  # False: a batch runs until its last row ends (a benchmark baseline)
         self.metrics = metrics or EngineMetrics()
         self.device = next(model.parameters()).device
         self._pending: collections.deque[GenerationRequest] = collections.deque()
+        self._pending_lock = threading.Lock()  # the worker thread admits waiting requests too
+        self._pending_loop: Optional[asyncio.AbstractEventLoop] = None  # the event loop they wait on
+        self._adapters_set: Optional[tuple] = None  # (row adapters, forward arguments) now set
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rayft-batch")
         self._loop_task: Optional[asyncio.Task] = None
@@ -71,7 +82,9 @@ class Engine:
         if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
             self._wakeup = asyncio.Event()  # an Event belongs to the loop that first awaits it
             self._loop_task = loop.create_task(self._batch_loop())
-        self._pending.append(request)
+        with self._pending_lock:
+            self._pending_loop = loop
+            self._pending.append(request)
         self._wakeup.set()
         try:
             while True:
@@ -98,85 +111,164 @@ class Engine:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-            batch = self._take_batch()
-            if not batch:
-                continue
-            try:
-                await loop.run_in_executor(self._executor, self._run_batch, batch, loop)
-            except Exception as exc:  # a failed batch fails its requests, never the engine
-                for request in batch:
-                    request.events.put_nowait(("error", f"generation failed: {exc}"))
+            batch = self._take_batch(self.max_batch_size)
+            if batch:
+                await loop.run_in_executor(self._executor, self._run, batch, loop)
 
-    def _take_batch(self) -> list[GenerationRequest]:
-        while self._pending and self._pending[0].cancelled:
-            self._pending.popleft()
-        if not self._pending:
-            return []
-        if self.mix_adapters:
-            return [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
-        head_adapter = self._pending[0].adapter
-        batch, rest = [], collections.deque()
-        while self._pending:
-            request = self._pending.popleft()
-            if request.adapter is head_adapter and len(batch) < self.max_batch_size and not request.cancelled:
-                batch.append(request)
-            elif not request.cancelled:
-                rest.append(request)
-        self._pending = rest
-        return batch
+    def _take_batch(self, limit: int, adapter=_ANY, loop=None) -> list[GenerationRequest]:
+        """Up to `limit` waiting requests, oldest first; without mixing, only those of one adapter
+        (`adapter`, or the oldest request's). Called from both threads, hence the lock; the worker
+        passes the event loop its rows answer on and takes nothing that waits on another one."""
+        with self._pending_lock:
+            if loop is not None and loop is not self._pending_loop:
+                return []
+            while self._pending and self._pending[0].cancelled:
+                self._pending.popleft()
+            if not self._pending or limit <= 0:
+                return []
+            if self.mix_adapters:
+                return [self._pending.popleft() for _ in range(min(limit, len(self._pending)))]
+            wanted = self._pending[0].adapter if adapter is _ANY else adapter
+            batch, rest = [], collections.deque()
+            for request in self._pending:
+                if request.cancelled:
+                    continue
+                (batch if request.adapter is wanted and len(batch) < limit else rest).append(request)
+            self._pending = rest
+            return batch
 
-    # ------------------------------------------------------------ one batch (worker thread)
+    # ------------------------------------------------------------ running rows (worker thread)
+    def _run(self, batch: list[GenerationRequest], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs `batch` and every request admitted while it runs, until no row is left: after each
+        decoding step finished rows leave and waiting requests join (continuous batching), so a short
+        request never waits for a long one. A failure fails the rows running, never the engine."""
+        held = set(batch)  # taken and not ended yet: what a failure must answer
+        try:
+            self._decode_rows(batch, held, loop)
+        except Exception as exc:
+            loop.call_soon_threadsafe(_deliver, [(request, ("error", f"generation failed: {exc}")) for request in held])
+        finally:
+            self._adapters_set = None
+            self.backend.clear()
+
     @torch.inference_mode()
-    def _run_batch(self, batch: list[GenerationRequest], loop: asyncio.AbstractEventLoop) -> None:
+    def _decode_rows(self, joining: list[GenerationRequest], held: set, loop) -> None:
+        live: list[_Row] = []
+        cache = mask = logits = None
+        while True:
+            if joining:  # prefill the newcomers alone, then stack them under the running rows
+                live.extend(_Row(request, _generator(request)) for request in joining)
+                extra = self._use_adapters([request.adapter for request in joining])
+                new_logits, new_cache, new_mask = self._prefill(joining, extra)
+                if cache is None:
+                    logits, cache, mask = new_logits, new_cache, new_mask
+                else:
+                    mask = _stack_caches(cache, mask, new_cache, new_mask)
+                    logits = torch.cat([logits, new_logits])
+                self.metrics.batch(len(live), len({id(row.request.adapter) for row in live
+                                                    if row.request.adapter is not None}))
+            next_ids = _pick_tokens(logits, [row.request for row in live], [row.generator for row in live])
+            events = []
+            for row, token in zip(live, next_ids.tolist()):
+                request = row.request
+                if request.cancelled:
+                    row.finished = "cancelled"
+                elif token in self.eos_token_ids:
+                    row.finished = "stop"
+                else:
+                    row.produced += 1
+                    events.append((request, ("token", token)))
+                    if row.produced >= request.max_new_tokens:
+                        row.finished = "length"
+                if row.finished:
+                    held.discard(request)
+                    events.append((request, ("end", row.finished)))
+                    self.metrics.tokens(request.model, row.produced)
+            loop.call_soon_threadsafe(_deliver, events)
+            keep = [i for i, row in enumerate(live) if not row.finished]
+            if len(keep) < len(live):
+                live[:] = [live[i] for i in keep]
+                if keep:
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask, next_ids = _trim_padding(cache, mask[index]), next_ids[index]
+                else:
+                    cache = mask = None
+            joinable = self.join_running and (cache is None or self._joinable(cache))
+            joining = self._take_batch(self.max_batch_size - len(live),
+                                       live[0].request.adapter if live else _ANY, loop) if joinable else []
+            held.update(joining)
+            if not live:
+                if not joining:
+                    return
+                continue
+            extra = self._use_adapters([row.request.adapter for row in live])
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            logits = self.model(input_ids=next_ids[:, None], attention_mask=mask,
+                                position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True,
+                                **extra).logits[:, -1]
+
+    def _prefill(self, requests: list[GenerationRequest], extra: dict):
+        """Left-padded prompts through the model: every row's next token comes at the end."""
         from transformers import DynamicCache
 
-        rows = len(batch)
-        extra = self.backend.prepare([request.adapter for request in batch])
-        self.metrics.batch(rows, len({id(r.adapter) for r in batch if r.adapter is not None}))
-        try:
-            width = max(len(request.prompt_ids) for request in batch)
-            input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((rows, width), dtype=torch.long)
-            for i, request in enumerate(batch):  # left padding: every row's next token is at the end
-                input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-                attention_mask[i, width - len(request.prompt_ids):] = 1
-            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            generators = [_generator(request) for request in batch]
-            finished: list[Optional[str]] = [None] * rows
-            produced = [0] * rows
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
-            while True:
-                next_ids = _pick_tokens(logits, batch, generators)
-                events = []
-                for i, request in enumerate(batch):
-                    if finished[i]:
-                        continue
-                    token = int(next_ids[i])
-                    if request.cancelled:
-                        finished[i] = "cancelled"
-                    elif token in self.eos_token_ids:
-                        finished[i] = "stop"
-                    else:
-                        produced[i] += 1
-                        events.append((request, ("token", token)))
-                        if produced[i] >= request.max_new_tokens:
-                            finished[i] = "length"
-                    if finished[i]:
-                        events.append((request, ("end", finished[i])))
-                        self.metrics.tokens(request.model, produced[i])
-                loop.call_soon_threadsafe(_deliver, events)
-                if all(finished):
-                    return
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
-                position_ids = position_ids[:, -1:] + 1
-                logits = self.model(input_ids=next_ids[:, None], attention_mask=attention_mask,
-                                    position_ids=position_ids, cache=cache, use_cache=True,
-                                    **extra).logits[:, -1]
-        finally:
-            self.backend.clear()
+        width = max(len(request.prompt_ids) for request in requests)
+        input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            mask[i, width - len(request.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache()
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+        return logits, cache, mask
+
+    def _use_adapters(self, row_adapters: list) -> dict:
+        """Sets the rows' LoRA for the next forward pass; re-gathered only when the rows changed."""
+        key = list(row_adapters)  # the objects, compared by identity: an id() could be reused
+        if self._adapters_set is None or self._adapters_set[0] != key:
+            self._adapters_set = (key, self.backend.prepare(row_adapters))
+        return self._adapters_set[1]
+
+    @staticmethod
+    def _joinable(cache) -> bool:
+        """Rows can join only a cache of plain full-attention layers (sliding windows cannot be padded)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+@dataclass(eq=False)
+class _Row:
+    request: GenerationRequest
+    generator: Optional[torch.Generator]
+    produced: int = 0
+    finished: Optional[str] = None
+
+
+def _stack_caches(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Appends the rows of `new_cache` to `cache` in place, left-padding the shorter one (masked
+    out, so no row sees it); returns the stacked attention mask."""
+    import torch.nn.functional as F
+
+    width = max(mask.shape[1], new_mask.shape[1])
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        for name in ("keys", "values"):
+            old, new = getattr(layer, name), getattr(new_layer, name)
+            setattr(layer, name, torch.cat([F.pad(old, (0, 0, width - old.shape[-2], 0)),
+                                            F.pad(new, (0, 0, width - new.shape[-2], 0))]))
+    return torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
+
+
+def _trim_padding(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drops the leading cache positions no remaining row uses (left by rows that left)."""
+    start = int(mask.any(dim=0).int().argmax())
+    if start == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+    return mask[:, start:]
 
 
 def _deliver(events: list) -> None:
