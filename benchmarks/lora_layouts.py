@@ -63,7 +63,10 @@ def set_layout(lora, layout: str, rows: list, device) -> None:
     distinct = list(dict.fromkeys(rows))
     members = [[i for i, a in enumerate(rows) if a is u] for u in distinct]
     if layout in ("base", "per-row"):
-        lora.clear() if layout == "base" else lora.prepare(rows)
+        lora.clear()
+        if layout == "per-row":
+            lora.append(rows)
+            lora.use(0, len(rows))
         for layer in lora.layers.values():
             layer.__dict__.pop("forward", None)
         return

@@ -83,12 +83,19 @@ class PeftBackend:
 
     def __init__(self, names: dict):
         self.names = names  # LoadedAdapter id -> peft adapter name
+        self.rows: list[str] = []
 
-    def prepare(self, row_adapters) -> dict:
-        return {"adapter_names": [self.names[id(a)] if a is not None else "__base__" for a in row_adapters]}
+    def append(self, row_adapters) -> None:
+        self.rows += [self.names[id(a)] if a is not None else "__base__" for a in row_adapters]
+
+    def keep(self, order) -> None:
+        self.rows = [self.rows[i] for i in order]
+
+    def use(self, start: int, stop: int) -> dict:
+        return {"adapter_names": self.rows[start:stop]}
 
     def clear(self) -> None:
-        pass
+        self.rows = []
 
 
 async def closed_loop(engine: Engine, choices: list, clients: int, requests: int, prompt_ids: list,

@@ -52,8 +52,9 @@ class GenerationRequest:
 
 
 class Engine:
-    """Batches requests and runs them. `backend.prepare(row_adapters)` sets up the LoRA of each
-    row and returns extra forward arguments (BatchLoRA here; the benchmark plugs in peft's)."""
+    """Batches requests and runs them. The backend holds the running rows' LoRA: `append(adapters)`
+    when rows join, `keep(order)` when rows leave, `use(start, stop)` before a forward pass (it
+    returns extra forward arguments), `clear()` (BatchLoRA here; the benchmark plugs in peft's)."""
 
     def __init__(self, model, backend, eos_token_ids: Sequence[int], pad_token_id: int, max_batch_size: int = 16,
                  batch_wait_ms: float = 10, mix_adapters: bool = True, metrics: Optional[EngineMetrics] = None,
@@ -71,7 +72,6 @@ class Engine:
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._pending_lock = threading.Lock()  # the worker thread admits waiting requests too
         self._pending_loop: Optional[asyncio.AbstractEventLoop] = None  # the event loop they wait on
-        self._adapters_set: Optional[tuple] = None  # (row adapters, forward arguments) now set
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rayft-batch")
         self._loop_task: Optional[asyncio.Task] = None
@@ -148,7 +148,6 @@ class Engine:
         except Exception as exc:
             loop.call_soon_threadsafe(_deliver, [(request, ("error", f"generation failed: {exc}")) for request in held])
         finally:
-            self._adapters_set = None
             self.backend.clear()
 
     @torch.inference_mode()
@@ -157,9 +156,10 @@ class Engine:
         cache = mask = logits = None
         while True:
             if joining:  # prefill the newcomers alone, then stack them under the running rows
+                first = len(live)
                 live.extend(_Row(request, _generator(request)) for request in joining)
-                extra = self._use_adapters([request.adapter for request in joining])
-                new_logits, new_cache, new_mask = self._prefill(joining, extra)
+                self.backend.append([request.adapter for request in joining])
+                new_logits, new_cache, new_mask = self._prefill(joining, self.backend.use(first, len(live)))
                 if cache is None:
                     logits, cache, mask = new_logits, new_cache, new_mask
                 else:
@@ -185,9 +185,10 @@ class Engine:
                     events.append((request, ("end", row.finished)))
                     self.metrics.tokens(request.model, row.produced)
             loop.call_soon_threadsafe(_deliver, events)
-            keep = [i for i, row in enumerate(live) if not row.finished]
-            if len(keep) < len(live):
+            if any(row.finished for row in live):
+                keep = _compact_order([not row.finished for row in live])
                 live[:] = [live[i] for i in keep]
+                self.backend.keep(keep)
                 if keep:
                     index = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(index)
@@ -202,7 +203,7 @@ class Engine:
                 if not joining:
                     return
                 continue
-            extra = self._use_adapters([row.request.adapter for row in live])
+            extra = self.backend.use(0, len(live))
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
             logits = self.model(input_ids=next_ids[:, None], attention_mask=mask,
                                 position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True,
@@ -224,19 +225,24 @@ class Engine:
                             cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
         return logits, cache, mask
 
-    def _use_adapters(self, row_adapters: list) -> dict:
-        """Sets the rows' LoRA for the next forward pass; re-gathered only when the rows changed."""
-        key = list(row_adapters)  # the objects, compared by identity: an id() could be reused
-        if self._adapters_set is None or self._adapters_set[0] != key:
-            self._adapters_set = (key, self.backend.prepare(row_adapters))
-        return self._adapters_set[1]
-
     @staticmethod
     def _joinable(cache) -> bool:
         """Rows can join only a cache of plain full-attention layers (sliding windows cannot be padded)."""
         from transformers.cache_utils import DynamicLayer
 
         return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _compact_order(alive: list[bool]) -> list[int]:
+    """The rows that stay, in their new order: each finished row's place goes to a live row from
+    the end, so only those rows move (their stacked adapter weights are copied, no others)."""
+    count = sum(alive)
+    order = list(range(count))
+    holes = [i for i in range(count) if not alive[i]]
+    movers = [i for i in range(count, len(alive)) if alive[i]]
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order
 
 
 @dataclass(eq=False)
