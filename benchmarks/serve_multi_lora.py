@@ -191,12 +191,14 @@ def main() -> None:
             }
             for name, (runner, picks) in paths_under_test.items():
                 asyncio.run(closed_loop(runner, picks, args.batch, args.batch, prompt_ids, 4))  # warm-up
+                runner.wait_idle()  # the engines share the model and its LoRA stacks
             schedule = [*(["rayft", "base"] * args.rounds), "naive", "peft-mixed"]
             runs = {name: [] for name in paths_under_test}
             for name in schedule:
                 runner, picks = paths_under_test[name]
                 result = asyncio.run(closed_loop(runner, picks, args.clients, args.requests, prompt_ids,
                                                  args.new_tokens))
+                runner.wait_idle()
                 runs[name].append(result)
                 print(f"N={count:3d} {name:10s} {result['tokens_per_s']:8.1f} tok/s  p50 {result['p50_s']:6.2f} s  "
                       f"p99 {result['p99_s']:6.2f} s  ({result['requests']} requests, {result['seconds']:.0f} s)",
@@ -234,6 +236,7 @@ def mixed_lengths(args, model, lora, tokenizer, choices: list, prompt_ids: list)
     for name in [*engines] * args.rounds:
         result = asyncio.run(closed_loop(engines[name], choices, args.clients, args.requests, prompt_ids,
                                          tuple(args.mixed_lengths)))
+        engines[name].wait_idle()
         runs[name].append(result)
         print(f"mixed lengths {name:10s} {result['tokens_per_s']:8.1f} tok/s  p50 {result['p50_s']:6.2f} s  "
               f"p99 {result['p99_s']:6.2f} s  ({result['requests']} requests, {result['seconds']:.0f} s)", flush=True)

@@ -97,6 +97,11 @@ class Engine:
         finally:
             request.cancelled = True
 
+    def wait_idle(self) -> None:
+        """Blocks until the worker thread has ended its rows and released the backend (for callers
+        that run several engines over one model in turn, like the benchmark)."""
+        self._executor.submit(lambda: None).result()
+
     # ------------------------------------------------------------ batching
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
