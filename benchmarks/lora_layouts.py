@@ -83,14 +83,17 @@ def set_layout(lora, layout: str, rows: list, device) -> None:
         mask = torch.zeros(len(rows), 1, len(distinct) * rank, device=device, dtype=next(iter(distinct[0].weights.values()))[0].dtype)
         for k, group in enumerate(members):
             mask[group, 0, k * rank:(k + 1) * rank] = 1
+    if layout == "loop":
+        indices = [torch.tensor(group, device=device) for group in members]
     forward = {"grouped": grouped_forward, "masked": masked_forward, "loop": loop_forward}[layout]
     for name, layer in lora.layers.items():
         a_of, b_of = [u.weights[name][0] for u in distinct], [u.weights[name][1] for u in distinct]
-        layer_rows = {
-            "grouped": lambda: (gather, slot, torch.stack(a_of), torch.stack(b_of)),
-            "masked": lambda: (torch.cat(a_of, 1), torch.cat(b_of, 0), mask),
-            "loop": lambda: [(torch.tensor(g, device=device), a, b) for g, a, b in zip(members, a_of, b_of)],
-        }[layout]()
+        if layout == "grouped":
+            layer_rows = (gather, slot, torch.stack(a_of), torch.stack(b_of))
+        elif layout == "masked":
+            layer_rows = (torch.cat(a_of, 1), torch.cat(b_of, 0), mask)
+        else:
+            layer_rows = list(zip(indices, a_of, b_of))
         layer.forward = lambda x, layer=layer, layer_rows=layer_rows: forward(layer, x, layer_rows)
 
 

@@ -72,6 +72,7 @@ class Engine:
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._pending_lock = threading.Lock()  # the worker thread admits waiting requests too
         self._pending_loop: Optional[asyncio.AbstractEventLoop] = None  # the event loop they wait on
+        self._cache_joinable: Optional[bool] = None  # see _joinable
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rayft-batch")
         self._loop_task: Optional[asyncio.Task] = None
@@ -230,12 +231,14 @@ class Engine:
                             cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
         return logits, cache, mask
 
-    @staticmethod
-    def _joinable(cache) -> bool:
-        """Rows can join only a cache of plain full-attention layers (sliding windows cannot be padded)."""
+    def _joinable(self, cache) -> bool:
+        """Rows can join only a cache of plain full-attention layers (sliding windows cannot be
+        padded); the layer kinds are the model's, so the first cache answers for all."""
         from transformers.cache_utils import DynamicLayer
 
-        return all(type(layer) is DynamicLayer for layer in cache.layers)
+        if self._cache_joinable is None:
+            self._cache_joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        return self._cache_joinable
 
 
 def _compact_order(alive: list[bool]) -> list[int]:
