@@ -1,11 +1,12 @@
 """rayft LoRA SFT throughput against a plain Hugging Face Trainer + peft LoRA baseline.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 12] [--cutoff 256] [--batch 4]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--rounds 3] [--precision bf16]
 
-One invocation runs both on the same model (SmolLM2-135M-Instruct), the same data (the demo's
+One invocation runs both, alternating, for --rounds rounds, on the same model (SmolLM2-135M-Instruct), the same data (the demo's
 extraction task), the same sequence length, per-device batch, LoRA settings and precision, and
-prints real-token throughputs (padding excluded), their ratio, and rayft's model FLOPs
-utilisation against a matmul peak measured here in the same precision.
+prints real-token throughputs (padding excluded) and their ratio for every round, the median
+ratio, and rayft's model FLOPs utilisation against a matmul peak measured here in the same
+precision. Rounds alternate because a shared machine's speed drifts by several per cent.
 
 Baseline: transformers.Trainer, one process using every core, dynamic padding to the longest
 sample of each batch (DataCollatorForSeq2Seq), loss on the assistant tokens only.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -54,14 +56,15 @@ def lora_flops_per_token(model_dir: Path) -> float:
     return 4.0 * (layers * per_layer + h * cfg.vocab_size)
 
 
-def run_rayft(data_path: Path, work: Path, args) -> dict:
+def run_rayft(data_path: Path, work: Path, args) -> dict:  # rayft's own defaults where not set here
     from rayft.train.runner import run_training
 
+    work.mkdir(parents=True, exist_ok=True)
     cfg = parse_config({
         "name": "bench-rayft", "output_dir": str(work / "rayft"),
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "data": {"train": str(data_path), "cutoff_len": args.cutoff, "packing": True, "val_size": 0.05},
-        "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4, "logging_steps": 1,
+        "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4,
                   "eval_steps": 10_000, "save_steps": 10_000, "precision": args.precision},
         "distributed": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "zero_stage": 2},
         "tracking": {"mlflow_uri": f"sqlite:///{work / 'mlflow.db'}"},
@@ -119,26 +122,38 @@ def run_hf_baseline(data_path: Path, model_dir: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="torch threads per worker follow it")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="default: what rayft's precision=auto picks here (bf16 where the CPU has native bf16)")
     args = parser.parse_args()
+    if args.precision is None:
+        from rayft.train.loop import native_bf16
+
+        args.precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_path = write_demo_data(work / "people.jsonl", n=2000)
-        baseline = run_hf_baseline(data_path, model_dir, args)
-        rayft = run_rayft(data_path, work, args)
+        for index in range(args.rounds):
+            baseline = run_hf_baseline(data_path, model_dir, args)["tokens_per_s"]
+            rayft = run_rayft(data_path, work / f"round{index}", args)["tokens_per_s"]
+            rounds.append({"baseline_hf_trainer_tokens_per_s": round(baseline, 1), "rayft_tokens_per_s": round(rayft, 1),
+                           "ratio": round(rayft / baseline, 2)})
+            print(f"round {index + 1}: {json.dumps(rounds[-1])}", flush=True)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_peak_flops(dtype, os.cpu_count())
-    mfu = rayft["tokens_per_s"] * lora_flops_per_token(model_dir) / peak
-    print(json.dumps({"baseline_hf_trainer_tokens_per_s": round(baseline["tokens_per_s"], 1),
-                      "rayft_tokens_per_s": round(rayft["tokens_per_s"], 1),
-                      "ratio": round(rayft["tokens_per_s"] / baseline["tokens_per_s"], 2),
+    median_rayft = statistics.median(r["rayft_tokens_per_s"] for r in rounds)
+    mfu = median_rayft * lora_flops_per_token(model_dir) / peak
+    print(json.dumps({"rounds": rounds, "median_ratio": statistics.median(r["ratio"] for r in rounds),
+                      "median_baseline_tokens_per_s": statistics.median(r["baseline_hf_trainer_tokens_per_s"] for r in rounds),
+                      "median_rayft_tokens_per_s": median_rayft,
                       "rayft_mfu": round(mfu, 3), "matmul_peak_gflops": round(peak / 1e9, 1),
                       "precision": args.precision, "cutoff": args.cutoff, "batch": args.batch,
                       "workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "steps": args.steps, "cpus": os.cpu_count()}, indent=2))

@@ -79,10 +79,14 @@ def test_packing_fills_rows_and_resets_positions(tokenizer):
         assert all(row["labels"][i] == IGNORE_INDEX for i in starts)  # no sample learns its neighbour's start
 
 
-def test_packed_batch_gives_the_same_per_sample_loss_as_solo(tokenizer, tiny_model):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("attention", ["sdpa", "packed"])
+def test_packed_batch_gives_the_same_per_sample_loss_as_solo(tokenizer, tiny_model, attention):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    from rayft.models.loading import attention_implementation
+
+    implementation = attention_implementation(attention, AutoConfig.from_pretrained(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=implementation).eval()
     samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": text},
                                                  {"role": "assistant", "content": answer}], 256, False)
                for text, answer in [("Name a colour.", "Blue"), ("Count to three please", "1 2 3"), ("Hi", "Hello there")]]

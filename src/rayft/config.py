@@ -108,6 +108,9 @@ class TrainConfig(Strict):
     # auto: bf16 where the hardware has native bf16 math (GPUs since Ampere, CPUs with
     # AVX512-BF16/AMX), else fp32. On a CPU without it, bf16 is emulated and ~100x slower.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # auto: rayft's attention over packed rows (one causal attention per sample, no mask; see
+    # train/attention.py) where it matches the model's own, else sdpa. sdpa/eager: transformers'.
+    attention: Literal["auto", "packed", "sdpa", "eager"] = "auto"
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)

@@ -9,14 +9,24 @@ import torch
 from rayft.config import MethodConfig
 
 
-def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def attention_implementation(attention: str, model_config) -> str:
+    """The transformers attn_implementation for train.attention (see TrainConfig)."""
+    from rayft.train import attention as packed
+
+    if attention == "packed" or (attention == "auto" and packed.supports(model_config)):
+        return packed.register()
+    return "sdpa" if attention == "auto" else attention
+
+
+def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: torch.device, attention: str = "auto"):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from rayft.methods import get_method
 
     method = get_method(method_cfg.type)
+    implementation = attention_implementation(attention, AutoConfig.from_pretrained(model_dir))
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa", **method.load_kwargs(method_cfg, device))
+        model_dir, dtype=torch.float32, attn_implementation=implementation, **method.load_kwargs(method_cfg, device))
     # The KV cache would make transformers ignore packed position ids (and is useless in training).
     model.config.use_cache = False
     return method.apply(method_cfg, model)

@@ -22,6 +22,7 @@ from rayft.config import TrainJobConfig
 from rayft.data.dataset import PreparedData, RowFile, batches_per_epoch, shard_indices
 from rayft.data.packing import collate
 from rayft.data.tokenize import IGNORE_INDEX
+from rayft.train.attention import ATTENTION_NAME, PackedLayout
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
 from rayft.train.schedule import StepPlan, lr_factor
 
@@ -58,16 +59,21 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple
     """Summed next-token loss over the learned tokens of a batch, and how many there are.
 
     No attention mask: position ids that restart per packed sample give a block-diagonal
-    causal mask, and right padding is invisible under causal attention. The output head (a
+    causal mask (or, with rayft's packed attention, one attention per sample), and right
+    padding is invisible under causal attention. The output head (a
     hidden x vocabulary matmul, the biggest of the model) runs only at positions whose next
     token is learned: a forward pre-hook hands it just those hidden states."""
     labels = batch["labels"]
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    extra = {}
+    if getattr(model, "module", model).config._attn_implementation == ATTENTION_NAME:
+        extra["packed_layout"] = PackedLayout.of(batch["position_ids"])  # once per batch, not per layer
     hook = output_head(model).register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
     try:
         with autocast_context(precision, labels.device):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           **extra).logits
     finally:
         hook.remove()
     targets = labels[:, 1:][learned[:, :-1]]
@@ -190,7 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg.train.precision = precision
 
     method = get_method(cfg.method.type)
-    model = load_for_training(loop_config["model_dir"], cfg.method, device)
+    model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention)
     trainable_params, total_params = count_parameters(model)
     if rank == 0:
         print(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "

@@ -58,7 +58,14 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
     from rayft.methods import get_method
     from rayft.models.loading import load_on_meta
 
-    get_method(cfg.method.type).check(cfg.method, load_on_meta(model_dir))
+    from rayft.train import attention
+
+    model = load_on_meta(model_dir)
+    get_method(cfg.method.type).check(cfg.method, model)
+    if cfg.train.attention == "packed" and not attention.supports(model.config):
+        raise ConfigError(f"train.attention: packed does not fit model type {model.config.model_type!r} "
+                          f"(it needs plain causal attention: one of {', '.join(sorted(attention.SUPPORTED_MODEL_TYPES))}, "
+                          f"no sliding window or soft-capping); use auto or sdpa")
 
 
 def resolve_use_gpu(cfg: TrainJobConfig) -> bool:
@@ -248,6 +255,13 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     return metrics
 
 
+# glibc malloc settings for the training workers: freed activation buffers stay in the process for
+# the next step instead of going back to the OS (an mmap, munmap and page faults per buffer per
+# step). Measured on a CPU LoRA step of SmolLM2: ~7% faster (README, Benchmark).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+              "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
 def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks):
     import contextlib
 
@@ -273,7 +287,7 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
             # a worker group that cannot start within start_timeout_s fails the run (Ray's default retries forever)
             failure_config=FailureConfig(max_failures=dist.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=callbacks or []),
+            callbacks=callbacks or [], worker_runtime_env={"env_vars": WORKER_ENV}),
     )
     # Ray Train reads this in its controller (it propagates the driver's value there)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(dist.start_timeout_s)

@@ -1,0 +1,135 @@
+"""Attention over packed rows without a dense mask: each packed sample attends only to itself.
+
+Stock attention runs a packed row of T tokens as one T x T problem under a block-diagonal mask:
+the work and memory grow with T^2 though each sample only needs its own L^2, and on CPU the
+masked sdpa kernel is slow (its backward took a quarter of a SmolLM2 LoRA step; see README).
+Here the samples of a batch are gathered into buckets of similar length, each bucket runs one
+plain causal attention, and the outputs are put back in place. No mask is built at all.
+
+The layout (which token goes where) depends only on the batch's position ids: it is built once
+per batch (`PackedLayout.of`) and handed to every layer through the model's keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "rayft_packed"
+# Model types whose attention is plain causal softmax attention (no sliding window, soft-capping
+# or sinks) over rotary queries/keys: what this function computes.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"})
+# A bucket whose scores (segments x heads x L x L) stay under this many elements runs as plain
+# matmul-softmax-matmul (on CPU ~4x faster than the fused kernel at these sizes); a bigger one
+# runs the fused kernel, which never holds the scores.
+_MATH_MAX_SCORES = 1 << 23
+
+
+@dataclass
+class Bucket:
+    gather: torch.Tensor  # (segments * length,) flat token index for every slot; padding slots repeat one
+    segments: int
+    length: int
+
+
+@dataclass
+class PackedLayout:
+    buckets: list[Bucket]
+    scatter: torch.Tensor  # (batch * tokens,) each token's slot in the buckets' outputs laid end to end
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor) -> "PackedLayout":
+        """Segments start where the position does not continue the previous one (a packed sample
+        restarts at 0; a row's right padding is a segment of its own, computed and ignored)."""
+        batch, tokens = position_ids.shape
+        flat = position_ids.reshape(-1).cpu()
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1] + 1
+        starts[::tokens] = True  # a new row always starts a segment
+        begin = torch.nonzero(starts).flatten()
+        lengths = torch.diff(begin, append=torch.tensor([flat.numel()]))
+        # power-of-two buckets (at least 16): padding at most doubles a segment's length
+        sizes = torch.clamp(lengths, min=16)
+        bucket_of = torch.ceil(torch.log2(sizes.double())).long()
+        scatter = torch.empty_like(flat)
+        buckets, offset = [], 0
+        for exponent in torch.unique(bucket_of).tolist():
+            members = torch.nonzero(bucket_of == exponent).flatten()
+            seg_begin, seg_len = begin[members], lengths[members]
+            length = int(seg_len.max())
+            slot = torch.arange(length)
+            # slots past a segment's end point at its first token: they come after every real
+            # token of the segment, so causal attention never lets a real token see them
+            within = torch.where(slot[None, :] < seg_len[:, None], slot[None, :], 0)
+            gather = (seg_begin[:, None] + within).reshape(-1)
+            token = seg_begin[:, None] + slot[None, :]
+            real = slot[None, :] < seg_len[:, None]
+            scatter[token[real]] = offset + (torch.arange(len(members))[:, None] * length + slot[None, :])[real]
+            buckets.append(Bucket(gather.to(position_ids.device), len(members), length))
+            offset += len(members) * length
+        return cls(buckets, scatter.to(position_ids.device))
+
+
+def _causal_attention(q, k, v, scaling: float, dropout: float, training: bool) -> torch.Tensor:
+    """q (S, KVH, G, L, D), k/v (S, KVH, 1, L, D) -> (S, KVH, G, L, D)."""
+    segments, kv_heads, groups, length, _ = q.shape
+    if q.device.type == "cpu" and segments * kv_heads * groups * length * length <= _MATH_MAX_SCORES:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=dropout, training=training)
+        return torch.matmul(probs, v)
+    shape = (segments, kv_heads * groups, length, -1)
+    out = F.scaled_dot_product_attention(
+        q.reshape(shape), k.expand(-1, -1, groups, -1, -1).reshape(shape), v.expand(-1, -1, groups, -1, -1).reshape(shape),
+        is_causal=True, dropout_p=dropout if training else 0.0, scale=scaling)
+    return out.reshape(segments, kv_heads, groups, length, -1)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             packed_layout: PackedLayout | None = None, position_ids=None, **kwargs):
+    """The transformers attention interface: query (B, H, T, D), key/value (B, KVH, T, D) ->
+    (B, T, H, D). Used for training and evaluation forwards only (no KV cache, no mask)."""
+    if attention_mask is not None or kwargs.get("cache") is not None:
+        raise ValueError(f"{ATTENTION_NAME} attention is for training forwards: no attention mask, no KV cache")
+    batch, heads, tokens, head_dim = query.shape
+    if packed_layout is None:
+        if position_ids is None:
+            raise ValueError(f"{ATTENTION_NAME} attention needs position_ids or a packed_layout")
+        packed_layout = PackedLayout.of(position_ids.expand(batch, -1))  # transformers may pass (1, T)
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scaling = head_dim ** -0.5 if scaling is None else scaling
+    q_flat = query.transpose(1, 2).reshape(batch * tokens, kv_heads, groups, head_dim)
+    k_flat = key.transpose(1, 2).reshape(batch * tokens, kv_heads, 1, head_dim)
+    v_flat = value.transpose(1, 2).reshape(batch * tokens, kv_heads, 1, head_dim)
+    outputs = []
+    for bucket in packed_layout.buckets:
+        s, n = bucket.segments, bucket.length
+
+        def seg(x):  # (S * L, KVH, G, D) -> (S, KVH, G, L, D)
+            return x.index_select(0, bucket.gather).view(s, n, *x.shape[1:]).permute(0, 2, 3, 1, 4)
+
+        out = _causal_attention(seg(q_flat), seg(k_flat), seg(v_flat), scaling, dropout, module.training)
+        outputs.append(out.permute(0, 3, 1, 2, 4).reshape(s * n, heads, head_dim))
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out.index_select(0, packed_layout.scatter).view(batch, tokens, heads, head_dim), None
+
+
+def register() -> str:
+    """Make the function known to transformers under ATTENTION_NAME (no mask function is
+    registered with it, so transformers builds no mask); returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_attention_forward)
+    return ATTENTION_NAME
+
+
+def supports(model_config) -> bool:
+    """Whether this attention computes what the model's own does."""
+    return (model_config.model_type in SUPPORTED_MODEL_TYPES
+            and not getattr(model_config, "sliding_window", None)
+            and not getattr(model_config, "attn_logit_softcapping", None))
