@@ -77,3 +77,26 @@ def test_registering_a_name_twice_fails_loudly():
 
     with pytest.raises(ValueError, match="registered twice"):
         register(Again)
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_dora": True}])
+def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_model, flags):
+    from rayft.train.loop import keep_adapter_inputs_in_autocast_dtype
+
+    ids = torch.randint(0, 1000, (2, 12))
+    results = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = load_for_training(tiny_model, MethodConfig(type="lora", lora={**flags, "dropout": 0.0}), CPU)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)  # B starts at zero: give the adapter path something to do
+        if skip:
+            keep_adapter_inputs_in_autocast_dtype(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, use_cache=False).logits.float()
+        out.square().mean().backward()
+        results.append((out, [p.grad for p in model.parameters() if p.requires_grad]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

@@ -76,9 +76,9 @@ def _causal_attention(q, k, v, scaling: float, dropout: float, training: bool) -
     """q (S, KVH, G, L, D), k/v (S, KVH, 1, L, D) -> (S, KVH, G, L, D)."""
     segments, kv_heads, groups, length, _ = q.shape
     if q.device.type == "cpu" and segments * kv_heads * groups * length * length <= _MATH_MAX_SCORES:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        scores = torch.matmul(q * scaling, k.transpose(-1, -2))  # q is smaller than the scores (L > D)
         future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        scores.masked_fill_(future, float("-inf"))  # matmul's backward does not need its output
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = F.dropout(probs, p=dropout, training=training)
         return torch.matmul(probs, v)

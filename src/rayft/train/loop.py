@@ -50,6 +50,16 @@ def autocast_context(precision: str, device: torch.device):
     return nullcontext()
 
 
+def keep_adapter_inputs_in_autocast_dtype(model) -> None:
+    """peft casts a LoRA layer's input to the adapter's dtype (fp32) and autocast casts it back to
+    bf16 for the matmul: two copies of an activation per layer, forward and backward, that change
+    no number (bf16 -> fp32 -> bf16 is exact). Only for forwards under autocast, and only plain
+    LoRA layers: DoRA's extra terms do change with the input's dtype."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and not getattr(module, "lora_variant", None):
+            module.cast_input_dtype_enabled = False
+
+
 def output_head(model) -> torch.nn.Module:
     """The LM head under any wrapping (DeepSpeed engine, peft)."""
     return getattr(model, "module", model).get_output_embeddings()
@@ -197,6 +207,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     method = get_method(cfg.method.type)
     model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention)
+    if precision != "fp32":
+        keep_adapter_inputs_in_autocast_dtype(model)
     trainable_params, total_params = count_parameters(model)
     if rank == 0:
         print(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
