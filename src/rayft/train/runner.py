@@ -255,13 +255,6 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     return metrics
 
 
-# glibc malloc settings for the training workers: freed activation buffers stay in the process for
-# the next step instead of going back to the OS (an mmap, munmap and page faults per buffer per
-# step). Measured on a CPU LoRA step of SmolLM2: ~7% faster (README, Benchmark).
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
-              "MALLOC_TOP_PAD_": str(1 << 30)}
-
-
 def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks):
     import contextlib
 
@@ -287,7 +280,7 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
             # a worker group that cannot start within start_timeout_s fails the run (Ray's default retries forever)
             failure_config=FailureConfig(max_failures=dist.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=callbacks or [], worker_runtime_env={"env_vars": WORKER_ENV}),
+            callbacks=callbacks or []),
     )
     # Ray Train reads this in its controller (it propagates the driver's value there)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(dist.start_timeout_s)
