@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--rounds 3] [--precision bf16]
 
-One invocation runs both, alternating, for --rounds rounds, on the same model (SmolLM2-135M-Instruct), the same data (the demo's
-extraction task), the same sequence length, per-device batch, LoRA settings and precision, and
-prints real-token throughputs (padding excluded) and their ratio for every round, the median
+One invocation runs both, alternating, for --rounds rounds, on the same model
+(SmolLM2-135M-Instruct), the same data (the demo's extraction task), the same sequence length,
+per-device batch, LoRA settings and precision, and prints real-token throughputs (padding excluded) and their ratio for every round, the median
 ratio, and rayft's model FLOPs utilisation against a matmul peak measured here in the same
 precision. Rounds alternate because a shared machine's speed drifts by several per cent.
 
