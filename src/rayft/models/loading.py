@@ -24,9 +24,10 @@ def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: t
     from rayft.methods import get_method
 
     method = get_method(method_cfg.type)
-    implementation = attention_implementation(attention, AutoConfig.from_pretrained(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)  # read once: it picks the attention and builds the model
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=implementation, **method.load_kwargs(method_cfg, device))
+        model_dir, config=config, dtype=torch.float32, attn_implementation=attention_implementation(attention, config),
+        **method.load_kwargs(method_cfg, device))
     # The KV cache would make transformers ignore packed position ids (and is useless in training).
     model.config.use_cache = False
     return method.apply(method_cfg, model)

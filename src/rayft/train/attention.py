@@ -59,14 +59,13 @@ class PackedLayout:
             members = torch.nonzero(bucket_of == exponent).flatten()
             seg_begin, seg_len = begin[members], lengths[members]
             length = int(seg_len.max())
-            slot = torch.arange(length)
+            slot = torch.arange(length)[None, :]
+            real = slot < seg_len[:, None]
             # slots past a segment's end point at its first token: they come after every real
             # token of the segment, so causal attention never lets a real token see them
-            within = torch.where(slot[None, :] < seg_len[:, None], slot[None, :], 0)
-            gather = (seg_begin[:, None] + within).reshape(-1)
-            token = seg_begin[:, None] + slot[None, :]
-            real = slot[None, :] < seg_len[:, None]
-            scatter[token[real]] = offset + (torch.arange(len(members))[:, None] * length + slot[None, :])[real]
+            gather = (seg_begin[:, None] + torch.where(real, slot, 0)).reshape(-1)
+            token = seg_begin[:, None] + slot
+            scatter[token[real]] = offset + (torch.arange(len(members))[:, None] * length + slot)[real]
             buckets.append(Bucket(gather.to(position_ids.device), len(members), length))
             offset += len(members) * length
         return cls(buckets, scatter.to(position_ids.device))

@@ -57,7 +57,6 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
 def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
     from rayft.methods import get_method
     from rayft.models.loading import load_on_meta
-
     from rayft.train import attention
 
     model = load_on_meta(model_dir)
