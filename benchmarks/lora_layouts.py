@@ -1,4 +1,4 @@
-"""One decoding step of a mixed-adapter batch under four LoRA layouts, against the base alone.
+"""One decoding step of a mixed-adapter batch under several LoRA layouts, against the base alone.
 
     .venv/bin/python benchmarks/lora_layouts.py [--batch 16] [--adapters 16] [--rank 16] [--repeats 3]
 
@@ -8,7 +8,10 @@ rank-r all-linear adapters, a 40-token prompt, then 32 timed decoding steps per 
 median step is reported per layout, in alternating order so drift hits all alike:
 
   base      no adapter
-  per-row   rayft's layout (serve/lora.py): A and B stacked per row, one bmm + baddbmm per layer
+  kernel    rayft's CPU path (serve/kernel.py, fp32): per layer one call of a C kernel that reads
+            each adapter of the batch in place, once, for all its rows
+  per-row   rayft's path elsewhere (serve/lora.py): A and B stacked per row, one bmm + baddbmm
+            per layer
   grouped   rows grouped by adapter, padded to the largest group: each adapter read once per
             step, one bmm pair per layer, plus a gather of the inputs and of the outputs
   masked    the batch's distinct adapters concatenated along the rank: two plain matmuls and a
@@ -35,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from rayft.models import base_fingerprint, resolve_model_path  # noqa: E402
 from rayft.serve.engine import batched_lora_model, load_base_model  # noqa: E402
-from rayft.serve.lora import LoadedAdapter, MultiLoRALinear  # noqa: E402
+from rayft.serve.kernel import cpu_lora_kernel  # noqa: E402
+from rayft.serve.lora import BatchLoRA, LoadedAdapter, MultiLoRALinear  # noqa: E402
 from rayft.serve.validate import BaseShape  # noqa: E402
 
 
@@ -71,13 +75,14 @@ def set_layout(lora, layout: str, rows: list, device) -> None:
     """Puts each wrapped layer's rows for `layout` in place (and its forward)."""
     distinct = list(dict.fromkeys(rows))
     members = [[i for i, a in enumerate(rows) if a is u] for u in distinct]
-    if layout in ("base", "per-row"):
-        lora.clear()
-        if layout == "per-row":
-            lora.append(rows)
-            lora.use(0, len(rows))
-        for layer in lora.layers.values():
-            layer.__dict__.pop("forward", None)
+    for layer in lora.layers.values():
+        layer.__dict__.pop("forward", None)
+        layer.rows = layer.plan = None
+    if layout in ("base", "per-row", "kernel"):
+        if layout != "base":
+            backend = BatchLoRA(lora.layers, cpu_lora_kernel() if layout == "kernel" else None)
+            backend.append(rows)
+            backend.use(0, len(rows))
         return
     if layout == "grouped":
         width = max(map(len, members))
@@ -167,6 +172,8 @@ def main() -> None:
           f"{len(set(map(id, rows)))} distinct of {args.adapters} adapters, rank {args.rank}")
 
     layouts = ["base", "per-row", "grouped", "masked", "loop", "fused"]
+    if device.type == "cpu" and dtype == torch.float32 and cpu_lora_kernel() is not None:
+        layouts.insert(1, "kernel")
     steps = {layout: [] for layout in layouts}
     with torch.inference_mode():
         for repeat in range(args.repeats + 1):  # the first round warms up

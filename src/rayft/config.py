@@ -222,7 +222,7 @@ class ServeLimits(Strict):
     max_new_tokens: int = Field(512, gt=0)
     max_concurrent_requests: int = Field(64, gt=0)  # per ingress replica; beyond it: 429
     max_body_bytes: int = Field(1_000_000, gt=0)
-    max_lora_rank: int = Field(64, gt=0)
+    max_lora_rank: int = Field(64, gt=0, le=1024)
     max_adapter_bytes: int = Field(256 * 2**20, gt=0)
 
 

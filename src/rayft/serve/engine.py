@@ -408,5 +408,11 @@ def adapter_loader(registry, base: BaseShape, max_rank: int, max_bytes: int, dty
     return load
 
 
-def batched_lora_model(model) -> BatchLoRA:
-    return BatchLoRA(wrap_linear_layers(model))
+def batched_lora_model(model, use_kernel: bool = True) -> BatchLoRA:
+    """Wraps the model's linear layers; on CPU in fp32 they run the batched-LoRA kernel where it
+    builds (`use_kernel=False`: per-row stacks, the path of GPUs and half precision)."""
+    from rayft.serve.kernel import cpu_lora_kernel
+
+    parameter = next(model.parameters())
+    on_cpu_fp32 = parameter.device.type == "cpu" and model.dtype == torch.float32
+    return BatchLoRA(wrap_linear_layers(model), cpu_lora_kernel() if use_kernel and on_cpu_fp32 else None)

@@ -1,19 +1,25 @@
 """Batched LoRA: every row of a batch may use a different adapter (or none) in one forward pass.
 
-Each linear layer of the base model is wrapped once. The running rows' adapters are stacked per
-layer into two tensors (A: rows x in x r, B: rows x r x out, the scaling folded into B; a row
-without an adapter gets zeros), so a layer adds its LoRA term with one batched matmul pair
-whatever the mix of adapters (the S-LoRA / Punica idea). The stacks change only when rows join
-or leave, and then only in the rows that change; never per decoding step."""
+Each linear layer of the base model is wrapped once, and adds the LoRA terms of all rows in one
+call whatever the mix of adapters (the S-LoRA / Punica idea), in one of two ways:
+- on CPU in fp32, the kernel of kernel.py: per layer a plan lists, for each adapter of the batch,
+  its weights and its rows, and the adapters are read in place, each once per step;
+- elsewhere (GPUs, half precision, no C compiler), per-row stacks: the running rows' adapters
+  stacked per layer into two tensors (A: rows x in x r, B: rows x r x out, the scaling folded into
+  B; a row without an adapter gets zeros) and one batched matmul pair. The stacks change only when
+  rows join or leave, and then only in the rows that change; never per decoding step.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from rayft.serve import kernel as cpu_kernel
 from rayft.serve.validate import WEIGHTS_FILE, AdapterSpec
 
 
@@ -22,9 +28,16 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A rows, B rows) of the running batch
+        self.plan: Optional[tuple[Callable, torch.Tensor]] = None  # or (kernel, its work items)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if self.plan is not None:
+            # in place, unseen by autograd: BatchLoRA plans only under inference mode
+            kernel, items = self.plan
+            x = x.contiguous()
+            kernel(x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], out.shape[2], items.data_ptr(), items.shape[0])
+            return out
         if self.rows is None:
             return out
         a_rows, b_rows = self.rows
@@ -52,6 +65,17 @@ class LoadedAdapter:
     rank: int
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
 
+    @functools.cached_property
+    def pointers(self) -> dict[str, tuple[int, int, int]]:
+        """Per module (A address, B address, rank), for the CPU kernel: fp32, contiguous, on CPU."""
+        pointers = {}
+        for module, (a, b) in self.weights.items():
+            if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu" \
+                    or not (a.is_contiguous() and b.is_contiguous()) or a.shape[1] > cpu_kernel.MAX_RANK:
+                raise ValueError(f"adapter {self.model_id}: {module} is not laid out for the CPU kernel")
+            pointers[module] = (a.data_ptr(), b.data_ptr(), a.shape[1])
+        return pointers
+
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
@@ -70,23 +94,31 @@ def load_adapter(spec: AdapterSpec, model_id: str, dtype: torch.dtype, device: t
 
 
 class BatchLoRA:
-    """The running rows' adapters, stacked per wrapped layer with room for more rows.
+    """The running rows' adapters, laid out for the wrapped layers.
 
-    Continuous batching changes the rows every few steps, so they change in place: `append`
-    writes the weights of joining rows after the others, `keep` moves only the rows that change
-    place, and `use(start, stop)` points every layer at the rows the next forward pass runs (a
-    view, no copy). A layer no row adapts stays plain; ranks are zero-padded to the largest.
+    Continuous batching changes the rows every few steps: `append` adds joining rows after the
+    others, `keep` keeps the rows it names (row j taking row order[j]'s place), and `use(start,
+    stop)` points every layer at the rows the next forward pass runs. With `kernel` (CPU, fp32)
+    `use` builds each layer's plan for those rows, once per change of rows. Without, the stacks
+    change in place: `append` writes the joining rows' weights after the others, `keep` moves only
+    the rows that change place, and `use` hands out views; a layer no row adapts stays plain and
+    ranks are zero-padded to the largest.
     """
 
-    def __init__(self, layers: dict[str, MultiLoRALinear]):
+    def __init__(self, layers: dict[str, MultiLoRALinear], kernel: Optional[Callable] = None):
         self.layers = layers
+        self.kernel = kernel
         self.adapters: list[Optional[LoadedAdapter]] = []  # per row
         self.rank = 0
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # A: cap x in x rank, B: cap x rank x out
+        self._planned: Optional[tuple[int, int]] = None  # the rows the layers' plans are for
 
     def append(self, row_adapters: Sequence[Optional[LoadedAdapter]]) -> None:
         first = len(self.adapters)
         self.adapters.extend(row_adapters)
+        if self.kernel is not None:
+            self._planned = None
+            return
         rank = max([self.rank, *(a.rank for a in row_adapters if a is not None)])
         capacity = next(iter(self._stacks.values()))[0].shape[0] if self._stacks else 0
         if rank > self.rank or len(self.adapters) > capacity:  # regrow: every row is written again
@@ -108,18 +140,44 @@ class BatchLoRA:
                     a_rows[j].copy_(a_rows[source])
                     b_rows[j].copy_(b_rows[source])
         self.adapters = [self.adapters[i] for i in order]
+        self._planned = None
 
     def use(self, start: int, stop: int) -> dict:
         """Points each layer at rows start..stop; no extra forward arguments are needed."""
+        if self.kernel is not None:
+            if self._planned != (start, stop):
+                self._plan(start, stop)
+            return {}
         for name, layer in self.layers.items():
             stacks = self._stacks.get(name)
             layer.rows = None if stacks is None else (stacks[0][start:stop], stacks[1][start:stop])
         return {}
 
     def clear(self) -> None:
-        self.adapters, self.rank, self._stacks = [], 0, {}
+        self.adapters, self.rank, self._stacks, self._planned = [], 0, {}, None
         for layer in self.layers.values():
-            layer.rows = None
+            layer.rows = layer.plan = None
+
+    def _plan(self, start: int, stop: int) -> None:
+        """Per layer, the kernel's work items for rows start..stop: each adapter's weights (read in
+        place: the rows hold the adapter, so its tensors outlive the plan) with up to ITEM_ROWS of
+        its rows, numbered from `start`."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("the batched-LoRA kernel adds in place and has no backward: run under torch.inference_mode()")
+        rows_of: dict[int, tuple[LoadedAdapter, list[int]]] = {}
+        for row, adapter in enumerate(self.adapters[start:stop]):
+            if adapter is not None:
+                rows_of.setdefault(id(adapter), (adapter, []))[1].append(row)
+        for name, layer in self.layers.items():
+            items = []
+            for adapter, rows in rows_of.values():
+                if name in adapter.weights:
+                    a_ptr, b_ptr, rank = adapter.pointers[name]
+                    for first in range(0, len(rows), cpu_kernel.ITEM_ROWS):
+                        chunk = rows[first:first + cpu_kernel.ITEM_ROWS]
+                        items.append([a_ptr, b_ptr, rank, len(chunk), *chunk, *[0] * (cpu_kernel.ITEM_ROWS - len(chunk))])
+            layer.plan = (self.kernel, torch.tensor(items, dtype=torch.int64)) if items else None
+        self._planned = (start, stop)
 
     def _padded(self, adapter: Optional[LoadedAdapter], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One row's (A, B) of a layer at the stacks' rank: zero-padded (the extra terms add exactly
