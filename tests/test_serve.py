@@ -26,7 +26,7 @@ PROMPTS = ["Hello there, how are you?", "The capital of France is", "SELECT"]
 
 
 # ------------------------------------------------------------------ engine, in-process
-def _engine(model_dir: Path, **kwargs):
+def _engine(model_dir: Path, use_kernel: bool = True, **kwargs):
     from transformers import AutoTokenizer
 
     from rayft.models import base_fingerprint
@@ -44,8 +44,9 @@ def _engine(model_dir: Path, **kwargs):
     model = load_base_model(model_dir, torch.float32, torch.device("cpu"))
     base = BaseShape.of_model(model, base_fingerprint(model_dir))  # before the layers are wrapped
     metrics = Batches()
-    engine = Engine(model, batched_lora_model(model), [tokenizer.eos_token_id], tokenizer.pad_token_id,
-                    metrics=metrics, **kwargs)
+    lora = batched_lora_model(model, use_kernel)
+    assert (lora.kernel is not None) == use_kernel  # the machines that run the tests have a C compiler
+    engine = Engine(model, lora, [tokenizer.eos_token_id], tokenizer.pad_token_id, metrics=metrics, **kwargs)
     return engine, tokenizer, base, metrics
 
 
@@ -65,9 +66,11 @@ async def _tokens(engine, requests):
     return await asyncio.gather(*[one(r) for r in requests])
 
 
-def test_mixed_batch_equals_solo_and_peft(tiny_model, tmp_path):
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu-kernel", "per-row-stacks"])
+def test_mixed_batch_equals_solo_and_peft(tiny_model, tmp_path, use_kernel):
     """Rows of different adapters (and the base) in one batch give the tokens each gives alone,
-    and those are the tokens peft's own model generates (ranks 4/8/16, rsLoRA included)."""
+    and those are the tokens peft's own model generates (ranks 4/8/16, rsLoRA included), on both
+    LoRA paths: the CPU kernel and the stacks that GPUs and half precision run."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +78,7 @@ def test_mixed_batch_equals_solo_and_peft(tiny_model, tmp_path):
 
     paths = [make_lora_adapter(tiny_model, tmp_path / f"a{i}", r=r, seed=i, use_rslora=i == 1)
              for i, r in enumerate([4, 8, 16])]
-    engine, tokenizer, base, metrics = _engine(tiny_model, max_batch_size=16, batch_wait_ms=50)
+    engine, tokenizer, base, metrics = _engine(tiny_model, use_kernel, max_batch_size=16, batch_wait_ms=50)
     adapters = [None] + [_load(p, base, f"t/a{i}@1") for i, p in enumerate(paths)]
 
     def request(prompt, adapter):
@@ -145,6 +148,63 @@ def test_requests_join_a_running_batch(tiny_model, tmp_path):
     assert tokens == solo
     assert ended == ["short", "long-prompt", "long"]
     assert metrics.seen[0] == (1, 0) and len(metrics.seen) in (2, 3)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_lora_kernel_matches_torch(tokens):
+    """The CPU kernel adds (x @ A) @ B row by row: ranks with and without a fixed-size path, sizes
+    that are not multiples of its blocks, an adapter on more rows than one work item holds, rows
+    without an adapter, and several tokens per row (prefill) as well as one (decoding)."""
+    from rayft.serve.kernel import cpu_lora_kernel
+    from rayft.serve.lora import BatchLoRA, LoadedAdapter, MultiLoRALinear
+
+    generator = torch.Generator().manual_seed(0)
+    layers = {"wide": MultiLoRALinear(torch.nn.Linear(70, 83)), "narrow": MultiLoRALinear(torch.nn.Linear(83, 9))}
+    adapters = [LoadedAdapter(f"a{rank}", rank, {
+        name: (torch.randn(layer.base.in_features, rank, generator=generator) / layer.base.in_features ** 0.5,
+               torch.randn(rank, layer.base.out_features, generator=generator) / rank ** 0.5)
+        for name, layer in layers.items() if rank != 5 or name == "wide"})  # rank 5 adapts one layer only
+        for rank in (4, 5, 16, 64, 100)]
+    joined = [adapters[2]] * 6 + [None, adapters[0], adapters[1], adapters[3], adapters[4], adapters[2], None]
+    lora = BatchLoRA(layers, cpu_lora_kernel())
+    assert lora.kernel is not None
+    lora.append(joined[:4])
+    lora.append(joined[4:])
+    order = [0, 1, 2, len(joined) - 1, *range(4, len(joined) - 1)]  # row 3 left, the last row took its place
+    lora.keep(order)
+    rows = [joined[i] for i in order]
+    x = torch.randn(len(rows), tokens, 70, generator=generator)
+    with torch.inference_mode():
+        lora.use(0, len(rows))
+        got = layers["narrow"](layers["wide"](x))
+        lora.clear()
+        plain_wide = layers["wide"](x)
+    expected_wide = plain_wide.clone()
+    for i, adapter in enumerate(rows):
+        if adapter is not None:
+            a, b = adapter.weights["wide"]
+            expected_wide[i] += (x[i] @ a) @ b
+    expected = layers["narrow"].base(expected_wide)
+    for i, adapter in enumerate(rows):
+        if adapter is not None and "narrow" in adapter.weights:
+            a, b = adapter.weights["narrow"]
+            expected[i] += (expected_wide[i] @ a) @ b
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32, summed in another order
+
+
+def test_lora_kernel_refuses_autograd_and_falls_back_without_a_compiler(monkeypatch, caplog):
+    from rayft.serve import kernel
+    from rayft.serve.lora import BatchLoRA, LoadedAdapter, MultiLoRALinear
+
+    layer = MultiLoRALinear(torch.nn.Linear(8, 8))
+    lora = BatchLoRA({"layer": layer}, kernel.cpu_lora_kernel())
+    lora.append([LoadedAdapter("a", 4, {"layer": (torch.zeros(8, 4), torch.zeros(4, 8))})])
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        lora.use(0, 1)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level("WARNING"):
+        assert kernel.cpu_lora_kernel.__wrapped__() is None
+    assert "per-row stacks" in caplog.text
 
 
 def test_adapter_cache_loads_once_and_evicts_lru():
