@@ -9,7 +9,8 @@ clients (each sends its next request when the previous one ends), greedy decodin
 `--new-tokens` tokens per request. All four paths run through the same engine (the batching loop
 a rayft Serve replica runs), in-process, so only the LoRA path and the batching policy differ:
 
-  (a) rayft      batches mix adapters; batched LoRA layers (stacked per-row A/B, one bmm pair per layer)
+  (a) rayft      batches mix adapters; batched LoRA layers (on CPU in fp32 the C kernel of
+                 serve/kernel.py, elsewhere per-row stacks and one bmm pair per layer)
   (b) naive      one adapter per batch (what model multiplexing or swapping between batches gives)
   (c) base       the base model alone, no adapters: the ceiling
   (d) peft-mixed batches mix adapters; peft's own per-row `adapter_names` forward

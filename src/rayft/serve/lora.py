@@ -28,14 +28,16 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A rows, B rows) of the running batch
-        self.plan: Optional[tuple[Callable, torch.Tensor]] = None  # or (kernel, its work items)
+        self.plan: Optional[tuple[Callable, torch.Tensor, int]] = None  # or (kernel, its work items, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.plan is not None:
             # in place, unseen by autograd: BatchLoRA plans only under inference mode
-            kernel, items = self.plan
-            x = x.contiguous()
+            kernel, items, rows = self.plan
+            if x.dim() != 3 or x.shape[0] != rows or x.dtype != torch.float32 or out.dtype != torch.float32:
+                raise RuntimeError(f"batched LoRA planned for {rows} fp32 rows, got {x.dtype} {tuple(x.shape)}")
+            x = x.contiguous()  # the kernel reads raw memory: a mismatch above would read out of bounds
             kernel(x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], out.shape[2], items.data_ptr(), items.shape[0])
             return out
         if self.rows is None:
@@ -176,7 +178,7 @@ class BatchLoRA:
                     for first in range(0, len(rows), cpu_kernel.ITEM_ROWS):
                         chunk = rows[first:first + cpu_kernel.ITEM_ROWS]
                         items.append([a_ptr, b_ptr, rank, len(chunk), *chunk, *[0] * (cpu_kernel.ITEM_ROWS - len(chunk))])
-            layer.plan = (self.kernel, torch.tensor(items, dtype=torch.int64)) if items else None
+            layer.plan = (self.kernel, torch.tensor(items, dtype=torch.int64), stop - start) if items else None
         self._planned = (start, stop)
 
     def _padded(self, adapter: Optional[LoadedAdapter], name: str) -> tuple[torch.Tensor, torch.Tensor]:
