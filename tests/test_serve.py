@@ -55,11 +55,9 @@ def _engine(model_dir: Path, use_kernel: bool = True, **kwargs):
 def _built_kernel():
     """The CPU LoRA kernel; a skip only where no C compiler exists (serving then runs on the
     stacks), a failure where one exists and the build fails."""
-    import shutil
+    from rayft.serve.kernel import c_compiler, cpu_lora_kernel
 
-    from rayft.serve.kernel import cpu_lora_kernel
-
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    if c_compiler() is None:
         pytest.skip("no C compiler here: the batched-LoRA kernel cannot be built")
     kernel = cpu_lora_kernel()
     assert kernel is not None, "a C compiler is present but the batched-LoRA kernel did not build (see the log)"

@@ -413,6 +413,5 @@ def batched_lora_model(model, use_kernel: bool = True) -> BatchLoRA:
     builds (`use_kernel=False`: per-row stacks, the path of GPUs and half precision)."""
     from rayft.serve.kernel import cpu_lora_kernel
 
-    parameter = next(model.parameters())
-    on_cpu_fp32 = parameter.device.type == "cpu" and model.dtype == torch.float32
+    on_cpu_fp32 = model.device.type == "cpu" and model.dtype == torch.float32
     return BatchLoRA(wrap_linear_layers(model), cpu_lora_kernel() if use_kernel and on_cpu_fp32 else None)

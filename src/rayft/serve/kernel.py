@@ -28,18 +28,21 @@ from typing import Callable, Optional
 import torch  # loads torch's libgomp.so.1 first: the kernel's OpenMP then runs on torch's threads
 
 SOURCE = Path(__file__).with_name("lora_kernel.c")
-ITEM_FIELDS = 8  # a_ptr, b_ptr, rank, count, then ITEM_ROWS row indices: as in lora_kernel.c
-ITEM_ROWS = 4
+ITEM_ROWS = 4  # rows per work item; an item is a_ptr, b_ptr, rank, count, then ITEM_ROWS row indices
 MAX_RANK = 1024
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3"])  # the second: compilers without either flag
 
 log = logging.getLogger(__name__)
 
 
+def c_compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @lru_cache(maxsize=None)
 def cpu_lora_kernel() -> Optional[Callable]:
     """lora_add(x_ptr, out_ptr, tokens, in, out, items_ptr, n_items), or None where it cannot be built."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         log.warning("rayft serve: no C compiler found; batched LoRA runs on per-row stacks (slower on CPU)")
         return None

@@ -9,8 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ITEM_FIELDS 8  /* keep in step with kernel.py: a_ptr, b_ptr, rank, count, then ITEM_ROWS row indices */
-#define ITEM_ROWS 4
+#define ITEM_FIELDS 8  /* a_ptr, b_ptr, rank, count, then ITEM_ROWS row indices: as BatchLoRA._plan (lora.py) */
+#define ITEM_ROWS 4     /* as kernel.ITEM_ROWS */
 #define MAX_RANK 1024
 
 /* NV vectors at once: h = x @ A, then o += h @ B. RANK and NV are constants so that h and the

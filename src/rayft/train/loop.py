@@ -60,9 +60,14 @@ def keep_adapter_inputs_in_autocast_dtype(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def unwrapped(model) -> torch.nn.Module:
+    """The model under a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def output_head(model) -> torch.nn.Module:
     """The LM head under any wrapping (DeepSpeed engine, peft)."""
-    return getattr(model, "module", model).get_output_embeddings()
+    return unwrapped(model).get_output_embeddings()
 
 
 def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +82,7 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     extra = {}
-    if getattr(model, "module", model).config._attn_implementation == ATTENTION_NAME:
+    if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
         extra["packed_layout"] = PackedLayout.of(batch["position_ids"])  # once per batch, not per layer
     hook = output_head(model).register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
     try:
