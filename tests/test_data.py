@@ -182,3 +182,67 @@ def test_loss_step_matches_full_logits(tokenizer, tiny_model):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)  # fp32 sums in another order
     # the hook is gone afterwards: a plain forward returns logits for every position again
     assert model(input_ids=batch["input_ids"]).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_chunked_head_loss_matches_the_plain_loss_and_gradients(monkeypatch, autocast, bias):
+    """The fused head + loss over chunks (7 rows each here, the last one partial) gives the plain
+    step's loss and gradients: exactly up to summation order in fp32, to bf16's rounding under
+    autocast (both round the logits and their gradient to bf16, at different points)."""
+    from rayft.train import head_loss
+
+    vocab, rows = 997, 61
+    monkeypatch.setitem(head_loss._CHUNK_ELEMENTS, "cpu", 7 * vocab)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, vocab, bias=bias)
+    hidden = torch.randn(rows, 32)
+    targets = torch.randint(0, vocab, (rows,))
+
+    def loss_and_grads(fused: bool):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = head_loss.linear_cross_entropy(h, head, targets)
+            else:
+                loss = torch.nn.functional.cross_entropy(head(h).float(), targets, reduction="sum")
+        (loss / 37).backward()
+        return [loss.detach(), h.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+
+    plain, fused = loss_and_grads(False), loss_and_grads(True)
+    tolerance = 2e-2 if autocast else 1e-5
+    for a, b in zip(plain, fused):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (a - b).abs().max() <= tolerance * a.abs().max()
+    with torch.no_grad():  # evaluation: the loss alone
+        assert head_loss.linear_cross_entropy(hidden, head, targets).item() == pytest.approx(plain[0].item(), rel=1e-2 if autocast else 1e-6)
+    empty = head_loss.linear_cross_entropy(hidden[:0].requires_grad_(), head, targets[:0])
+    assert empty.item() == 0.0
+
+
+def test_loss_step_gradients_equal_with_and_without_the_fused_head(monkeypatch, tokenizer, tiny_model):
+    """token_losses through the fused head and through logits + cross-entropy give the same
+    gradient for every weight, the tied embedding/head included (fp32, full model)."""
+    from transformers import AutoModelForCausalLM
+
+    from rayft.train import loop
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": "Name a city " * (i + 1)},
+                                                 {"role": "assistant", "content": "Oslo " * (i + 2)}], 256, False)
+               for i in range(4)]
+    batch = collate(list(pack(samples, 96)), 2)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(loop, "fused_head_loss_applies", lambda *args: False)
+        model.zero_grad()
+        loss, count = loop.token_losses(model, batch, "fp32")
+        (loss / count).backward()
+        results.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name

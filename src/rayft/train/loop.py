@@ -24,6 +24,7 @@ from rayft.data.packing import collate
 from rayft.data.tokenize import IGNORE_INDEX
 from rayft.train.attention import ATTENTION_NAME, PackedLayout
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
+from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss
 from rayft.train.schedule import StepPlan, lr_factor
 
 
@@ -75,23 +76,28 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple
 
     No attention mask: position ids that restart per packed sample give a block-diagonal
     causal mask (or, with rayft's packed attention, one attention per sample), and right
-    padding is invisible under causal attention. The output head (a
-    hidden x vocabulary matmul, the biggest of the model) runs only at positions whose next
-    token is learned: a forward pre-hook hands it just those hidden states."""
+    padding is invisible under causal attention. The output head (a hidden x vocabulary matmul,
+    the biggest of the model) runs only at positions whose next token is learned, and where it
+    can (train/head_loss.py) it returns their summed loss itself, chunk by chunk, so that the
+    full logits never exist; otherwise a forward pre-hook hands it just those hidden states."""
     labels = batch["labels"]
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     extra = {}
     if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
         extra["packed_layout"] = PackedLayout.of(batch["position_ids"])  # once per batch, not per layer
-    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
+    targets = labels[:, 1:][learned[:, :-1]]
+    head = output_head(model)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
+    if fused_head_loss_applies(unwrapped(model), head):
+        with head_returns_loss(head, learned, targets), autocast_context(precision, labels.device):
+            return model(**inputs).logits, learned.sum()  # the summed loss, from the head itself
+    hook = head.register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
     try:
         with autocast_context(precision, labels.device):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                           **extra).logits
+            logits = model(**inputs).logits
     finally:
         hook.remove()
-    targets = labels[:, 1:][learned[:, :-1]]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), learned.sum()
 
 

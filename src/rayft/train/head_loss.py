@@ -1,0 +1,105 @@
+"""The output head and the cross-entropy loss as one chunked step: the logits never exist in full.
+
+A plain step computes the (learned tokens x vocabulary) logits, copies them to fp32, takes a
+log-softmax, and in the backward builds the gradient of the same size again. With SmolLM2's
+49,152-token vocabulary that is ~48 MB of fp32 per array at ~250 learned tokens; on CPU each
+fresh array that size is paged in anew (glibc serves allocations over 32 MB with mmap), and in a
+profile of a LoRA step these few operations took over a quarter of the step. Here the loss is
+computed over chunks of rows whose logits stay small, and the gradients with respect to the
+hidden states (and the head's weight, when it trains) are computed in the same pass, while the
+chunk's logits are at hand: the backward only scales them by the incoming gradient.
+
+Numbers are those of the plain step: logits in the compute dtype (bf16 under autocast), the
+log-softmax in fp32, the logits' gradient cast back to the compute dtype for the matmuls.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+# Model types whose causal-LM forward returns the head's output unchanged (no soft-capping, logit
+# scaling or other transform after the head): the head may then return the loss itself.
+HEAD_IS_LAST = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
+# Elements of one chunk's fp32 logits: 16 MB on CPU (stays in reused heap memory, in cache-sized
+# pieces); on a GPU larger chunks keep the matmuls big enough.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross_entropy(hidden @ weight.T + bias, targets) over the rows of `hidden`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype):
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts below are autocast's own
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            chunk = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // vocab)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(h) if need_hidden else None
+            # the logits' gradient of every row is kept only when the weight trains (one matmul at the end)
+            grad_logits = torch.empty(rows, vocab, dtype=compute_dtype, device=h.device) if need_weight or need_bias else None
+            for start in range(0, rows, chunk):
+                stop = min(start + chunk, rows)
+                logits = torch.addmm(b, h[start:stop], w.t()) if b is not None else h[start:stop] @ w.t()
+                logits = logits.float()
+                target = targets[start:stop, None]
+                log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+                loss += (log_norm - logits.gather(1, target)).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+                probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))  # minus one-hot
+                g = probs.to(compute_dtype)
+                if need_hidden:
+                    torch.mm(g, w, out=grad_hidden[start:stop])
+                if grad_logits is not None:
+                    grad_logits[start:stop] = g
+        grad_weight = grad_logits.t() @ h if need_weight else None
+        grad_bias = grad_logits.float().sum(0) if need_bias else None
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        # scaled in fp32, as the plain step scales the fp32 logits' gradient before its cast
+        scale = lambda g, dtype: None if g is None else (g.float() * grad_loss).to(dtype)  # noqa: E731
+        return (scale(grad_hidden, ctx.hidden_dtype), scale(grad_weight, ctx.weight_dtype),
+                scale(grad_bias, ctx.bias_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """The head's summed loss over `hidden` (rows x features) against `targets` (rows,)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        compute_dtype = head.weight.dtype
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, compute_dtype)
+
+
+def fused_head_loss_applies(model, head: torch.nn.Module) -> bool:
+    """A plain linear head (not, e.g., LoRA-wrapped), called through its class's forward (no
+    accelerate hook replaced it), in a model that returns the head's output as is."""
+    return (type(head) is torch.nn.Linear and "forward" not in vars(head)
+            and getattr(model.config, "model_type", None) in HEAD_IS_LAST)
+
+
+@contextmanager
+def head_returns_loss(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
+    """Within the block the head takes the hidden states at the `learned` positions and returns
+    their summed loss against `targets` in place of logits. It is still called as a module (the
+    instance's forward is replaced, not the call), so hooks around it, such as ZeRO-3 gathering
+    its weight, run as before."""
+    head.forward = lambda hidden: linear_cross_entropy(hidden[learned], head, targets)
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
