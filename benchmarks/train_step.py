@@ -1,12 +1,15 @@
-"""One rayft LoRA training step in one process, timed under each attention implementation.
+"""One rayft LoRA training step in one process, timed under each attention implementation
+and each way of computing the output head's loss.
 
     .venv/bin/python benchmarks/train_step.py [--threads 1] [--steps 6] [--rounds 2]
+    .venv/bin/python benchmarks/train_step.py --attention packed --head fused logits --rounds 3
 
 The step is rayft's own (`token_losses`, backward, AdamW) on SmolLM2-135M-Instruct with LoRA
 r=16 all-linear, on 4 packed rows of the demo task (cutoff 256), in the precision that
-`precision: auto` picks here. Each round times every implementation in turn (the first step of
-each is a warm-up and not counted) and prints real tokens/s; `--profile` adds the top operators
-of one step.
+`precision: auto` picks here. `--head fused` is rayft's head returning the summed loss chunk by
+chunk (train/head_loss.py); `--head logits` is the full logits followed by cross-entropy. Each
+round times every combination in turn (the first step of each is a warm-up and not counted)
+and prints real tokens/s; `--profile` adds the top operators of one step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from rayft.data.tokenize import tokenize_conversation  # noqa: E402
 from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
 from rayft.models.loading import load_for_training  # noqa: E402
-from rayft.train.loop import keep_adapter_inputs_in_autocast_dtype, native_bf16, token_losses  # noqa: E402
+from rayft.train.loop import (fused_head_loss_applies as FUSED_HEAD_APPLIES, keep_adapter_inputs_in_autocast_dtype,  # noqa: E402
+                              native_bf16, token_losses)
 
 
 def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> list[dict]:
@@ -43,7 +47,10 @@ def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> l
     return [collate(rows[i:i + batch], tokenizer.pad_token_id) for i in range(0, batch * count, batch)]
 
 
-def time_steps(attention: str, model_dir: Path, data: list[dict], precision: str, profile: bool) -> float:
+def time_steps(attention: str, head: str, model_dir: Path, data: list[dict], precision: str, profile: bool) -> float:
+    from rayft.train import loop
+
+    loop.fused_head_loss_applies = FUSED_HEAD_APPLIES if head == "fused" else (lambda *args: False)
     torch.manual_seed(0)
     model = load_for_training(model_dir, MethodConfig(type="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0}),
                               torch.device("cpu"), attention)
@@ -77,6 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attention", nargs="+", default=["sdpa", "eager", "packed"])
+    parser.add_argument("--head", nargs="+", choices=["fused", "logits"], default=["fused"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -87,8 +95,9 @@ def main() -> None:
     print(f"precision {precision}, {args.threads} thread(s), rows {tuple(data[1]['input_ids'].shape)}", flush=True)
     for index in range(args.rounds):
         for attention in args.attention:
-            rate = time_steps(attention, model_dir, data, precision, args.profile and index == 0)
-            print(f"round {index + 1} attention {attention:6s} {rate:7.1f} real tokens/s", flush=True)
+            for head in args.head:
+                rate = time_steps(attention, head, model_dir, data, precision, args.profile and index == 0)
+                print(f"round {index + 1} attention {attention:6s} head {head:6s} {rate:7.1f} real tokens/s", flush=True)
 
 
 if __name__ == "__main__":

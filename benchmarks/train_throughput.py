@@ -144,6 +144,10 @@ def main() -> None:
         args.precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    # the peak before the rounds and after them (the better of both): a measurement taken while
+    # the machine is busy (say, a Ray instance still shutting down) would inflate the MFU
+    peak_before = matmul_peak_flops(dtype, os.cpu_count())
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -154,8 +158,7 @@ def main() -> None:
             rounds.append({"baseline_hf_trainer_tokens_per_s": round(baseline, 1), "rayft_tokens_per_s": round(rayft, 1),
                            "ratio": round(rayft / baseline, 2)})
             print(f"round {index + 1}: {json.dumps(rounds[-1])}", flush=True)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = matmul_peak_flops(dtype, os.cpu_count())
+    peak = max(peak_before, matmul_peak_flops(dtype, os.cpu_count()))
     median_rayft = statistics.median(r["rayft_tokens_per_s"] for r in rounds)
     mfu = median_rayft * lora_flops_per_token(model_dir) / peak
     print(json.dumps({"rounds": rounds, "median_ratio": statistics.median(r["ratio"] for r in rounds),
