@@ -1,16 +1,18 @@
 """The output head and the cross-entropy loss as one chunked step: the logits never exist in full.
 
 A plain step computes the (learned tokens x vocabulary) logits, copies them to fp32, takes a
-log-softmax, and in the backward builds the gradient of the same size again. With SmolLM2's
-49,152-token vocabulary that is ~48 MB of fp32 per array at ~250 learned tokens; on CPU each
-fresh array that size is paged in anew (glibc serves allocations over 32 MB with mmap), and in a
-profile of a LoRA step these few operations took over a quarter of the step. Here the loss is
-computed over chunks of rows whose logits stay small, and the gradients with respect to the
-hidden states (and the head's weight, when it trains) are computed in the same pass, while the
-chunk's logits are at hand: the backward only scales them by the incoming gradient.
+log-softmax, and in the backward builds the gradient of the same size again: 10 bytes per token
+per vocabulary entry held from the forward to the backward (~120 MB for ~250 learned tokens of
+SmolLM2's 49,152-token vocabulary; ~10 GB for 8k tokens of a 128k vocabulary). On CPU each
+fresh array over 32 MB is also paged in anew (glibc serves such allocations by mmap). Here the
+loss is computed over chunks of rows whose logits stay small, and the gradients with respect to
+the hidden states (and the head's weight, when it trains) are computed in the same pass, while
+the chunk's logits are at hand; the backward only scales them by the incoming gradient. On a
+CPU step this gained ~2% of the time (README, Benchmark); the memory is the larger part.
 
-Numbers are those of the plain step: logits in the compute dtype (bf16 under autocast), the
-log-softmax in fp32, the logits' gradient cast back to the compute dtype for the matmuls.
+Numbers are those of the plain step up to bf16 rounding: logits in the compute dtype (bf16
+under autocast), the log-softmax in fp32, the logits' gradient rounded to the compute dtype for
+the matmuls (before its scaling by the incoming gradient, where the plain step rounds after).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        # scaled in fp32, as the plain step scales the fp32 logits' gradient before its cast
+        # scaled in fp32 (the incoming gradient is 1 / learned tokens, or a loss scale)
         scale = lambda g, dtype: None if g is None else (g.float() * grad_loss).to(dtype)  # noqa: E731
         return (scale(grad_hidden, ctx.hidden_dtype), scale(grad_weight, ctx.weight_dtype),
                 scale(grad_bias, ctx.bias_dtype), None, None)
@@ -85,10 +87,12 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: t
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, compute_dtype)
 
 
-def fused_head_loss_applies(model, head: torch.nn.Module) -> bool:
+def fused_head_loss_applies(model, head: torch.nn.Module, precision: str) -> bool:
     """A plain linear head (not, e.g., LoRA-wrapped), called through its class's forward (no
-    accelerate hook replaced it), in a model that returns the head's output as is."""
-    return (type(head) is torch.nn.Linear and "forward" not in vars(head)
+    accelerate hook replaced it), in a model that returns the head's output as is. Not in fp16:
+    its loss scale must reach the logits' gradient before that is rounded to fp16 (against
+    underflow), and here the gradient is rounded before the scale is known."""
+    return (precision != "fp16" and type(head) is torch.nn.Linear and "forward" not in vars(head)
             and getattr(model.config, "model_type", None) in HEAD_IS_LAST)
 
 

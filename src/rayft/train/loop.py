@@ -89,7 +89,7 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple
     targets = labels[:, 1:][learned[:, :-1]]
     head = output_head(model)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
-    if fused_head_loss_applies(unwrapped(model), head):
+    if fused_head_loss_applies(unwrapped(model), head, precision):
         with head_returns_loss(head, learned, targets), autocast_context(precision, labels.device):
             return model(**inputs).logits, learned.sum()  # the summed loss, from the head itself
     hook = head.register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
