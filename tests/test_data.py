@@ -211,12 +211,15 @@ def test_chunked_head_loss_matches_the_plain_loss_and_gradients(monkeypatch, aut
         return [loss.detach(), h.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
 
     plain, fused = loss_and_grads(False), loss_and_grads(True)
-    tolerance = 2e-2 if autocast else 1e-5
+    tolerance = 1e-2 if autocast else 1e-5
     for a, b in zip(plain, fused):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert (a - b).abs().max() <= tolerance * a.abs().max()
-    with torch.no_grad():  # evaluation: the loss alone
-        assert head_loss.linear_cross_entropy(hidden, head, targets).item() == pytest.approx(plain[0].item(), rel=1e-2 if autocast else 1e-6)
+    # evaluation: the loss alone, none of the gradients the head's trainable weight would ask for
+    monkeypatch.setattr(head_loss.LinearCrossEntropy, "apply", None)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert head_loss.linear_cross_entropy(hidden, head, targets).item() == pytest.approx(plain[0].item(), rel=1e-6)
+    monkeypatch.undo()
     empty = head_loss.linear_cross_entropy(hidden[:0].requires_grad_(), head, targets[:0])
     assert empty.item() == 0.0
 

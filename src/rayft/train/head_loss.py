@@ -30,38 +30,46 @@ HEAD_IS_LAST = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
+def _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden: bool, need_logits: bool):
+    """The summed loss, and (if asked) the gradient for `hidden` and every row's logits gradient,
+    both for an incoming gradient of 1."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):  # the casts below are autocast's own
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        chunk = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // vocab)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(h) if need_hidden else None
+        # every row's logits gradient is kept only when the weight or bias trains (one matmul at the end)
+        grad_logits = torch.empty(rows, vocab, dtype=compute_dtype, device=h.device) if need_logits else None
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            logits = torch.addmm(b, h[start:stop], w.t()) if b is not None else h[start:stop] @ w.t()
+            logits = logits.float()
+            target = targets[start:stop, None]
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (log_norm - logits.gather(1, target)).sum()
+            if not (need_hidden or need_logits):
+                continue
+            probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))  # minus one-hot
+            g = probs.to(compute_dtype)
+            if need_hidden:
+                torch.mm(g, w, out=grad_hidden[start:stop])
+            if need_logits:
+                grad_logits[start:stop] = g
+    return loss, h, grad_hidden, grad_logits
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross_entropy(hidden @ weight.T + bias, targets) over the rows of `hidden`."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, compute_dtype):
-        rows, vocab = hidden.shape[0], weight.shape[0]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        with torch.autocast(hidden.device.type, enabled=False):  # the casts below are autocast's own
-            h = hidden.to(compute_dtype)
-            w = weight.to(compute_dtype)
-            b = bias.to(compute_dtype) if bias is not None else None
-            chunk = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // vocab)
-            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(h) if need_hidden else None
-            # the logits' gradient of every row is kept only when the weight trains (one matmul at the end)
-            grad_logits = torch.empty(rows, vocab, dtype=compute_dtype, device=h.device) if need_weight or need_bias else None
-            for start in range(0, rows, chunk):
-                stop = min(start + chunk, rows)
-                logits = torch.addmm(b, h[start:stop], w.t()) if b is not None else h[start:stop] @ w.t()
-                logits = logits.float()
-                target = targets[start:stop, None]
-                log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-                loss += (log_norm - logits.gather(1, target)).sum()
-                if not (need_hidden or need_weight or need_bias):
-                    continue
-                probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
-                probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))  # minus one-hot
-                g = probs.to(compute_dtype)
-                if need_hidden:
-                    torch.mm(g, w, out=grad_hidden[start:stop])
-                if grad_logits is not None:
-                    grad_logits[start:stop] = g
+        loss, h, grad_hidden, grad_logits = _chunked_loss(hidden, weight, bias, targets, compute_dtype,
+                                                          need_hidden, need_weight or need_bias)
         grad_weight = grad_logits.t() @ h if need_weight else None
         grad_bias = grad_logits.float().sum(0) if need_bias else None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -84,6 +92,8 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: t
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
     else:
         compute_dtype = head.weight.dtype
+    if not torch.is_grad_enabled():  # evaluation: a Function would still see a trainable weight's requires_grad
+        return _chunked_loss(hidden, head.weight, head.bias, targets, compute_dtype, False, False)[0]
     return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, compute_dtype)
 
 
