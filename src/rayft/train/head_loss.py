@@ -25,8 +25,8 @@ import torch
 # Model types whose causal-LM forward returns the head's output unchanged (no soft-capping, logit
 # scaling or other transform after the head): the head may then return the loss itself.
 HEAD_IS_LAST = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
-# Elements of one chunk's fp32 logits: 16 MB on CPU (stays in reused heap memory, in cache-sized
-# pieces); on a GPU larger chunks keep the matmuls big enough.
+# Elements of one chunk's fp32 logits: 16 MB on CPU (under glibc's 32 MB mmap limit, so the
+# memory is reused from chunk to chunk); on a GPU larger chunks keep the matmuls big enough.
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
