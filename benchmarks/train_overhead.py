@@ -35,22 +35,16 @@ def timed_steps(rank: int, world: int, use_deepspeed: bool, args: dict) -> dict:
     import torch.distributed as dist
 
     import train_step
-    from rayft.config import MethodConfig, parse_config
+    from rayft.config import parse_config
     from rayft.models import resolve_model_path
-    from rayft.models.loading import load_for_training
     from rayft.train.deepspeed_config import deepspeed_config
-    from rayft.train.loop import keep_adapter_inputs_in_autocast_dtype, native_bf16, token_losses
+    from rayft.train.loop import resolve_precision, token_losses
 
     torch.set_num_threads(1)
-    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    precision = resolve_precision("auto", torch.device("cpu"))
     model_dir = resolve_model_path("smollm2-135m-instruct")
     batches = train_step.batches(model_dir, world * (args["steps"] + 1))[rank::world]
-    torch.manual_seed(0)
-    model = load_for_training(model_dir, MethodConfig(type="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0}),
-                              torch.device("cpu"), "auto")
-    if precision != "fp32":
-        keep_adapter_inputs_in_autocast_dtype(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = train_step.lora_model_and_optimizer(model_dir, "auto", precision)
     if use_deepspeed:
         import deepspeed
 

@@ -32,7 +32,7 @@ from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
 from rayft.models.loading import load_for_training  # noqa: E402
 from rayft.train.loop import (fused_head_loss_applies as FUSED_HEAD_APPLIES, keep_adapter_inputs_in_autocast_dtype,  # noqa: E402
-                              native_bf16, token_losses)
+                              resolve_precision, token_losses)
 
 
 def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> list[dict]:
@@ -47,16 +47,22 @@ def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> l
     return [collate(rows[i:i + batch], tokenizer.pad_token_id) for i in range(0, batch * count, batch)]
 
 
-def time_steps(attention: str, head: str, model_dir: Path, data: list[dict], precision: str, profile: bool) -> float:
-    from rayft.train import loop
-
-    loop.fused_head_loss_applies = FUSED_HEAD_APPLIES if head == "fused" else (lambda *args: False)
+def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str):
+    """SmolLM2 with LoRA r=16 all-linear, prepared as rayft's training loop prepares it, and AdamW
+    over the adapter (also used by train_overhead.py)."""
     torch.manual_seed(0)
     model = load_for_training(model_dir, MethodConfig(type="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0}),
                               torch.device("cpu"), attention)
     if precision != "fp32":
         keep_adapter_inputs_in_autocast_dtype(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def time_steps(attention: str, head: str, model_dir: Path, data: list[dict], precision: str, profile: bool) -> float:
+    from rayft.train import loop
+
+    loop.fused_head_loss_applies = FUSED_HEAD_APPLIES if head == "fused" else (lambda *args: False)
+    model, optimizer = lora_model_and_optimizer(model_dir, attention, precision)
 
     def step(batch):
         loss, tokens = token_losses(model, batch, precision)
@@ -89,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    precision = resolve_precision("auto", torch.device("cpu"))
     model_dir = resolve_model_path("smollm2-135m-instruct")
     data = batches(model_dir, args.steps + 1)
     print(f"precision {precision}, {args.threads} thread(s), rows {tuple(data[1]['input_ids'].shape)}", flush=True)

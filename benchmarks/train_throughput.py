@@ -139,9 +139,9 @@ def main() -> None:
                         help="default: what rayft's precision=auto picks here (bf16 where the CPU has native bf16)")
     args = parser.parse_args()
     if args.precision is None:
-        from rayft.train.loop import native_bf16
+        from rayft.train.loop import resolve_precision
 
-        args.precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+        args.precision = resolve_precision("auto", torch.device("cpu"))
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
