@@ -30,9 +30,9 @@ from rayft.data.packing import collate, pack  # noqa: E402
 from rayft.data.tokenize import tokenize_conversation  # noqa: E402
 from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
+from rayft.methods import Run  # noqa: E402
 from rayft.models.loading import load_for_training  # noqa: E402
-from rayft.train.loop import (fused_head_loss_applies as FUSED_HEAD_APPLIES, keep_adapter_inputs_in_autocast_dtype,  # noqa: E402
-                              resolve_precision, token_losses)
+from rayft.train.loop import fused_head_loss_applies as FUSED_HEAD_APPLIES, resolve_precision, token_losses  # noqa: E402
 
 
 def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> list[dict]:
@@ -52,9 +52,7 @@ def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str):
     over the adapter (also used by train_overhead.py)."""
     torch.manual_seed(0)
     model = load_for_training(model_dir, MethodConfig(type="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0}),
-                              torch.device("cpu"), attention)
-    if precision != "fp32":
-        keep_adapter_inputs_in_autocast_dtype(model)
+                              torch.device("cpu"), attention, Run(precision=precision))
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 

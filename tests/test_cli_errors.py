@@ -30,7 +30,7 @@ CASES = {
     "malformed json": ({"data": {"train": "@malformed"}}, "bad.jsonl:2: malformed JSON"),
     "missing fields": ({"data": {"train": "@fields"}}, "2 records lack the alpaca fields (instruction, output (strings)); first at index 1"),
     "empty after truncation": ({"data": {"train": "@long", "cutoff_len": 32}}, "no training sample keeps an assistant token after truncation at data.cutoff_len=32"),
-    "unknown method": ({"method": {"type": "ia3"}}, "method.type='ia3': unknown method 'ia3'"),
+    "unknown method": ({"method": {"type": "oft"}}, "method.type='oft': unknown method 'oft'"),
     "absent target modules": ({"method": {"lora": {"target_modules": ["c_attn"]}}}, "method.lora.target_modules: ['c_attn'] not in the model; linear modules are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     "rank zero": ({"method": {"lora": {"r": 0}}}, "method.lora.r=0: Input should be greater than 0"),
     "val_size": ({"data": {"val_size": 1.0}}, "data.val_size=1.0: must be inside (0, 1)"),

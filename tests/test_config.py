@@ -25,7 +25,7 @@ def test_defaults_match_the_documented_contract():
 
 
 @pytest.mark.parametrize("sections, fragment", [
-    ({"method": {"type": "prefix"}}, "method.type='prefix': unknown method 'prefix'; allowed: freeze, full, lora, qlora"),
+    ({"method": {"type": "prefix"}}, "method.type='prefix': unknown method 'prefix'; allowed: freeze, full, lora"),
     ({"method": {"lora": {"r": 0}}}, "method.lora.r=0"),
     ({"data": {"val_size": 1.5}}, "data.val_size=1.5: must be inside (0, 1)"),
     ({"data": {"val_size": 0}}, "data.val_size=0"),
@@ -33,12 +33,23 @@ def test_defaults_match_the_documented_contract():
     ({"train": {"precision": "fp8"}}, "train.precision='fp8'"),
     ({"distributed": {"zero_stage": 4}}, "distributed.zero_stage=4"),
     ({"method": {"type": "qlora"}, "distributed": {"zero_stage": 3}}, "qlora cannot run with distributed.zero_stage=3"),
+    ({"method": {"type": "qlora", "lora": {"r": 4}}}, "method.lora: a block for method 'lora', but method.type is 'qlora'"),
+    ({"method": {"lora": {"rank": 4}}}, "unknown key method.lora.rank"),
+    ({"method": {"lora": {"target_modules": []}}}, "method.lora.target_modules=[]: names no module; list at least one, or use all-linear"),
+    ({"method": {"loraa": {}}}, "unknown key method.loraa"),
 ])
 def test_bad_values_name_the_key_and_value(sections, fragment):
     with pytest.raises(ConfigError) as error:
         parse_config(with_keys(**sections), source="c.yaml")
     message = str(error.value)
     assert fragment in message and message.startswith("c.yaml: ") and "\n" not in message
+    assert "(top level)" not in message and "{" not in message.partition(": ")[2][:1]
+
+
+def test_a_whole_config_check_prints_only_its_message():
+    with pytest.raises(ConfigError) as error:
+        parse_config(with_keys(distributed={"offload_params": True, "zero_stage": 2}), source="c.yaml")
+    assert str(error.value) == "c.yaml: distributed.offload_params needs distributed.zero_stage=3"
 
 
 def test_missing_required_key():

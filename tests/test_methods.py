@@ -40,7 +40,7 @@ def test_freeze_trains_only_the_last_layers(tiny_model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.layers.1.", "model.norm.")) for n in trainable)
     with pytest.raises(ConfigError, match="trainable_layers=5: the model has only 2 layers"):
-        get_method("freeze").check(MethodConfig(type="freeze", freeze={"trainable_layers": 5}), load_on_meta(tiny_model))
+        get_method("freeze").check(MethodConfig(type="freeze", freeze={"trainable_layers": 5}).options, load_on_meta(tiny_model))
 
 
 def test_full_trains_everything(tiny_model):
@@ -66,7 +66,7 @@ def test_qlora_layers_are_4bit_nf4(tiny_model):
 def test_absent_target_modules_list_the_existing_ones(tiny_model):
     cfg = MethodConfig(type="lora", lora={"target_modules": ["q_proj", "query_key_value"]})
     with pytest.raises(ConfigError) as error:
-        get_method("lora").check(cfg, load_on_meta(tiny_model))
+        get_method("lora").check(cfg.options, load_on_meta(tiny_model))
     assert "['query_key_value'] not in the model" in str(error.value)
     assert "q_proj" in str(error.value) and "down_proj" in str(error.value)
 
@@ -81,7 +81,7 @@ def test_registering_a_name_twice_fails_loudly():
 
 @pytest.mark.parametrize("flags", [{}, {"use_dora": True}])
 def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_model, flags):
-    from rayft.train.loop import keep_adapter_inputs_in_autocast_dtype
+    from rayft.methods.lora import keep_adapter_inputs_in_autocast_dtype
 
     ids = torch.randint(0, 1000, (2, 12))
     results = []

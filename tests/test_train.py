@@ -31,11 +31,10 @@ def reload_output(cfg, output_dir: Path):
 
     if get_method(cfg.method.type).output == "model":
         return AutoModelForCausalLM.from_pretrained(output_dir / "model", dtype=torch.float32)
-    from peft import PeftModel
-
-    kwargs = get_method(cfg.method.type).load_kwargs(cfg.method, torch.device("cpu"))
+    method = get_method(cfg.method.type)
+    kwargs = method.load_kwargs(cfg.method.options, torch.device("cpu"))
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **kwargs)
-    return PeftModel.from_pretrained(base, output_dir / "adapter")
+    return method.load_output(output_dir / "adapter", base)
 
 
 def eval_loss_of(model, cfg) -> float:

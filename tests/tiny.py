@@ -72,3 +72,22 @@ def build_other_tiny_model(target: Path, vocab_size: int) -> Path:
                              tie_word_embeddings=True)
         LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
     return target
+
+
+def build_tiny_qwen2(target: Path, seed: int = 0) -> Path:
+    """A tiny Qwen2-shaped model (attention biases) with the SmolLM2 tokenizer: for methods that need biases."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from rayft.models import resolve_model_path
+
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target

@@ -41,31 +41,33 @@ class ModelConfig(Strict):
     name_or_path: str = DEFAULT_BASE_MODEL
 
 
-class LoraConfig(Strict):
-    r: int = Field(16, gt=0, le=4096)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    # "all-linear" (every linear layer but the output head) or a list of module names
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-
-
-class FreezeConfig(Strict):
-    trainable_layers: int = Field(2, gt=0)
-
-
-class QloraConfig(Strict):
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-
-
 class MethodConfig(Strict):
+    """`method.type` and that method's own block, `method.<type>`, whose schema the method's module
+    owns (rayft/methods/). A block for another method is an error, as is an unknown key in the block."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     type: str = "lora"
-    lora: LoraConfig = LoraConfig()
-    freeze: FreezeConfig = FreezeConfig()
-    qlora: QloraConfig = QloraConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_block_only(cls, raw: Any) -> Any:
+        from rayft.methods import get_method, method_names
+
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        name = raw.get("type", "lora")
+        if name not in method_names():
+            return raw  # the field validator below names the unknown type
+        for key in raw:
+            if key not in ("type", name):
+                if key in method_names():
+                    raise ValueError(f"method.{key}: a block for method {key!r}, but method.type is {name!r}")
+                raise ValueError(f"unknown key method.{key}")
+        # validated under the block's name, so that errors name method.<type>.<key>
+        raw[name] = getattr(get_method(name).block_schema().model_validate({name: raw.get(name) or {}}), name)
+        return raw
 
     @field_validator("type")
     @classmethod
@@ -75,6 +77,11 @@ class MethodConfig(Strict):
         if value not in method_names():
             raise ValueError(f"unknown method {value!r}; allowed: {', '.join(method_names())}")
         return value
+
+    @property
+    def options(self) -> Strict:
+        """The block of the chosen method (method.<type>)."""
+        return getattr(self, self.type)
 
 
 class DataConfig(Strict):
@@ -146,7 +153,7 @@ class TrainJobConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     output_dir: str
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=MethodConfig)  # built lazily: it asks the method registry
     data: DataConfig
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
@@ -154,13 +161,13 @@ class TrainJobConfig(Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> "TrainJobConfig":
-        if self.method.type == "qlora" and self.distributed.zero_stage == 3:
-            raise ValueError(
-                "method.type=qlora cannot run with distributed.zero_stage=3: ZeRO-3 would "
-                "partition the packed 4-bit weights; use zero_stage 0, 1 or 2"
-            )
-        if self.method.type == "qlora" and self.distributed.offload_params:
-            raise ValueError("method.type=qlora cannot offload 4-bit params (distributed.offload_params)")
+        from rayft.methods import get_method
+
+        method = get_method(self.method.type)
+        if self.train.attention == "packed" and not method.packs:
+            raise ValueError(f"train.attention=packed: method.type={self.method.type} keeps one sample per row "
+                             "(its extra tokens are per row); use auto or sdpa")
+        method.check_job(self.method.options, self)  # ZeRO stage, offload, precision
         if self.distributed.offload_params and self.distributed.zero_stage != 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
         if self.distributed.offload_optimizer and self.distributed.zero_stage == 0:
@@ -317,6 +324,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _describe_error(error: dict[str, Any], source: str) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and isinstance(error.get("input"), dict):
+        return f"{source}: {message}"  # a check over a whole section: its message names the keys
     if error["type"] == "extra_forbidden":
         return f"{source}: unknown key {where}"
     if error["type"] == "missing":

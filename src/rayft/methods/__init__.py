@@ -1,12 +1,14 @@
 """Fine-tuning methods, one module each, registered once by name.
 
 The trainer never branches on a method's name: it asks the registered method how to load the
-base model, how to make it trainable and whether the result is an adapter or a whole model.
+base model, how to make it trainable, how to step and export it, and reads its capabilities.
 """
 
-from rayft.methods.base import Method, get_method, method_names, register
+from rayft.methods.base import Method, Run, get_method, method_names, register
 
 # Importing the modules registers their methods.
-from rayft.methods import full, freeze, lora, qlora  # noqa: E402,F401
+from rayft.methods import (  # noqa: E402,F401
+    adalora, bitfit, bottleneck, compacter, freeze, full, ia3, ln_tuning, lora, p_tuning, prefix_tuning, prompt_tuning,
+    qlora)
 
-__all__ = ["Method", "get_method", "method_names", "register"]
+__all__ = ["Method", "Run", "get_method", "method_names", "register"]

@@ -1,32 +1,133 @@
-"""The method interface and its registry."""
+"""The method interface and its registry.
+
+A method is one module under rayft/methods/ that defines its options (the `method.<name>` block
+of the config), registers itself once, and answers everything the trainer asks of it. The loop,
+runner, sweep and jobs never name a method: they call these hooks and read these capabilities.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Optional
 
-from rayft.config import MethodConfig
+import torch
+from pydantic import create_model
+
+from rayft.config import Strict
 
 _REGISTRY: dict[str, "Method"] = {}
 
 
+@dataclass(frozen=True)
+class Run:
+    """What a method may need to know of the run it joins."""
+    total_steps: int = 1
+    precision: str = "fp32"  # resolved: bf16 | fp16 | fp32
+
+
+class NoOptions(Strict):
+    """A method without options: its block may be absent or empty."""
+
+
 class Method:
-    """How one fine-tuning method loads, prepares and saves a model."""
+    """How one fine-tuning method loads, prepares, trains and saves a model."""
 
     name: str = ""
-    # "adapter": only the trained adapter is saved (servable next to its base);
+    options: type[Strict] = NoOptions  # the schema of method.<name>
+    # "adapter": only the trained weights are saved (next to a reference to their base);
     # "model": a whole model directory is saved.
     output: Literal["adapter", "model"] = "model"
 
-    def load_kwargs(self, cfg: MethodConfig, device) -> dict[str, Any]:
+    # ---- capabilities the loop and the pre-flight read instead of branching on names
+    # May several samples share a packed row? False turns data.packing off (with a note), for
+    # methods whose extra tokens or state are per row, not per sample.
+    packs: bool = True
+    # May the output head return the loss itself (train/head_loss.py)?
+    fused_head: bool = True
+    # Can `rayft merge` fold the output into the base?
+    mergeable: bool = False
+
+    def serve_kind(self, opts) -> Optional[str]:
+        """The adapter kind a server would load (recorded in rayft.json), or None where the output is
+        not an adapter of the base. Whether `rayft serve` loads that kind is serving's own check."""
+        return None
+
+    @classmethod
+    @lru_cache(maxsize=None)
+    def block_schema(cls):
+        """A model with one field, the method's block, so that errors name method.<name>.<key>."""
+        return create_model(f"{cls.name}_block", __base__=Strict, **{cls.name: (cls.options, cls.options())})
+
+    # ---- checks, before anything is loaded
+    def check_job(self, opts, job) -> None:
+        """Raise ValueError for a job this method cannot run (ZeRO stage, offload, precision, packing):
+        called when the config is read. `job` is the whole TrainJobConfig."""
+
+    def check(self, opts, model) -> None:
+        """Raise ConfigError when `opts` cannot apply to `model` (on the meta device)."""
+
+    def check_steps(self, opts, total_steps: int) -> None:
+        """Raise ConfigError when `opts` does not fit the run's number of optimizer steps."""
+
+    # ---- setup on each worker
+    def load_kwargs(self, opts, device) -> dict[str, Any]:
         """Extra keyword arguments for `from_pretrained` (quantization, device map)."""
         return {}
 
-    def check(self, cfg: MethodConfig, model) -> None:
-        """Raise ConfigError when `cfg` cannot apply to `model` (may be on the meta device)."""
-
-    def apply(self, cfg: MethodConfig, model):
+    def apply(self, opts, model, run: Run):
         """Make the model trainable the method's way; returns the model to train."""
         raise NotImplementedError
+
+    def virtual_tokens(self, opts) -> int:
+        """Positions the model's output has before each row's own tokens (soft prompts)."""
+        return 0
+
+    def param_groups(self, opts, model, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (a group may carry its own lr)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def extra_loss(self, opts, model) -> Optional[torch.Tensor]:
+        """A regularisation term added to each micro-batch's mean loss, or None."""
+        return None
+
+    # ---- per optimizer step, at the gradient-accumulation boundary
+    def before_optimizer_step(self, opts, model, step: int) -> None:
+        """Gradients of this step are complete (under ZeRO read them with deepspeed.utils.safe_get_full_grad)."""
+
+    def after_optimizer_step(self, opts, engine, step: int) -> None:
+        """The weights of step `step` are updated; `engine` is the DeepSpeed engine."""
+
+    # ---- outputs
+    def changed_base_params(self, opts, model) -> int:
+        """How many of the base model's parameters the output changes once merged or applied."""
+        return 0
+
+    def export(self, opts, module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        """Write the output (safetensors and its config) into `directory`; rank 0 only. `state`
+        holds the gathered weights: the trainable ones for adapters, every one for models."""
+        # peft's save_pretrained keeps only the adapter's keys of `state`; transformers' writes them all.
+        module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    def load_output(self, output_dir: Path, base):
+        """`base` with the saved output applied, ready to evaluate (peft's format by default)."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, output_dir)
+
+    def merge(self, output_dir: Path, base):
+        """The base with the output folded in; refuses (RayftError) where the method cannot merge."""
+        from rayft.errors import RayftError
+
+        if not self.mergeable:
+            raise RayftError(f"{output_dir}: a {self.name} output cannot be merged into its base model "
+                             f"({self.merge_refusal})")
+        applied = self.load_output(output_dir, base)
+        return applied.merge_and_unload() if hasattr(applied, "merge_and_unload") else applied
+
+    # why merge refuses, for methods that cannot merge
+    merge_refusal = "it adds computation that no weight of the base can express"
 
 
 def register(method_cls: type[Method]) -> type[Method]:
@@ -44,3 +145,7 @@ def get_method(name: str) -> Method:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def trainable_names(model) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]

@@ -7,7 +7,11 @@ from rayft.methods.base import Method, register
 class FullMethod(Method):
     name = "full"
     output = "model"
+    merge_refusal = "its output is already a whole model"
 
-    def apply(self, cfg, model):
+    def apply(self, opts, model, run):
         model.requires_grad_(True)
         return model
+
+    def changed_base_params(self, opts, model):
+        return sum(p.numel() for p in model.parameters())

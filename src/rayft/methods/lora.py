@@ -1,11 +1,44 @@
-"""LoRA through peft, with the rsLoRA and DoRA switches."""
+"""LoRA through peft: rsLoRA and DoRA switches, PiSSA/OLoRA initialisation, LoRA+ learning rates.
+
+PiSSA and OLoRA start the adapter from the base weight's principal (or QR) directions and take
+them out of the base (W_res = W - s B0 A0), so their raw output applies only to that modified
+base. It is saved converted: the change s (B A - B0 A0) is one LoRA of rank 2r, A' = [A; A0] and
+B' = [B, -B0], which applies to the unmodified base. LoRA+ trains B with a higher learning rate
+than A (plus_lr_ratio x lr); its output is a plain LoRA.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+from pathlib import Path
+from typing import Literal, Optional, Union
 
+import torch
+from pydantic import Field, field_validator
+
+from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, register
+
+
+class LoraOptions(Strict):
+    r: int = Field(16, gt=0, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear" (every linear layer but the output head) or a list of module names
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output column
+    # gaussian: A random, B zero (outputs unchanged at init); pissa / olora: see the module docstring
+    init: Literal["gaussian", "pissa", "olora"] = "gaussian"
+    plus_lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+: B's learning rate = ratio x lr
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if value == []:
+            raise ValueError("names no module; list at least one, or use all-linear")
+        return value
 
 
 def linear_module_names(model) -> list[str]:
@@ -19,32 +52,108 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def peft_lora_config(cfg):
+def check_target_modules(block: str, targets, model) -> None:
+    if targets == "all-linear":
+        return
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(f"method.{block}.target_modules: {missing} not in the model; "
+                          f"linear modules are: {', '.join(available)}")
+
+
+def base_weight_numel(layer) -> int:
+    """Elements of a wrapped layer's base weight (4-bit weights by their unpacked shape)."""
+    base = layer.get_base_layer()
+    return base.in_features * base.out_features
+
+
+def adapted_base_params(model) -> int:
+    """Base weights a merge would change: every weight that a LoRA-style layer wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(base_weight_numel(m) for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "get_base_layer"))
+
+
+def peft_lora_config(opts):
     from peft import LoraConfig, TaskType
 
-    lora = cfg.lora
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+        task_type=TaskType.CAUSAL_LM, r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+        target_modules=opts.target_modules, use_rslora=opts.use_rslora, use_dora=opts.use_dora,
+        init_lora_weights=True if opts.init == "gaussian" else opts.init,
     )
+
+
+def keep_adapter_inputs_in_autocast_dtype(model) -> None:
+    """peft casts a LoRA layer's input to the adapter's dtype (fp32) and autocast casts it back to
+    bf16 for the matmul: two copies of an activation per layer, forward and backward, that change
+    no number (bf16 -> fp32 -> bf16 is exact). Only for forwards under autocast, and only plain
+    LoRA layers: DoRA's extra terms do change with the input's dtype."""
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and not getattr(module, "lora_variant", None):
+            module.cast_input_dtype_enabled = False
 
 
 @register
 class LoraMethod(Method):
     name = "lora"
+    options = LoraOptions
     output = "adapter"
+    mergeable = True
 
-    def check(self, cfg, model):
-        targets = cfg.lora.target_modules
-        if targets == "all-linear":
-            return
-        available = linear_module_names(model)
-        missing = [t for t in targets if t not in available]
-        if missing:
-            raise ConfigError(f"method.lora.target_modules: {missing} not in the model; "
-                              f"linear modules are: {', '.join(available)}")
+    def __init__(self):
+        self.initial: dict[str, torch.Tensor] = {}  # PiSSA/OLoRA: A0 and B0, for the export's conversion
 
-    def apply(self, cfg, model):
+    def serve_kind(self, opts) -> str:
+        return "dora" if opts.use_dora else "lora"
+
+    def check_job(self, opts, job):
+        if opts.init != "gaussian" and opts.use_dora:
+            raise ValueError(f"method.{self.name}.init={opts.init} with use_dora: the conversion to a LoRA "
+                             "of the unmodified base is defined for plain LoRA only")
+
+    def check(self, opts, model):
+        check_target_modules(self.name, opts.target_modules, model)
+
+    def apply(self, opts, model, run):
         from peft import get_peft_model
 
-        return get_peft_model(model, peft_lora_config(cfg))
+        model = get_peft_model(model, peft_lora_config(opts))
+        self.initial = {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+                        if opts.init != "gaussian" and ("lora_A" in name or "lora_B" in name)}
+        if run.precision != "fp32":
+            keep_adapter_inputs_in_autocast_dtype(model)
+        return model
+
+    def param_groups(self, opts, model, lr):
+        if opts.plus_lr_ratio is None:
+            return super().param_groups(opts, model, lr)
+        b_side = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+        rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
+        return [{"params": rest, "lr": lr}, {"params": b_side, "lr": lr * opts.plus_lr_ratio}]
+
+    def changed_base_params(self, opts, model):
+        return adapted_base_params(model)
+
+    def export(self, opts, module, state, directory: Path):
+        if not self.initial:
+            return super().export(opts, module, state, directory)
+        converted = {}
+        for name, tensor in state.items():
+            if "lora_A" in name:
+                converted[name] = torch.cat([tensor, self.initial[name].to(tensor.dtype)], dim=0)
+            elif "lora_B" in name:
+                converted[name] = torch.cat([tensor, -self.initial[name].to(tensor.dtype)], dim=1)
+            else:
+                converted[name] = tensor
+        peft_config = module.peft_config["default"]
+        saved = (peft_config.r, peft_config.lora_alpha, peft_config.init_lora_weights)
+        # rank 2r at the same scaling: alpha/r -> 2 alpha / 2r; alpha/sqrt(r) -> sqrt(2) alpha / sqrt(2r)
+        peft_config.r = 2 * opts.r
+        peft_config.lora_alpha = opts.alpha * (math.sqrt(2) if opts.use_rslora else 2)
+        peft_config.init_lora_weights = True
+        try:
+            module.save_pretrained(directory, state_dict=converted, safe_serialization=True)
+        finally:
+            peft_config.r, peft_config.lora_alpha, peft_config.init_lora_weights = saved

@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from rayft.methods.base import register
-from rayft.methods.lora import LoraMethod
+from rayft.methods.lora import LoraMethod, LoraOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class QloraOptions(LoraOptions):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
 
 
 @register
 class QloraMethod(LoraMethod):
     name = "qlora"
+    options = QloraOptions
     output = "adapter"
 
-    def load_kwargs(self, cfg, device):
+    def check_job(self, opts, job):
+        if job.distributed.zero_stage == 3:
+            raise ValueError("method.type=qlora cannot run with distributed.zero_stage=3: ZeRO-3 would "
+                             "partition the packed 4-bit weights; use zero_stage 0, 1 or 2")
+        if job.distributed.offload_params:
+            raise ValueError("method.type=qlora cannot offload 4-bit params (distributed.offload_params)")
+        if opts.init != "gaussian":
+            raise ValueError(f"method.qlora.init={opts.init}: PiSSA/OLoRA would decompose the 4-bit weights; "
+                             "use init gaussian (or method lora)")
+
+    def load_kwargs(self, opts, device):
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.qlora.quant_type,
-            bnb_4bit_use_double_quant=cfg.qlora.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[cfg.qlora.compute_dtype],
+            bnb_4bit_quant_type=opts.quant_type,
+            bnb_4bit_use_double_quant=opts.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[opts.compute_dtype],
         )
         return {"quantization_config": quant, "device_map": {"": device}}
 
-    def apply(self, cfg, model):
+    def apply(self, opts, model, run):
         from peft import prepare_model_for_kbit_training
 
         # Norms to fp32 and input grads on; checkpointing stays the trainer's choice.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return super().apply(cfg, model)
+        return super().apply(opts, model, run)

@@ -18,19 +18,24 @@ def attention_implementation(attention: str, model_config) -> str:
     return "sdpa" if attention == "auto" else attention
 
 
-def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: torch.device, attention: str = "auto"):
+def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: torch.device, attention: str = "auto",
+                      run=None):
+    """The base model with the method applied. `run` (rayft.methods.Run): the run's steps and
+    resolved precision; the default suits a model built for a check or a test."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rayft.methods import get_method
+    from rayft.methods import Run, get_method
 
     method = get_method(method_cfg.type)
+    if not method.packs and attention == "auto":
+        attention = "sdpa"  # rows hold one sample each: no packed layout to attend over
     config = AutoConfig.from_pretrained(model_dir)  # read once: it picks the attention and builds the model
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, config=config, dtype=torch.float32, attn_implementation=attention_implementation(attention, config),
-        **method.load_kwargs(method_cfg, device))
+        **method.load_kwargs(method_cfg.options, device))
     # The KV cache would make transformers ignore packed position ids (and is useless in training).
     model.config.use_cache = False
-    return method.apply(method_cfg, model)
+    return method.apply(method_cfg.options, model, run or Run())
 
 
 def load_on_meta(model_dir: str | Path):

@@ -69,10 +69,9 @@ def gathered_state_dict(module, trainable_only: bool, rank: int) -> dict[str, to
     return state
 
 
-def export_weights(module, output: str, directory: Path, rank: int) -> None:
-    """Write the adapter (output='adapter') or whole model as safetensors into directory/export."""
-    state = gathered_state_dict(module, trainable_only=(output == "adapter"), rank=rank)
-    if rank != 0:
-        return
-    # peft's save_pretrained keeps only the adapter's keys of `state`; transformers' writes them all.
-    module.save_pretrained(directory / EXPORT_DIR, state_dict=state, safe_serialization=True)
+def export_weights(module, method, opts, directory: Path, rank: int) -> None:
+    """Write the method's output (adapter or whole model, safetensors) into directory/export.
+    Collective: every rank gathers; rank 0 writes."""
+    state = gathered_state_dict(module, trainable_only=(method.output == "adapter"), rank=rank)
+    if rank == 0:
+        method.export(opts, module, state, directory / EXPORT_DIR)

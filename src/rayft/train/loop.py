@@ -51,16 +51,6 @@ def autocast_context(precision: str, device: torch.device):
     return nullcontext()
 
 
-def keep_adapter_inputs_in_autocast_dtype(model) -> None:
-    """peft casts a LoRA layer's input to the adapter's dtype (fp32) and autocast casts it back to
-    bf16 for the matmul: two copies of an activation per layer, forward and backward, that change
-    no number (bf16 -> fp32 -> bf16 is exact). Only for forwards under autocast, and only plain
-    LoRA layers: DoRA's extra terms do change with the input's dtype."""
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled") and not getattr(module, "lora_variant", None):
-            module.cast_input_dtype_enabled = False
-
-
 def unwrapped(model) -> torch.nn.Module:
     """The model under a DeepSpeed engine (or the model itself)."""
     return getattr(model, "module", model)
@@ -71,7 +61,8 @@ def output_head(model) -> torch.nn.Module:
     return unwrapped(model).get_output_embeddings()
 
 
-def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: dict[str, torch.Tensor], precision: str, virtual_tokens: int = 0,
+                 fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the learned tokens of a batch, and how many there are.
 
     No attention mask: position ids that restart per packed sample give a block-diagonal
@@ -79,17 +70,20 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str) -> tuple
     padding is invisible under causal attention. The output head (a hidden x vocabulary matmul,
     the biggest of the model) runs only at positions whose next token is learned, and where it
     can (train/head_loss.py) it returns their summed loss itself, chunk by chunk, so that the
-    full logits never exist; otherwise a forward pre-hook hands it just those hidden states."""
+    full logits never exist; otherwise a forward pre-hook hands it just those hidden states.
+    `virtual_tokens`: positions a soft-prompt method puts before each row's own (never learned)."""
     labels = batch["labels"]
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][learned[:, :-1]]
+    if virtual_tokens:
+        learned = torch.cat([learned.new_zeros(labels.shape[0], virtual_tokens), learned], dim=1)
     extra = {}
     if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
         extra["packed_layout"] = PackedLayout.of(batch["position_ids"])  # once per batch, not per layer
-    targets = labels[:, 1:][learned[:, :-1]]
     head = output_head(model)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
-    if fused_head_loss_applies(unwrapped(model), head, precision):
+    if fused_head and fused_head_loss_applies(unwrapped(model), head, precision):
         with head_returns_loss(head, learned, targets), autocast_context(precision, labels.device):
             return model(**inputs).logits, learned.sum()  # the summed loss, from the head itself
     hook = head.register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
@@ -142,11 +136,11 @@ def all_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(engine, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device) -> float:
+def evaluate(engine, loss_of, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device) -> float:
     engine.eval()
     loss_sum = token_count = 0.0
     for batch, counts in eval_batches(rows, cfg.train.micro_batch_size, rank, world, pad_id, device):
-        loss, tokens = token_losses(engine, batch, cfg.train.precision)
+        loss, tokens = loss_of(engine, batch)
         if counts:
             loss_sum += loss.item()
             token_count += tokens.item()
@@ -157,7 +151,9 @@ def evaluate(engine, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, 
 
 # ---------------------------------------------------------------- setup
 def build_optimizer(model, cfg: TrainJobConfig, on_gpu: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
+    from rayft.methods import get_method
+
+    params = get_method(cfg.method.type).param_groups(cfg.method.options, model, cfg.train.lr)
     train = cfg.train
     if train.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
@@ -202,7 +198,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers import AutoTokenizer
 
-    from rayft.methods import get_method
+    from rayft.methods import Run, get_method
     from rayft.models.loading import count_parameters, load_for_training
     from rayft.train.deepspeed_config import deepspeed_config
 
@@ -216,18 +212,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(cfg.train.precision, device)
     cfg.train.precision = precision
 
-    method = get_method(cfg.method.type)
-    model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention)
-    if precision != "fp32":
-        keep_adapter_inputs_in_autocast_dtype(model)
-    trainable_params, total_params = count_parameters(model)
-    if rank == 0:
-        print(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
-              f"({100 * trainable_params / total_params:.3f}%), precision {precision}", flush=True)
-    pad_id = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
-
     train_rows, val_rows = RowFile(data.train_file), RowFile(data.val_file)
     plan = StepPlan.build(cfg.train, batches_per_epoch(len(train_rows), world, cfg.train.micro_batch_size))
+    method, opts = get_method(cfg.method.type), cfg.method.options
+    model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention,
+                              Run(total_steps=plan.total_steps, precision=precision))
+    trainable_params, total_params = count_parameters(model)
+    changed_params = method.changed_base_params(opts, model)
+    if rank == 0:
+        print(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
+              f"({100 * trainable_params / total_params:.3f}%); its output changes {changed_params:,} base "
+              f"parameters once merged or applied; precision {precision}", flush=True)
+    pad_id = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
+    virtual_tokens = method.virtual_tokens(opts)
+
+    def loss_of(model, batch):
+        return token_losses(model, batch, precision, virtual_tokens, method.fused_head)
+
     optimizer = build_optimizer(model, cfg, on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan, cfg.train.scheduler))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -244,7 +245,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[rayft] resumed at step {state.step} of {plan.total_steps}", flush=True)
     reporter = Reporter(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"),
                         loop_config.get("progress_queue"))
-    param_counts = {"trainable_params": trainable_params, "total_params": total_params}
+    param_counts = {"trainable_params": trainable_params, "total_params": total_params,
+                    "changed_base_params": changed_params}
 
     def report(metrics: dict, checkpoint: bool, export: bool) -> None:
         metrics = {**metrics, **param_counts, "step": state.step, "total_steps": plan.total_steps}
@@ -254,7 +256,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
             save_training_state(engine, state, Path(tmp), rank)
             if export:
-                export_weights(engine.module, method.output, Path(tmp), rank)
+                export_weights(engine.module, method, opts, Path(tmp), rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if not export:
             # Train on once Ray Train has committed this checkpoint (it collects reports when it
@@ -263,7 +265,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     if state.step == 0:
-        state.eval_loss_before = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
+        state.eval_loss_before = evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device)
         reporter.log(0, {"eval_loss": state.eval_loss_before, "eval_ppl": math.exp(min(state.eval_loss_before, 50)),
                          "total_steps": plan.total_steps}, state)
 
@@ -271,16 +273,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step_start = time.perf_counter()
     engine.train()
     for batch in train_batches(train_rows, plan, cfg, rank, world, state.step, pad_id, device):
-        loss_sum, label_tokens = token_losses(engine, batch, cfg.train.precision)
-        engine.backward(loss_sum / label_tokens.clamp(min=1))
+        loss_sum, label_tokens = loss_of(engine, batch)
+        loss = loss_sum / label_tokens.clamp(min=1)
+        extra = method.extra_loss(opts, engine.module)
+        engine.backward(loss if extra is None else loss + extra)
         window["loss_sum"] += loss_sum.item()
         window["label_tokens"] += label_tokens.item()
         window["tokens"] += batch["real_tokens"].item()
         boundary = engine.is_gradient_accumulation_boundary()
+        if boundary:
+            method.before_optimizer_step(opts, engine.module, state.step + 1)
         engine.step()
         if not boundary:
             continue
         state.step += 1
+        method.after_optimizer_step(opts, engine, state.step)
         now = time.perf_counter()
         window["seconds"] += now - step_start
         step_start = now
@@ -304,7 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         saving = last or state.step % cfg.train.save_steps == 0
         eval_metrics = {}
         if evaluated:
-            eval_loss = evaluate(engine, val_rows, cfg, rank, world, pad_id, device)
+            eval_loss = evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device)
             eval_metrics = {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
             reporter.log(state.step, {**eval_metrics, "total_steps": plan.total_steps}, state)
         if evaluated or saving:

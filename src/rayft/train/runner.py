@@ -60,7 +60,12 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
     from rayft.train import attention
 
     model = load_on_meta(model_dir)
-    get_method(cfg.method.type).check(cfg.method, model)
+    method = get_method(cfg.method.type)
+    method.check(cfg.method.options, model)
+    if cfg.data.packing and not method.packs:
+        # the resolved config (config.yaml) then says so too
+        print(f"[rayft] note: method.type={cfg.method.type} keeps one sample per row; data.packing is turned off", flush=True)
+        cfg.data.packing = False
     if cfg.train.attention == "packed" and not attention.supports(model.config):
         raise ConfigError(f"train.attention: packed does not fit model type {model.config.model_type!r} "
                           f"(it needs plain causal attention: one of {', '.join(sorted(attention.SUPPORTED_MODEL_TYPES))}, "
@@ -101,6 +106,8 @@ def check_placement(cfg: TrainJobConfig, use_gpu: bool) -> None:
 
 def check_steps(cfg: TrainJobConfig, train_rows: int) -> int:
     from rayft.data.dataset import batches_per_epoch
+    from rayft.methods import get_method
+    from rayft.train.schedule import StepPlan
 
     batches = batches_per_epoch(train_rows, cfg.distributed.num_workers, cfg.train.micro_batch_size)
     if batches // cfg.train.grad_accum == 0:
@@ -109,6 +116,7 @@ def check_steps(cfg: TrainJobConfig, train_rows: int) -> int:
             f"{' and packing' if cfg.data.packing else ''}: too few for one step of "
             f"{cfg.distributed.num_workers} workers x micro_batch_size={cfg.train.micro_batch_size} "
             f"x grad_accum={cfg.train.grad_accum}")
+    get_method(cfg.method.type).check_steps(cfg.method.options, StepPlan.build(cfg.train, batches).total_steps)
     return batches
 
 
@@ -194,11 +202,19 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
 
 def adapter_metadata(cfg: TrainJobConfig, model_dir: Path, run_id: str) -> dict[str, Any]:
+    from rayft.methods import get_method
     from rayft.models import base_fingerprint
 
+    method = get_method(cfg.method.type)
     return {"base_model": cfg.model.name_or_path, "base_model_path": str(model_dir),
             "base_fingerprint": base_fingerprint(model_dir), "method": cfg.method.type,
-            "lora": cfg.method.lora.model_dump(mode="json"), "name": cfg.name, "mlflow_run_id": run_id}
+            "options": cfg.method.options.model_dump(mode="json"),
+            "serve_kind": method.serve_kind(cfg.method.options), "name": cfg.name, "mlflow_run_id": run_id}
+
+
+def weights_bytes(directory: Path) -> int:
+    """The output's size on disk: its weight files (safetensors), tokenizer and configs excluded."""
+    return sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
 
 
 def publish_outputs(checkpoint_dir: Path, output_dir: Path, output_kind: str, cfg: TrainJobConfig,
@@ -321,11 +337,13 @@ def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: st
         "resumed_from_steps": state.resumed_from,
         "trainable_params": result.metrics.get("trainable_params"),
         "total_params": result.metrics.get("total_params"),
+        "changed_base_params": result.metrics.get("changed_base_params"),
+        "output_bytes": weights_bytes(output_dir / output_kind),
         "mlflow_run_id": run_id,
         "output": str(output_dir / output_kind),
     }
-    mlflow_run.log_params(uri, run_id, {"trainable_params": metrics["trainable_params"],
-                                        "total_params": metrics["total_params"]})
+    mlflow_run.log_params(uri, run_id, {key: metrics[key] for key in
+                                        ("trainable_params", "total_params", "changed_base_params", "output_bytes")})
     pending = output_dir / ".pending"  # metrics.json lands last: its presence marks a finished run
     pending.mkdir(exist_ok=True)
     (pending / FINISHED_MARKER).write_text(json.dumps(metrics, indent=2))
