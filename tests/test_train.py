@@ -38,6 +38,9 @@ def reload_output(cfg, output_dir: Path):
 
 
 def eval_loss_of(model, cfg) -> float:
+    from rayft.methods import get_method
+
+    virtual_tokens = get_method(cfg.method.type).virtual_tokens(cfg.method.options)
     data = prepare_data(cfg.data, Path(cfg.model.name_or_path), rayft_home() / "datasets", cfg.train.seed)
     rows = RowFile(data.val_file)
     loss_sum = tokens = 0.0
@@ -45,7 +48,7 @@ def eval_loss_of(model, cfg) -> float:
     with torch.no_grad():
         for start in range(0, len(rows), 4):
             batch = collate(rows.rows(list(range(start, min(start + 4, len(rows))))), 2)
-            loss, count = token_losses(model, batch, "fp32")
+            loss, count = token_losses(model, batch, "fp32", virtual_tokens)
             loss_sum, tokens = loss_sum + loss.item(), tokens + count.item()
     return loss_sum / tokens
 

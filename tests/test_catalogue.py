@@ -1,0 +1,281 @@
+"""The PEFT catalogue: every method at init, its exact parameter counts, its output saved and
+reloaded to the same numbers, its bad inputs, and its training under Ray Train + DeepSpeed ZeRO."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import base_config
+from rayft.config import MethodConfig, parse_config
+from rayft.errors import ConfigError
+from rayft.methods import Run, get_method
+from rayft.models.loading import count_parameters, load_for_training, load_on_meta
+from rayft.train.loop import token_losses
+
+CPU = torch.device("cpu")
+# (method block, which tiny model): the Qwen2-shaped one where the method needs biases
+ADAPTER_CASES = {
+    "lora-pissa-plus": ({"type": "lora", "lora": {"r": 4, "init": "pissa", "plus_lr_ratio": 16, "dropout": 0.0}}, "llama"),
+    "lora-olora-rs": ({"type": "lora", "lora": {"r": 4, "init": "olora", "use_rslora": True, "dropout": 0.0}}, "llama"),
+    "adalora": ({"type": "adalora", "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1}}, "llama"),
+    "prompt_tuning": ({"type": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 8}}, "llama"),
+    "p_tuning": ({"type": "p_tuning", "p_tuning": {"num_virtual_tokens": 8, "encoder_hidden": 32}}, "llama"),
+    "prefix_tuning": ({"type": "prefix_tuning", "prefix_tuning": {"num_virtual_tokens": 8, "projection": True,
+                                                                  "projection_hidden": 32}}, "llama"),
+    "ia3": ({"type": "ia3"}, "llama"),
+    "bitfit": ({"type": "bitfit"}, "qwen2"),
+    "ln_tuning": ({"type": "ln_tuning"}, "llama"),
+    "bottleneck-houlsby": ({"type": "bottleneck", "bottleneck": {"placement": "houlsby", "reduction_factor": 8}}, "llama"),
+    "adapterdrop": ({"type": "bottleneck", "bottleneck": {"reduction_factor": 8, "drop_first_n": 1, "drop_prob": 0.3}}, "llama"),
+    "compacter": ({"type": "compacter", "compacter": {"reduction_factor": 4, "phm_dim": 4, "phm_rank": 2}}, "llama"),
+}
+# methods whose outputs must be unchanged at initialisation (soft prompts add tokens: they change them)
+UNCHANGED_AT_INIT = ["lora-pissa-plus", "lora-olora-rs", "adalora", "ia3", "bitfit", "ln_tuning",
+                     "bottleneck-houlsby", "adapterdrop", "compacter"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tiny_qwen2):
+    return {"llama": tiny_model, "qwen2": tiny_qwen2}
+
+
+def batch_of(rows: int = 2, length: int = 12, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1000, (rows, length), generator=generator)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "position_ids": torch.arange(length).repeat(rows, 1), "labels": labels}
+
+
+def loss_of(model, method, opts, batch):
+    model.eval()
+    with torch.no_grad():
+        loss, count = token_losses(model, batch, "fp32", method.virtual_tokens(opts))
+    return (loss / count).item()
+
+
+def base_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("case", UNCHANGED_AT_INIT)
+def test_outputs_are_unchanged_at_init(models, case):
+    block, shape = ADAPTER_CASES[case]
+    cfg = MethodConfig.model_validate(block)
+    torch.manual_seed(0)
+    model = load_for_training(models[shape], cfg, CPU, run=Run(total_steps=10)).eval()
+    ids = batch_of()["input_ids"]
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+        want = base_model(models[shape])(input_ids=ids, use_cache=False).logits
+    # PiSSA/OLoRA move the principal part of W into the adapter: equal up to fp32 rounding
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_output_reloads_to_the_same_numbers(models, tmp_path, case):
+    """Weights moved off their init (as training would), exported as a run exports them, and
+    loaded onto a fresh base the way a user would: the same loss. For PiSSA/OLoRA this checks the
+    conversion to a LoRA of the unmodified base; for AdaLoRA the one to a rank-pattern LoRA."""
+    block, shape = ADAPTER_CASES[case]
+    cfg = MethodConfig.model_validate(block)
+    method, opts = get_method(cfg.type), cfg.options
+    torch.manual_seed(0)
+    model = load_for_training(models[shape], cfg, CPU, run=Run(total_steps=10))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+            if "lora_E" in name:
+                param[0] = 0.0  # a triplet AdaLoRA pruned
+    batch = batch_of()
+    trained = loss_of(model, method, opts, batch)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    method.export(opts, model, state, tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".bin", ".pt", ".pth")]
+    reloaded = method.load_output(tmp_path / "out", base_model(models[shape]))
+    assert loss_of(reloaded, method, opts, batch) == pytest.approx(trained, rel=1e-5)
+    if method.mergeable:
+        merged = method.merge(tmp_path / "out", base_model(models[shape]))
+        assert loss_of(merged, method, MethodConfig().options, batch) == pytest.approx(trained, rel=1e-5)
+
+
+def test_pissa_export_is_a_plain_lora_of_rank_2r(models, tmp_path):
+    block, _ = ADAPTER_CASES["lora-pissa-plus"]
+    cfg = MethodConfig.model_validate(block)
+    model = load_for_training(models["llama"], cfg, CPU)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    get_method("lora").export(cfg.options, model, state, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 2 * cfg.options.alpha, True)
+
+
+def test_adalora_export_keeps_only_surviving_triplets(models, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = MethodConfig.model_validate(ADAPTER_CASES["adalora"][0])
+    model = load_for_training(models["llama"], cfg, CPU, run=Run(total_steps=10))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_E" in name:
+                param.copy_(torch.tensor([[1.0], [0.0], [2.0], [0.0], [0.0], [0.0]]) if "q_proj" in name else 0 * param)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    get_method("adalora").export(cfg.options, model, state, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2}
+    tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert len(tensors) == 4 and all(t.shape[0] == 2 or t.shape[1] == 2 for t in tensors.values())
+
+
+def test_lora_plus_trains_b_at_ratio_times_the_learning_rate(models):
+    cfg = MethodConfig.model_validate(ADAPTER_CASES["lora-pissa-plus"][0])
+    model = load_for_training(models["llama"], cfg, CPU)
+    groups = get_method("lora").param_groups(cfg.options, model, 1e-3)
+    by_lr = {g["lr"]: g["params"] for g in groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert set(by_lr) == {1e-3, 16e-3}
+    assert all("lora_B" in names[id(p)] for p in by_lr[16e-3]) and all("lora_A" in names[id(p)] for p in by_lr[1e-3])
+
+
+def hidden_and_layers(model_dir):
+    config = load_on_meta(model_dir).config
+    return config.hidden_size, config.num_hidden_layers, config
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_parameter_counts_are_exact(models, case):
+    block, shape = ADAPTER_CASES[case]
+    cfg = MethodConfig.model_validate(block)
+    h, layers, config = hidden_and_layers(models[shape])
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    ff = config.intermediate_size
+    opts = cfg.options
+    expected = {
+        # r x (in + out) per adapted module, q k v o gate up down in each layer
+        "lora-pissa-plus": layers * 4 * ((h + h) + (h + kv) * 2 + (h + h) + (h + ff) * 2 + (ff + h)),
+        "lora-olora-rs": layers * 4 * ((h + h) + (h + kv) * 2 + (h + h) + (h + ff) * 2 + (ff + h)),
+        # A (r x in), B (out x r), E (r) per module; peft's count leaves out its fixed ranknum
+        "adalora": layers * (6 * ((h + h) + (h + kv) * 2 + (h + h) + (h + ff) * 2 + (ff + h)) + 7 * 6),
+        "prompt_tuning": 8 * h,
+        # embedding n x h, MLP h -> 32 -> 32 -> h with biases
+        "p_tuning": 8 * h + (h * 32 + 32) + (32 * 32 + 32) + (32 * h + h),
+        # embedding n x kv (peft sizes prefixes by the key/value width), then kv -> 32 -> layers x 2 x kv
+        "prefix_tuning": 8 * kv + (kv * 32 + 32) + (32 * layers * 2 * kv + layers * 2 * kv),
+        "ia3": layers * (kv + kv + ff),  # keys and values rescale outputs, down_proj its input
+        "bitfit": layers * (h + kv + kv),  # Qwen2: q, k and v biases
+        "ln_tuning": layers * 2 * h + h,  # two RMSNorms per layer and the final one
+        "bottleneck-houlsby": layers * 2 * (h * 8 + 8 + 8 * h + h),
+        "adapterdrop": (layers - 1) * (h * 8 + 8 + 8 * h + h),
+        "compacter": 2 * 4 ** 3 + layers * ((h * 2 + 2 * 16 + 16) + (16 * 2 + 2 * h + h)),
+    }[case]
+    model = load_for_training(models[shape], cfg, CPU, run=Run(total_steps=10))
+    trainable, total = count_parameters(model)
+    assert trainable == expected
+    base_total = sum(p.numel() for p in base_model(models[shape]).parameters())
+    if cfg.type in ("bitfit", "ln_tuning"):
+        assert total == base_total  # they train the base's own parameters
+    else:  # AdaLoRA also holds a frozen rank count (ranknum) in each of its 7 modules per layer
+        assert total == base_total + trainable + (7 * layers if case == "adalora" else 0)
+    if case == "compacter":
+        from rayft.methods.compacter import compacter_params
+
+        assert trainable == compacter_params(opts, h, layers)
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"type": "ia3", "lora": {}}, "method.lora: a block for method 'lora', but method.type is 'ia3'"),
+    ({"type": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 0}},
+     "method.prompt_tuning.num_virtual_tokens=0: Input should be greater than 0"),
+    ({"type": "p_tuning", "p_tuning": {"num_virtual_tokens": -1}}, "method.p_tuning.num_virtual_tokens=-1"),
+    ({"type": "prompt_tuning", "prompt_tuning": {"init": "text"}}, "init=text needs method.prompt_tuning.init_text"),
+    ({"type": "adalora", "adalora": {"init_r": 4, "target_r": 8}}, "method.adalora.target_r=8 exceeds init_r=4"),
+    ({"type": "adalora"}, "adalora cannot run with distributed.zero_stage=3"),
+    ({"type": "lora", "lora": {"init": "pissa", "use_dora": True}}, "method.lora.init=pissa with use_dora"),
+    ({"type": "qlora", "qlora": {"init": "olora"}}, "method.qlora.init=olora: PiSSA/OLoRA would decompose"),
+    ({"type": "ia3", "ia3": {"feedforward_modules": ["gate_proj"]}}, "feedforward_modules: ['gate_proj'] not in"),
+    ({"type": "prompt_tuning", "prompt_tuning": {}}, "train.attention=packed: method.type=prompt_tuning keeps one sample"),
+])
+def test_bad_method_config_is_one_line(tmp_path, block, message):
+    raw = {"name": "x", "output_dir": "o", "data": {"train": "d.jsonl"}, "method": block,
+           "distributed": {"zero_stage": 3 if block == {"type": "adalora"} else 2}}
+    if "train.attention" in message:
+        raw["train"] = {"attention": "packed"}
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, source="c.yaml")
+    assert message in str(error.value) and "\n" not in str(error.value) and "(top level)" not in str(error.value)
+
+
+@pytest.mark.parametrize("block, shape, message", [
+    ({"type": "bitfit"}, "llama", "method.type=bitfit: model type 'llama' has no bias terms to train; BitFit needs an "
+                                  "architecture with biases (Qwen2 has attention biases"),
+    ({"type": "bitfit", "bitfit": {"biases": "mlp"}}, "qwen2", "'qwen2' has no bias terms in its mlp layers"),
+    ({"type": "compacter", "compacter": {"phm_dim": 3}}, "llama", "method.compacter.phm_dim=3 must divide the hidden size 64"),
+    ({"type": "bottleneck", "bottleneck": {"drop_first_n": 2}}, "llama", "method.bottleneck.drop_first_n=2: the model has only 2 layers"),
+    ({"type": "ia3", "ia3": {"target_modules": ["query"], "feedforward_modules": []}}, "llama", "method.ia3.target_modules: ['query'] not in the model"),
+])
+def test_method_refuses_a_model_it_cannot_apply_to(models, block, shape, message):
+    cfg = MethodConfig.model_validate(block)
+    with pytest.raises(ConfigError, match=None) as error:
+        get_method(cfg.type).check(cfg.options, load_on_meta(models[shape]))
+    assert message in str(error.value)
+
+
+def test_adalora_schedule_must_fit_the_run():
+    cfg = MethodConfig.model_validate({"type": "adalora", "adalora": {"tinit": 4, "tfinal": 2}})
+    with pytest.raises(ConfigError, match=r"tinit=4 \+ tfinal=2 leave no step for the rank allocation in a run of 6 steps"):
+        get_method("adalora").check_steps(cfg.options, 6)
+
+
+def test_soft_prompts_turn_packing_off_with_a_note(tmp_path, tiny_model, alpaca_file, capsys):
+    from rayft.train.runner import check_method
+
+    cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, method={"type": "prompt_tuning"}))
+    assert cfg.data.packing
+    check_method(cfg, tiny_model)
+    assert not cfg.data.packing
+    assert "method.type=prompt_tuning keeps one sample per row; data.packing is turned off" in capsys.readouterr().out
+
+
+def test_merge_refuses_methods_that_cannot_merge(tmp_path):
+    from rayft.errors import RayftError
+
+    for name, why in [("prompt_tuning", "virtual tokens are extra inputs"), ("bottleneck", "non-linear module"),
+                      ("full", "already a whole model")]:
+        with pytest.raises(RayftError, match=f"a {name} output cannot be merged into its base model .*{why}"):
+            get_method(name).merge(tmp_path, None)
+
+
+# ---------------------------------------------------------------- under Ray Train + DeepSpeed
+TRAINED = {
+    # case -> ZeRO stage: every method on ZeRO-2, some also on 3 and 0
+    "lora-pissa-plus": 2, "adalora": 2, "prompt_tuning": 2, "p_tuning": 3, "prefix_tuning": 2, "ia3": 3,
+    "bitfit": 2, "ln_tuning": 2, "bottleneck-houlsby": 3, "adapterdrop": 2, "compacter": 2,
+}
+
+
+@pytest.mark.usefixtures("ray_address")
+@pytest.mark.parametrize("case", list(TRAINED))
+def test_method_trains_under_ray_and_zero_and_reloads(tmp_path, models, alpaca_file, case):
+    from test_train import eval_loss_of, reload_output
+
+    from rayft.train.runner import run_training
+
+    block, shape = ADAPTER_CASES[case]
+    cfg = parse_config(base_config(tmp_path, models[shape], alpaca_file, method=block,
+                                   distributed={"zero_stage": TRAINED[case]}, train={"lr": 2e-2}))
+    metrics = run_training(cfg)
+    out = Path(cfg.output_dir) / "adapter"
+    assert metrics["steps"] == 6 and metrics["eval_loss"] < metrics["eval_loss_before"], metrics
+    assert metrics["trainable_params"] > 0 and metrics["output_bytes"] > 0
+    assert metrics["changed_base_params"] is not None
+    meta = json.loads((out / "rayft.json").read_text())
+    assert meta["method"] == cfg.method.type and meta["options"] == cfg.method.options.model_dump(mode="json")
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth")]
+    reloaded = eval_loss_of(reload_output(cfg, Path(cfg.output_dir)), cfg)
+    assert reloaded == pytest.approx(metrics["eval_loss"], rel=2e-4)
