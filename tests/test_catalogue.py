@@ -30,7 +30,8 @@ ADAPTER_CASES = {
     "bitfit": ({"type": "bitfit"}, "qwen2"),
     "ln_tuning": ({"type": "ln_tuning"}, "llama"),
     "bottleneck-houlsby": ({"type": "bottleneck", "bottleneck": {"placement": "houlsby", "reduction_factor": 8}}, "llama"),
-    "adapterdrop": ({"type": "bottleneck", "bottleneck": {"reduction_factor": 8, "drop_first_n": 1, "drop_prob": 0.3}}, "llama"),
+    "adapterdrop": ({"type": "bottleneck", "bottleneck": {"placement": "houlsby", "reduction_factor": 8,
+                                                          "drop_first_n": 1, "drop_prob": 0.3}}, "llama"),
     "compacter": ({"type": "compacter", "compacter": {"reduction_factor": 4, "phm_dim": 4, "phm_rank": 2}}, "llama"),
 }
 # methods whose outputs must be unchanged at initialisation (soft prompts add tokens: they change them)
@@ -171,7 +172,7 @@ def test_parameter_counts_are_exact(models, case):
         "bitfit": layers * (h + kv + kv),  # Qwen2: q, k and v biases
         "ln_tuning": layers * 2 * h + h,  # two RMSNorms per layer and the final one
         "bottleneck-houlsby": layers * 2 * (h * 8 + 8 + 8 * h + h),
-        "adapterdrop": (layers - 1) * (h * 8 + 8 + 8 * h + h),
+        "adapterdrop": (layers - 1) * 2 * (h * 8 + 8 + 8 * h + h),
         "compacter": 2 * 4 ** 3 + layers * ((h * 2 + 2 * 16 + 16) + (16 * 2 + 2 * h + h)),
     }[case]
     model = load_for_training(models[shape], cfg, CPU, run=Run(total_steps=10))
@@ -230,6 +231,33 @@ def test_adalora_schedule_must_fit_the_run():
     cfg = MethodConfig.model_validate({"type": "adalora", "adalora": {"tinit": 4, "tfinal": 2}})
     with pytest.raises(ConfigError, match=r"tinit=4 \+ tfinal=2 leave no step for the rank allocation in a run of 6 steps"):
         get_method("adalora").check_steps(cfg.options, 6)
+
+
+def test_adapterdrop_draws_alike_on_every_rank_and_never_drops_all(models):
+    from rayft.methods.bottleneck import DroppableAdapter
+
+    cfg = MethodConfig.model_validate({"type": "bottleneck", "bottleneck": {"placement": "houlsby", "drop_prob": 0.9}})
+    draws = []
+    for _ in range(2):  # two "ranks"
+        model = load_for_training(models["llama"], cfg, CPU)
+        method = get_method("bottleneck")
+        adapters = [m for m in model.modules() if isinstance(m, DroppableAdapter)]
+        steps = []
+        for step in range(1, 30):
+            method.after_optimizer_step(cfg.options, model, step)
+            steps.append(tuple(a.skip for a in adapters))
+        draws.append(steps)
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+    assert all(not all(skips) for skips in draws[0]) and any(sum(skips) == 3 for skips in draws[0])
+    model.eval()  # evaluation never drops
+    ids = batch_of()["input_ids"]
+    with torch.no_grad():
+        for a in adapters:
+            a.up.weight.fill_(0.01)
+        dropped = model(input_ids=ids, use_cache=False).logits
+        for a in adapters:
+            a.skip = False
+        torch.testing.assert_close(dropped, model(input_ids=ids, use_cache=False).logits)
 
 
 def test_soft_prompts_turn_packing_off_with_a_note(tmp_path, tiny_model, alpaca_file, capsys):

@@ -6,9 +6,10 @@ and after the MLP (houlsby), or after the MLP only (pfeiffer). The up-projection
 so outputs are unchanged at init.
 
 AdapterDrop: `drop_first_n` puts no adapter in the first N layers, in training and inference
-(those layers then run at the base's cost); `drop_prob` skips each layer's adapters at random
-during training only, with one draw per optimizer step that every rank makes alike (under ZeRO-3
-a skipped adapter gathers no weights, so the ranks must agree).
+(those layers then run at the base's cost); `drop_prob` skips each adapter at random during
+training only, with one draw per optimizer step that every rank makes alike (under ZeRO-3 a
+skipped adapter gathers no weights, so the ranks must agree); a draw that would skip them all
+keeps one.
 
 The adapters are child modules of the sublayers they follow (`<sublayer>.bottleneck`), run by a
 forward hook: the base's own parameter names do not change. Output: adapter_model.safetensors
@@ -149,9 +150,12 @@ class AdapterMethod(Method):
             return
         model = getattr(engine, "module", engine)
         generator = torch.Generator().manual_seed(1_000_003 * (step + 1))
-        for module in model.modules():
-            if isinstance(module, DroppableAdapter):
-                module.skip = bool(torch.rand((), generator=generator) < opts.drop_prob)
+        adapters = [m for m in model.modules() if isinstance(m, DroppableAdapter)]
+        skips = (torch.rand(len(adapters), generator=generator) < opts.drop_prob).tolist()
+        if all(skips):  # a step with no adapter would have nothing to train (and no gradient at all)
+            skips[int(torch.randint(len(adapters), (), generator=generator))] = False
+        for adapter, skip in zip(adapters, skips):
+            adapter.skip = skip
 
     def export(self, opts, module, state, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
