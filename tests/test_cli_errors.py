@@ -9,6 +9,7 @@ from conftest import base_config, run_cli, write_config
 
 
 def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
@@ -22,7 +23,16 @@ def bad_inputs(tmp_path):
             {"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "x"}])),
         "long": write(tmp_path / "long.jsonl", "\n".join(
             json.dumps({"instruction": "word " * 200, "output": "ok"}) for _ in range(20))),
+        "latin1": write_bytes(tmp_path / "latin1.jsonl", b'{"instruction": "a", "output": "b"}\n'
+                                                          b'{"instruction": "caf\xe9", "output": "b"}\n'),
+        "a_file": write(tmp_path / "taken", "not a directory"),
+        "no_model_type": write(tmp_path / "nomodel" / "config.json", '{"hidden_size": 64}').parent,
     }
+
+
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return path
 
 
 CASES = {
@@ -37,6 +47,20 @@ CASES = {
     "unreachable mlflow": ({"tracking": {"mlflow_uri": "http://127.0.0.1:9"}}, "tracking.mlflow_uri=http://127.0.0.1:9 is unreachable"),
     "fp16 on cpu": ({"train": {"precision": "fp16"}}, "train.precision=fp16 needs GPUs"),
     "too many workers": ({"distributed": {"num_workers": 8}}, "distributed.num_workers=8 x cpus_per_worker=1 needs 8 CPUs; the Ray cluster has 4"),
+    "not utf-8": ({"data": {"train": "@latin1"}}, "latin1.jsonl:2: not UTF-8 text (byte 0xe9 at offset 56); save the file as UTF-8"),
+    "no target modules": ({"method": {"lora": {"target_modules": []}}}, "method.lora.target_modules=[]: names no module; list at least one, or use all-linear"),
+    "output_dir is a file": ({"top": {"output_dir": "@a_file"}}, "taken is an existing file, not a directory"),
+    "no model_type": ({"model": {"name_or_path": "@no_model_type"}}, "config.json has no model_type, so the architecture is unknown"),
+    "cutoff beyond context": ({"data": {"cutoff_len": 4096}}, "data.cutoff_len=4096 exceeds the model's context of 1024 tokens"),
+    "soft prompt beyond context": ({"method": {"type": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 1000}}},
+                                   "data.cutoff_len=128 plus method's 1000 virtual tokens exceeds the model's context of 1024"),
+    "block of another method": ({"method": {"type": "ia3", "lora": {"r": 4}}}, "method.lora: a block for method 'lora', but method.type is 'ia3'"),
+    "zero virtual tokens": ({"method": {"type": "prefix_tuning", "prefix_tuning": {"num_virtual_tokens": 0}}},
+                            "method.prefix_tuning.num_virtual_tokens=0: Input should be greater than 0"),
+    "bitfit without biases": ({"method": {"type": "bitfit"}}, "method.type=bitfit: model type 'llama' has no bias terms"),
+    "compacter phm_dim": ({"method": {"type": "compacter", "compacter": {"phm_dim": 3}}}, "method.compacter.phm_dim=3 must divide"),
+    "adalora ranks": ({"method": {"type": "adalora", "adalora": {"init_r": 2, "target_r": 4}}}, "target_r=4 exceeds init_r=2"),
+    "drop every layer": ({"method": {"type": "bottleneck", "bottleneck": {"drop_first_n": 2}}}, "drop_first_n=2: the model has only 2 layers"),
 }
 
 
@@ -47,7 +71,11 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, tiny_model, alpaca_fil
     config = base_config(tmp_path, tiny_model, alpaca_file)
     for section, values in sections.items():
         values = {k: (str(bad_inputs[v[1:]]) if isinstance(v, str) and v.startswith("@") else v) for k, v in values.items()}
-        if section == "method" and "lora" in values:
+        if section == "top":
+            config.update(values)
+        elif section == "method" and "type" in values:
+            config["method"] = values
+        elif section == "method" and "lora" in values:
             config["method"]["lora"].update(values["lora"])
         else:
             config[section].update(values)

@@ -86,6 +86,19 @@ def prepare_alias(alias: str) -> Path:
     return target
 
 
+def check_model_config(config_file: Path, name_or_path: str) -> None:
+    """What transformers needs of config.json to pick a model class, checked before it tries."""
+    import json
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RayftError(f"model.name_or_path={name_or_path!r}: {config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise RayftError(f"model.name_or_path={name_or_path!r}: {config_file} has no model_type, so the architecture "
+                         "is unknown (a Hugging Face config.json names it, e.g. \"model_type\": \"llama\")")
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """A local HF model directory for `name_or_path`, preparing an alias on first use."""
     if name_or_path in KNOWN_ALIASES:
@@ -94,6 +107,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RayftError(f"model.name_or_path={name_or_path!r}: directory has no config.json")
+        check_model_config(path / "config.json", name_or_path)
         return path.resolve()
     raise RayftError(
         f"model.name_or_path={name_or_path!r} is neither a local model directory nor a known alias "
