@@ -33,9 +33,10 @@ ADAPTER_CASES = {
     "adapterdrop": ({"type": "bottleneck", "bottleneck": {"placement": "houlsby", "reduction_factor": 8,
                                                           "drop_first_n": 1, "drop_prob": 0.3}}, "llama"),
     "compacter": ({"type": "compacter", "compacter": {"reduction_factor": 4, "phm_dim": 4, "phm_rank": 2}}, "llama"),
+    "plora": ({"type": "plora", "plora": {"r": 4, "merge_every": 2}}, "llama"),
 }
 # methods whose outputs must be unchanged at initialisation (soft prompts add tokens: they change them)
-UNCHANGED_AT_INIT = ["lora-pissa-plus", "lora-olora-rs", "adalora", "ia3", "bitfit", "ln_tuning",
+UNCHANGED_AT_INIT = ["plora", "lora-pissa-plus", "lora-olora-rs", "adalora", "ia3", "bitfit", "ln_tuning",
                      "bottleneck-houlsby", "adapterdrop", "compacter"]
 
 
@@ -134,6 +135,53 @@ def test_adalora_export_keeps_only_surviving_triplets(models, tmp_path):
     assert len(tensors) == 4 and all(t.shape[0] == 2 or t.shape[1] == 2 for t in tensors.values())
 
 
+class StageZeroEngine:
+    """What a method's step hook sees of DeepSpeed's engine at ZeRO stage 0."""
+
+    def __init__(self, model):
+        self.module = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def zero_optimization_stage(self):
+        return 0
+
+
+def test_plora_merge_and_restart_keeps_outputs_and_exports_one_lora_of_rank_k_r(models, tmp_path):
+    cfg = MethodConfig.model_validate({"type": "plora", "plora": {"r": 4, "merge_every": 2}})
+    method, opts = get_method("plora"), cfg.options
+    torch.manual_seed(0)
+    model = load_for_training(models["llama"], cfg, CPU)
+    engine, batch = StageZeroEngine(model), batch_of()
+    for step in (1, 2, 3, 4, 5):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.add_(torch.randn_like(param) * 0.05)
+        loss_out = token_losses(model, batch, "fp32")[0]
+        loss_out.backward()
+        engine.optimizer.step()
+        before = loss_of(model, method, opts, batch)
+        method.after_optimizer_step(opts, engine, step)
+        assert loss_of(model, method, opts, batch) == pytest.approx(before, rel=1e-5)  # a merge changes no output
+        if step % 2 == 0:
+            assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+            assert not engine.optimizer.state.get(next(p for n, p in model.named_parameters() if "lora_B" in n))
+    assert len(method.merged) == 2
+    trained = loss_of(model, method, opts, batch)
+    method.save_state(opts, tmp_path)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    method.export(opts, model, state, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (12, 3 * opts.alpha)
+    assert loss_of(method.load_output(tmp_path / "out", base_model(models["llama"])), method, opts, batch) == \
+        pytest.approx(trained, rel=1e-5)
+    # a resumed run: a fresh base, DeepSpeed's LoRA weights, then the method's merges re-applied
+    resumed = load_for_training(models["llama"], cfg, CPU)
+    resumed.load_state_dict(state, strict=False)
+    method.load_state(opts, StageZeroEngine(resumed), tmp_path)
+    assert loss_of(resumed, method, opts, batch) == pytest.approx(trained, rel=1e-5)
+
+
 def test_lora_plus_trains_b_at_ratio_times_the_learning_rate(models):
     cfg = MethodConfig.model_validate(ADAPTER_CASES["lora-pissa-plus"][0])
     model = load_for_training(models["llama"], cfg, CPU)
@@ -173,6 +221,7 @@ def test_parameter_counts_are_exact(models, case):
         "ln_tuning": layers * 2 * h + h,  # two RMSNorms per layer and the final one
         "bottleneck-houlsby": layers * 2 * (h * 8 + 8 + 8 * h + h),
         "adapterdrop": (layers - 1) * 2 * (h * 8 + 8 + 8 * h + h),
+        "plora": layers * 4 * ((h + h) + (h + kv) * 2 + (h + h) + (h + ff) * 2 + (ff + h)),
         "compacter": 2 * 4 ** 3 + layers * ((h * 2 + 2 * 16 + 16) + (16 * 2 + 2 * h + h)),
     }[case]
     model = load_for_training(models[shape], cfg, CPU, run=Run(total_steps=10))
@@ -200,11 +249,13 @@ def test_parameter_counts_are_exact(models, case):
     ({"type": "lora", "lora": {"init": "pissa", "use_dora": True}}, "method.lora.init=pissa with use_dora"),
     ({"type": "qlora", "qlora": {"init": "olora"}}, "method.qlora.init=olora: PiSSA/OLoRA would decompose"),
     ({"type": "ia3", "ia3": {"feedforward_modules": ["gate_proj"]}}, "feedforward_modules: ['gate_proj'] not in"),
+    ({"type": "plora"}, "missing required key method.plora.merge_every"),
+    ({"type": "plora", "plora": {"merge_every": 2}}, "plora cannot run with distributed.zero_stage=3"),
     ({"type": "prompt_tuning", "prompt_tuning": {}}, "train.attention=packed: method.type=prompt_tuning keeps one sample"),
 ])
 def test_bad_method_config_is_one_line(tmp_path, block, message):
     raw = {"name": "x", "output_dir": "o", "data": {"train": "d.jsonl"}, "method": block,
-           "distributed": {"zero_stage": 3 if block == {"type": "adalora"} else 2}}
+           "distributed": {"zero_stage": 3 if "zero_stage=3" in message else 2}}
     if "train.attention" in message:
         raw["train"] = {"attention": "packed"}
     with pytest.raises(ConfigError) as error:
@@ -225,6 +276,12 @@ def test_method_refuses_a_model_it_cannot_apply_to(models, block, shape, message
     with pytest.raises(ConfigError, match=None) as error:
         get_method(cfg.type).check(cfg.options, load_on_meta(models[shape]))
     assert message in str(error.value)
+
+
+def test_plora_must_merge_within_the_run():
+    cfg = MethodConfig.model_validate({"type": "plora", "plora": {"merge_every": 6}})
+    with pytest.raises(ConfigError, match="merge_every=6 is not below the run's 6 steps: no merge-and-restart"):
+        get_method("plora").check_steps(cfg.options, 6)
 
 
 def test_adalora_schedule_must_fit_the_run():
@@ -283,7 +340,7 @@ def test_merge_refuses_methods_that_cannot_merge(tmp_path):
 TRAINED = {
     # case -> ZeRO stage: every method on ZeRO-2, some also on 3 and 0
     "lora-pissa-plus": 2, "adalora": 2, "prompt_tuning": 2, "p_tuning": 3, "prefix_tuning": 2, "ia3": 3,
-    "bitfit": 2, "ln_tuning": 2, "bottleneck-houlsby": 3, "adapterdrop": 2, "compacter": 2,
+    "bitfit": 2, "ln_tuning": 2, "bottleneck-houlsby": 3, "adapterdrop": 2, "compacter": 2, "plora": 2,
 }
 
 

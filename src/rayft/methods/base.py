@@ -58,7 +58,7 @@ class Method:
     @lru_cache(maxsize=None)
     def block_schema(cls):
         """A model with one field, the method's block, so that errors name method.<name>.<key>."""
-        return create_model(f"{cls.name}_block", __base__=Strict, **{cls.name: (cls.options, cls.options())})
+        return create_model(f"{cls.name}_block", __base__=Strict, **{cls.name: (cls.options, ...)})
 
     # ---- checks, before anything is loaded
     def check_job(self, opts, job) -> None:
@@ -98,6 +98,13 @@ class Method:
 
     def after_optimizer_step(self, opts, engine, step: int) -> None:
         """The weights of step `step` are updated; `engine` is the DeepSpeed engine."""
+
+    # ---- state of the method's own that a checkpoint must carry (beyond DeepSpeed's)
+    def save_state(self, opts, directory: Path) -> None:
+        """Write it into the checkpoint `directory` (rank 0 only; safetensors or JSON, never pickle)."""
+
+    def load_state(self, opts, engine, directory: Path) -> None:
+        """Restore it on every rank, after DeepSpeed has loaded its own state."""
 
     # ---- outputs
     def changed_base_params(self, opts, model) -> int:

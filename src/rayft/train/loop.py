@@ -240,6 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
             state = load_training_state(engine, Path(checkpoint_dir))
+            method.load_state(opts, engine, Path(checkpoint_dir))
         state.resumed_from.append(state.step)
         if rank == 0:
             print(f"[rayft] resumed at step {state.step} of {plan.total_steps}", flush=True)
@@ -255,6 +256,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
             save_training_state(engine, state, Path(tmp), rank)
+            if rank == 0:
+                method.save_state(opts, Path(tmp))
             if export:
                 export_weights(engine.module, method, opts, Path(tmp), rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
