@@ -45,6 +45,37 @@ def models(tiny_model, tiny_qwen2):
     return {"llama": tiny_model, "qwen2": tiny_qwen2}
 
 
+def write_output(model_dir: Path, block: dict, target: Path, seed: int) -> Path:
+    """A method's output as `rayft train` publishes it (weights moved off their init, rayft.json)."""
+    from rayft.models import base_fingerprint
+
+    cfg = MethodConfig.model_validate(block)
+    method = get_method(cfg.type)
+    torch.manual_seed(seed)
+    model = load_for_training(model_dir, cfg, CPU)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    method.export(cfg.options, model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                  target)
+    (target / "rayft.json").write_text(json.dumps({
+        "base_model": str(model_dir), "base_fingerprint": base_fingerprint(model_dir), "method": cfg.type,
+        "options": cfg.options.model_dump(mode="json")}))
+    return target
+
+
+@pytest.fixture(scope="module")
+def bottleneck_outputs(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    return [str(write_output(models["llama"], {"type": "bottleneck", "bottleneck": {"reduction_factor": 8}},
+                             root / f"task{i}", seed=i)) for i in range(2)]
+
+
+def fusion_case(bottleneck_outputs):
+    return {"type": "adapter_fusion", "adapter_fusion": {"adapters": bottleneck_outputs}}
+
+
 def batch_of(rows: int = 2, length: int = 12, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 1000, (rows, length), generator=generator)
@@ -336,22 +367,77 @@ def test_merge_refuses_methods_that_cannot_merge(tmp_path):
             get_method(name).merge(tmp_path, None)
 
 
+def test_adapter_fusion_counts_reloads_and_checks_its_sources(models, bottleneck_outputs, tmp_path):
+    cfg = MethodConfig.model_validate(fusion_case(bottleneck_outputs))
+    method, opts = get_method("adapter_fusion"), cfg.options
+    method.check(opts, load_on_meta(models["llama"]))
+    h, layers, _ = hidden_and_layers(models["llama"])
+    torch.manual_seed(0)
+    model = load_for_training(models["llama"], cfg, CPU)
+    assert count_parameters(model)[0] == layers * (3 * h * h + 2 * h)  # query, key (with biases), value
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    batch = batch_of()
+    trained = loss_of(model, method, opts, batch)
+    assert trained != pytest.approx(loss_of(base_model(models["llama"]), method, opts, batch))
+    method.export(opts, model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                  tmp_path / "out")
+    assert loss_of(method.load_output(tmp_path / "out", base_model(models["llama"])), method, opts, batch) == \
+        pytest.approx(trained, rel=1e-5)
+    saved = json.loads((tmp_path / "out" / "adapter_fusion_config.json").read_text())
+    assert [len(a["sha256"]) for a in saved["adapters"]] == [64, 64]
+
+    from rayft.errors import RayftError
+    from safetensors.torch import load_file, save_file
+
+    changed = Path(bottleneck_outputs[0]) / "adapter_model.safetensors"
+    original = changed.read_bytes()
+    try:
+        weights = load_file(changed)
+        save_file({k: v + 1 for k, v in weights.items()}, changed)
+        with pytest.raises(RayftError, match="has changed since the fusion was trained"):
+            method.load_output(tmp_path / "out", base_model(models["llama"]))
+    finally:
+        changed.write_bytes(original)
+
+
+def test_adapter_fusion_refuses_other_kinds_and_other_bases(models, bottleneck_outputs, tmp_path):
+    from tiny import build_other_tiny_model, make_lora_adapter
+
+    lora = make_lora_adapter(models["llama"], tmp_path / "lora")
+    (lora / "rayft.json").write_text(json.dumps({"method": "lora"}))
+    cfg = MethodConfig.model_validate(fusion_case([bottleneck_outputs[0], str(lora)]))
+    with pytest.raises(ConfigError, match="lora is a lora output; AdapterFusion fuses bottleneck adapters"):
+        get_method("adapter_fusion").check(cfg.options, load_on_meta(models["llama"]))
+    other = build_other_tiny_model(tmp_path / "other", vocab_size=load_on_meta(models["llama"]).config.vocab_size)
+    foreign = write_output(other, {"type": "bottleneck", "bottleneck": {"reduction_factor": 8}}, tmp_path / "foreign", 0)
+    cfg = MethodConfig.model_validate(fusion_case([bottleneck_outputs[0], str(foreign)]))
+    with pytest.raises(ConfigError, match="foreign was trained on another base model"):
+        get_method("adapter_fusion").check(cfg.options, load_on_meta(models["llama"]))
+    with pytest.raises(ConfigError, match="method.adapter_fusion.adapters=.*should have at least 2 items"):
+        parse_config({"name": "x", "output_dir": "o", "data": {"train": "d.jsonl"},
+                      "method": fusion_case(bottleneck_outputs[:1])})
+
+
 # ---------------------------------------------------------------- under Ray Train + DeepSpeed
 TRAINED = {
     # case -> ZeRO stage: every method on ZeRO-2, some also on 3 and 0
     "lora-pissa-plus": 2, "adalora": 2, "prompt_tuning": 2, "p_tuning": 3, "prefix_tuning": 2, "ia3": 3,
     "bitfit": 2, "ln_tuning": 2, "bottleneck-houlsby": 3, "adapterdrop": 2, "compacter": 2, "plora": 2,
+    "adapter_fusion": 3,
 }
 
 
 @pytest.mark.usefixtures("ray_address")
 @pytest.mark.parametrize("case", list(TRAINED))
-def test_method_trains_under_ray_and_zero_and_reloads(tmp_path, models, alpaca_file, case):
+def test_method_trains_under_ray_and_zero_and_reloads(tmp_path, models, alpaca_file, bottleneck_outputs, case):
     from test_train import eval_loss_of, reload_output
 
     from rayft.train.runner import run_training
 
-    block, shape = ADAPTER_CASES[case]
+    block, shape = ADAPTER_CASES[case] if case != "adapter_fusion" else (fusion_case(bottleneck_outputs), "llama")
     cfg = parse_config(base_config(tmp_path, models[shape], alpaca_file, method=block,
                                    distributed={"zero_stage": TRAINED[case]}, train={"lr": 2e-2}))
     metrics = run_training(cfg)

@@ -8,7 +8,7 @@ from rayft.methods.base import Method, Run, get_method, method_names, register
 
 # Importing the modules registers their methods.
 from rayft.methods import (  # noqa: E402,F401
-    adalora, bitfit, bottleneck, compacter, freeze, full, ia3, ln_tuning, lora, p_tuning, plora, prefix_tuning,
+    adalora, adapter_fusion, bitfit, bottleneck, compacter, freeze, full, ia3, ln_tuning, lora, p_tuning, plora, prefix_tuning,
     prompt_tuning, qlora)
 
 __all__ = ["Method", "Run", "get_method", "method_names", "register"]
