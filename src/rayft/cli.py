@@ -77,7 +77,7 @@ def _print_summary(metrics: dict, cfg) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("eval_loss_before", "eval_loss", "train_loss", "steps", "tokens_per_s", "train_seconds",
-                "trainable_params", "total_params", "mlflow_run_id", "output"):
+                "trainable_params", "total_params", "changed_base_params", "output_bytes", "mlflow_run_id", "output"):
         value = metrics.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
