@@ -23,6 +23,9 @@ def test_bad_configs_never_reach_the_cluster(tmp_path, tiny_model, alpaca_file, 
     result = run_cli("submit", str(write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file))),
                      "--set", "method.lora.rank=4")
     assert result.returncode == 2 and "unknown key method.lora.rank" in result.stderr
+    refused = base_config(tmp_path, tiny_model, alpaca_file, method={"type": "adalora"}, distributed={"zero_stage": 3})
+    result = run_cli("submit", str(write_config(tmp_path, refused)))
+    assert result.returncode == 2 and "adalora cannot run with distributed.zero_stage=3" in result.stderr
     unreachable = run_cli("submit", str(write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file))),
                           "--address", "http://127.0.0.1:9")
     assert unreachable.returncode == 2 and "no Ray job server answers" in unreachable.stderr

@@ -109,8 +109,9 @@ def test_job_lifecycle_tenants_limits_restart_and_stop(service, local_cluster):
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    # a YAML body runs to completion; the tenant's limit (1 active job) holds meanwhile
-    body = yaml.safe_dump(job_config(service, name="quick", train={"max_steps": 6}))
+    # a YAML body runs to completion; the tenant's limit (1 active job) holds meanwhile. The service
+    # names no method: an IA3 job goes through it as a LoRA one does (LoRA runs in the jobs tests)
+    body = yaml.safe_dump(job_config(service, name="quick", train={"max_steps": 6}, method={"type": "ia3"}))
     created = call(service, "POST", "/v1/jobs", content=body, content_type="application/yaml")
     assert created.status_code == 201, created.text
     quick = created.json()

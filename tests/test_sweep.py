@@ -56,6 +56,34 @@ def test_bad_search_space_is_one_line_naming_the_key(tmp_path, space, algorithm,
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("method, space, message", [
+    ({"type": "bottleneck"}, {"method.lora.r": {"choice": [4, 8]}}, "unknown key 'method.lora.r'"),
+    ({"type": "bottleneck"}, {"method.bottleneck.reduction_factor": {"choice": [8, 0]}},
+     "method.bottleneck.reduction_factor=0"),
+    ({"type": "adalora"}, {"method.adalora.target_r": {"choice": [4, 16]}}, "method.adalora.target_r=16 exceeds init_r=12"),
+])
+def test_a_space_over_method_keys_is_checked_like_any_other(tmp_path, method, space, message):
+    base_raw = base_config(tmp_path, Path("model"), Path("data.jsonl"), method=method)
+    with pytest.raises(ConfigError) as err:
+        parse_space(space, base_raw, load_config(_write(tmp_path, base_raw)), "grid")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method, space", [
+    ({"type": "prompt_tuning"}, {"method.prompt_tuning.num_virtual_tokens": {"randint": [4, 32]},
+                                 "method.prompt_tuning.init": {"choice": ["random", "vocab"]}}),
+    ({"type": "adalora"}, {"method.adalora.init_r": {"choice": [8, 12]},
+                           "method.adalora.target_r": {"ratio_of": "method.adalora.init_r", "factor": 0.5}}),
+    ({"type": "plora", "plora": {"merge_every": 2}}, {"method.plora.merge_every": {"choice": [2, 3]}}),
+    ({"type": "compacter"}, {"method.compacter.phm_dim": {"choice": [2, 4]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}),
+])
+def test_any_methods_key_can_be_searched(tmp_path, method, space):
+    base_raw = base_config(tmp_path, Path("model"), Path("data.jsonl"), method=method)
+    base = load_config(_write(tmp_path, base_raw))
+    parsed = parse_space(space, base_raw, base, "random")
+    assert sorted(parsed.keys) == sorted(space)
+
+
 def test_tied_key_follows_the_sampled_one(tmp_path):
     base_raw = base_config(tmp_path, Path("model"), Path("data.jsonl"))
     base = load_config(_write(tmp_path, base_raw))
