@@ -210,10 +210,11 @@ class StageZeroEngine:
 
 
 def test_plora_merge_and_restart_keeps_outputs_and_exports_one_lora_of_rank_k_r(models, tmp_path):
-    cfg = MethodConfig.model_validate({"type": "plora", "plora": {"r": 4, "merge_every": 2}})
+    cfg = MethodConfig.model_validate({"type": "plora", "plora": {"r": 4, "merge_every": 2, "rewarm_steps": 1}})
     method, opts = get_method("plora"), cfg.options
     torch.manual_seed(0)
-    model = load_for_training(models["llama"], cfg, CPU)
+    model = load_for_training(models["llama"], cfg, CPU, run=Run(total_steps=6))
+    assert [method.lr_scale(opts, s) for s in range(7)] == [1, 1, 0.5, 1, 0.5, 1, 0.5]
     engine, batch = StageZeroEngine(model), batch_of()
     for step in (1, 2, 3, 4, 5):
         with torch.no_grad():
@@ -228,10 +229,11 @@ def test_plora_merge_and_restart_keeps_outputs_and_exports_one_lora_of_rank_k_r(
         assert loss_of(model, method, opts, batch) == pytest.approx(before, rel=1e-5)  # a merge changes no output
         if step % 2 == 0:
             assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
-            assert not engine.optimizer.state.get(next(p for n, p in model.named_parameters() if "lora_B" in n))
+            b_state = engine.optimizer.state[next(p for n, p in model.named_parameters() if "lora_B" in n)]
+            assert b_state["exp_avg"].abs().sum() == 0 and b_state["exp_avg_sq"].abs().sum() == 0
     assert len(method.merged) == 2
     trained = loss_of(model, method, opts, batch)
-    method.save_state(opts, tmp_path)
+    method.save_state(opts, engine, tmp_path)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     method.export(opts, model, state, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
@@ -307,7 +309,11 @@ def test_parameter_counts_are_exact(models, case):
      "method.prompt_tuning.num_virtual_tokens=0: Input should be greater than 0"),
     ({"type": "p_tuning", "p_tuning": {"num_virtual_tokens": -1}}, "method.p_tuning.num_virtual_tokens=-1"),
     ({"type": "prompt_tuning", "prompt_tuning": {"init": "text"}}, "init=text needs method.prompt_tuning.init_text"),
-    ({"type": "adalora", "adalora": {"init_r": 4, "target_r": 8}}, "method.adalora.target_r=8 exceeds init_r=4"),
+    ({"type": "adalora", "adalora": {"init_r": 4, "target_r": 8}}, "method.adalora.target_r=8 is not below init_r=4"),
+    ({"type": "adalora", "adalora": {"init_r": 4, "target_r": 4}}, "method.adalora.target_r=4 is not below init_r=4"),
+    ({"type": "adalora"}, "adalora cannot run with train.precision=fp16"),
+    ({"type": "plora", "plora": {"merge_every": 3}}, "plora needs train.optimizer=adamw"),
+    ({"type": "plora", "plora": {"merge_every": 3, "rewarm_steps": 3}}, "rewarm_steps=3 must be below merge_every=3"),
     ({"type": "adalora"}, "adalora cannot run with distributed.zero_stage=3"),
     ({"type": "lora", "lora": {"init": "pissa", "use_dora": True}}, "method.lora.init=pissa with use_dora"),
     ({"type": "qlora", "qlora": {"init": "olora"}}, "method.qlora.init=olora: PiSSA/OLoRA would decompose"),
@@ -321,6 +327,10 @@ def test_bad_method_config_is_one_line(tmp_path, block, message):
            "distributed": {"zero_stage": 3 if "zero_stage=3" in message else 2}}
     if "train.attention" in message:
         raw["train"] = {"attention": "packed"}
+    if "fp16" in message:
+        raw["train"] = {"precision": "fp16"}
+    if "optimizer" in message:
+        raw["train"] = {"optimizer": "paged_adamw_8bit"}
     with pytest.raises(ConfigError) as error:
         parse_config(raw, source="c.yaml")
     assert message in str(error.value) and "\n" not in str(error.value) and "(top level)" not in str(error.value)
@@ -339,6 +349,25 @@ def test_method_refuses_a_model_it_cannot_apply_to(models, block, shape, message
     with pytest.raises(ConfigError, match=None) as error:
         get_method(cfg.type).check(cfg.options, load_on_meta(models[shape]))
     assert message in str(error.value)
+
+
+def test_zero3_refusals_prevent_real_failures(models):
+    """AdaLoRA and PLoRA refuse ZeRO-3 when the config is read. Under ZeRO-3 (bypassing that check)
+    AdaLoRA's allocator and PLoRA's merge both fail on the partitioned tensors (every parameter
+    partitioned, as a real model's are)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "zero3_probe.py"), str(models["llama"]), port],
+                          capture_output=True, text=True, timeout=300)
+    results = {r["method"]: r for r in map(json.loads, (l for l in done.stdout.splitlines() if l.startswith("{")))}
+    assert set(results) == {"adalora", "plora"}, done.stderr[-3000:]
+    assert "to a tensor of size '[0]'" in results["adalora"]["error"]  # the partitioned placeholder
+    assert "The size of tensor a (0) must match" in results["plora"]["error"]  # a partitioned base weight
 
 
 def test_plora_must_merge_within_the_run():
@@ -481,8 +510,10 @@ def test_method_trains_under_ray_and_zero_and_reloads(tmp_path, models, alpaca_f
     from rayft.train.runner import run_training
 
     block, shape = ADAPTER_CASES[case] if case != "adapter_fusion" else (fusion_case(bottleneck_outputs), "llama")
-    raw = base_config(tmp_path, models[shape], alpaca_file, method=block, distributed={"zero_stage": zero_stage},
-                      train={"lr": 2e-2})
+    # under ZeRO-3 every parameter is partitioned, as a real model's are: the tiny model's would
+    # all stay whole under DeepSpeed's default persistence threshold
+    raw = base_config(tmp_path, models[shape], alpaca_file, method=block, train={"lr": 2e-2},
+                      distributed={"zero_stage": zero_stage, "zero3_persistence_threshold": 0})
     try:
         cfg = parse_config(raw)
     except ConfigError as refused:

@@ -59,7 +59,7 @@ CASES = {
                             "method.prefix_tuning.num_virtual_tokens=0: Input should be greater than 0"),
     "bitfit without biases": ({"method": {"type": "bitfit"}}, "method.type=bitfit: model type 'llama' has no bias terms"),
     "compacter phm_dim": ({"method": {"type": "compacter", "compacter": {"phm_dim": 3}}}, "method.compacter.phm_dim=3 must divide"),
-    "adalora ranks": ({"method": {"type": "adalora", "adalora": {"init_r": 2, "target_r": 4}}}, "target_r=4 exceeds init_r=2"),
+    "adalora ranks": ({"method": {"type": "adalora", "adalora": {"init_r": 2, "target_r": 4}}}, "target_r=4 is not below init_r=2"),
     "drop every layer": ({"method": {"type": "bottleneck", "bottleneck": {"drop_first_n": 2}}}, "drop_first_n=2: the model has only 2 layers"),
 }
 

@@ -25,7 +25,7 @@ def test_defaults_match_the_documented_contract():
 
 
 @pytest.mark.parametrize("sections, fragment", [
-    ({"method": {"type": "prefix"}}, "method.type='prefix': unknown method 'prefix'; allowed: adalora, bitfit, "),
+    ({"method": {"type": "prefix"}}, "method.type='prefix': unknown method 'prefix'; allowed: adalora, adapter_fusion, "),
     ({"method": {"lora": {"r": 0}}}, "method.lora.r=0"),
     ({"data": {"val_size": 1.5}}, "data.val_size=1.5: must be inside (0, 1)"),
     ({"data": {"val_size": 0}}, "data.val_size=0"),

@@ -64,7 +64,7 @@ def train_in_process(tmp_path, tiny_model, alpaca_file, **sections):
 @pytest.mark.parametrize("method, zero_stage", [("full", 3), ("freeze", 2), ("qlora", 2)])
 def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny_model, alpaca_file, method, zero_stage):
     cfg, metrics = train_in_process(tmp_path, tiny_model, alpaca_file, method={"type": method},
-                                    distributed={"zero_stage": zero_stage})
+                                    distributed={"zero_stage": zero_stage, "zero3_persistence_threshold": 0})
     out = Path(cfg.output_dir)
     assert metrics["steps"] == 6 and metrics["eval_loss"] < metrics["eval_loss_before"]
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
@@ -81,7 +81,8 @@ def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny
 
 def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file):
     config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8}))
-    done = run_cli("train", str(config), "--set", "method.lora.r=4", "--set", "distributed.zero_stage=3", cwd=tmp_path)
+    done = run_cli("train", str(config), "--set", "method.lora.r=4", "--set", "distributed.zero_stage=3",
+                   "--set", "distributed.zero3_persistence_threshold=0", cwd=tmp_path)  # partition every tensor
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -112,6 +113,12 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "loss.png", "adapter"} <= artifacts
     assert "train" in done.stderr and "8/8" in done.stderr  # the progress bar
+    assert_quiet_console(done.stdout + done.stderr)
+    logs = out / "logs"
+    assert {p.name for p in logs.iterdir()} == {"driver.log", "worker-0.log", "worker-1.log"}
+    assert "Setting accelerator to CPU" in (logs / "worker-0.log").read_text()  # the noise is kept, in its file
+    assert {f"logs/{name}" for name in ("driver.log", "worker-0.log", "worker-1.log")} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "logs")}
 
     again = run_cli("train", str(config), cwd=tmp_path)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
@@ -124,6 +131,55 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8}))
     assert eval_loss_of(model, cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
     assert eval_loss_of(reload_output(cfg, out), cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
+
+
+NOISE = ("core_worker.cc", "Setting accelerator to CPU", "gemm_4bit_forward", "FutureWarning", "UserWarning",
+         "Loading weights", "TrainingReport(", "Writing model shards", "Traceback")
+
+
+def assert_quiet_console(console: str) -> None:
+    """Only rayft's lines: none of the libraries' noise, at most 15 lines besides the progress bar."""
+    lines = [line for line in console.splitlines() if line.strip()]
+    assert not [line for line in lines if any(noise in line for noise in NOISE)], console[-3000:]
+    ours = [line for line in lines if not line.startswith("train ")]
+    table = [line for line in ours if line[:1] in "┏┃┡│└" or "rayft train:" in line]
+    assert len(ours) - len(table) <= 15, console[-3000:]
+    assert sum("trainable of" in line for line in lines) == 1  # the parameter counts, once
+
+
+@pytest.fixture
+def broken_model(tmp_path, tiny_model):
+    """The tiny model with its weights file cut short: the pre-flight (config, tokenizer) passes and
+    every worker fails to load it."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    with open(broken / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)
+    return broken
+
+
+def test_a_failing_worker_is_one_error_line_naming_its_log(tmp_path, broken_model, alpaca_file):
+    config = write_config(tmp_path, base_config(tmp_path, broken_model, alpaca_file, distributed={"max_failures": 0}))
+    done = run_cli("train", str(config), cwd=tmp_path)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert "SafetensorError: Error while deserializing header" in errors[0]
+    log = Path(errors[0].rsplit("traceback in ", 1)[1])
+    assert log.parent == tmp_path / "out" / "logs" and "Traceback (most recent call last)" in log.read_text()
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_verbose_shows_everything_on_the_console(tmp_path, broken_model, alpaca_file):
+    config = write_config(tmp_path, base_config(tmp_path, broken_model, alpaca_file, distributed={"max_failures": 0}))
+    done = subprocess.run([RAYFT, "train", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "RAYFT_VERBOSE": "1"})
+    assert done.returncode == 1
+    console = done.stdout + done.stderr
+    assert "Setting accelerator to CPU" in console and "Traceback" in console  # the libraries' and Ray's output
+    assert not (tmp_path / "out" / "logs").exists()
 
 
 def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, alpaca_file):

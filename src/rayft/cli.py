@@ -47,26 +47,38 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in output_dir."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show every library's and worker's output (also RAYFT_VERBOSE=1)."),
 ):
     """Fine-tune a model on Ray Train workers as CONFIG says."""
     from rayft.config import load_config
+    from rayft.console import LOG_DIR, verbose_from_env
+    from rayft.errors import TrainingFailed
     from rayft.train.runner import run_training
 
     cfg = load_config(config, set_ or [])
     if resume and overwrite:
         raise RayftError("--resume and --overwrite exclude each other")
+    verbose = verbose or verbose_from_env()
+    logs = Path(cfg.output_dir) / LOG_DIR
     try:
-        metrics = run_training(cfg, resume=resume, overwrite=overwrite)
+        metrics = run_training(cfg, resume=resume, overwrite=overwrite, verbose=verbose)
     except RayftError:
         raise
-    except Exception as exc:  # a worker failed past max_failures, or the driver itself did
-        import traceback
+    except TrainingFailed as exc:  # a worker failed past max_failures: its traceback is in its log
+        typer.echo(f"error: training failed: {exc}", err=True)
+        raise typer.Exit(1)
+    except Exception as exc:  # the driver itself failed
+        if verbose:
+            import traceback
 
-        traceback.print_exc()  # the whole story for logs (job logs included); the last line sums it up
+            traceback.print_exc()
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        typer.echo(f"error: training failed: {first_line}", err=True)
+        where = "" if verbose else f" (traceback in {logs / 'driver.log'})"
+        typer.echo(f"error: training failed: {type(exc).__name__}: {first_line}{where}", err=True)
         raise typer.Exit(1)
     _print_summary(metrics, cfg)
+    if not verbose:
+        typer.echo(f"logs: {logs}")
 
 
 def _print_summary(metrics: dict, cfg) -> None:
@@ -120,10 +132,11 @@ def sweep(
 @app.command()
 @user_errors
 def merge(
-    adapter_dir: Path = typer.Argument(..., help="A LoRA adapter written by rayft train."),
+    adapter_dir: Path = typer.Argument(..., help="An output of rayft train (adapter/): LoRA family, IA3, BitFit or LN deltas."),
     out_dir: Path = typer.Argument(..., help="Where to write the merged HF model."),
 ):
-    """Fold a LoRA adapter into its base model and write a plain HF model directory."""
+    """Fold a trained output into its base model and write a plain HF model directory (methods that
+    add computation, such as soft prompts and bottleneck adapters, are refused in one line)."""
     from rayft.export import merge_adapter
 
     path = merge_adapter(adapter_dir, out_dir)

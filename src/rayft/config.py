@@ -132,6 +132,9 @@ class DistributedConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold): fewer gathers for small tensors, a little more memory
+    zero3_persistence_threshold: int = Field(100_000, ge=0)
     max_failures: int = Field(2, ge=0)
     # how long a (re)start may wait for the workers' resources, e.g. for a lost node to come back or
     # an autoscaler to add one, before the run fails: a job never waits forever

@@ -15,5 +15,10 @@ class ConfigError(RayftError):
         self.key = key  # the dotted key path, when one key is to blame
 
 
+class TrainingFailed(Exception):
+    """Training started and failed (a worker raised, past distributed.max_failures): exit code 1.
+    The message is one line naming the rank, the exception and the log that holds its traceback."""
+
+
 class DataError(RayftError):
     """A data file that is missing, malformed or empty."""

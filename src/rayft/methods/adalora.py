@@ -17,19 +17,26 @@ as any LoRA does; modules with no triplet left are dropped.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal, Union
 
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, register
-from rayft.methods.lora import adapted_base_params, check_target_modules
+from rayft.methods.lora import adapted_base_params, check_target_modules, keep_adapter_inputs_in_autocast_dtype
 
 ADAPTER = "default"
+ALLOCATOR_FILE = "adalora_scores.safetensors"
+RANK_PATTERN_FILE = "adalora_rank_pattern.json"
+
+
+def allocator_device(model) -> torch.device:
+    return next(p.device for n, p in model.named_parameters() if "lora_E" in n)
 
 
 class AdaloraOptions(Strict):
@@ -47,9 +54,9 @@ class AdaloraOptions(Strict):
 
     @model_validator(mode="after")
     def _prunes_only(self):
-        if self.target_r > self.init_r:
-            raise ValueError(f"method.adalora.target_r={self.target_r} exceeds init_r={self.init_r}: "
-                             "AdaLoRA only prunes ranks")
+        if self.target_r >= self.init_r:
+            raise ValueError(f"method.adalora.target_r={self.target_r} is not below init_r={self.init_r}: "
+                             "AdaLoRA prunes ranks (with target_r = init_r it has no budget to reallocate: use lora)")
         return self
 
 
@@ -75,9 +82,12 @@ class AdaloraMethod(Method):
     mergeable = True
 
     def serve_kind(self, opts):
-        return "lora"  # exported as a LoRA with a rank pattern
+        return "lora_rank_pattern"  # exported as a LoRA whose modules have ranks of their own
 
     def check_job(self, opts, job):
+        if job.train.precision == "fp16":
+            raise ValueError("method.type=adalora cannot run with train.precision=fp16: its importance scores "
+                             "would read loss-scaled (and, on overflowed steps, infinite) gradients; use bf16 or fp32")
         if job.distributed.zero_stage == 3:
             raise ValueError("method.type=adalora cannot run with distributed.zero_stage=3: its rank allocation "
                              "reads and masks whole lora_E/A/B tensors, which ZeRO-3 partitions; use 0, 1 or 2")
@@ -97,7 +107,10 @@ class AdaloraMethod(Method):
                                lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=opts.target_modules,
                                tinit=opts.tinit, tfinal=opts.tfinal, deltaT=opts.delta_t, beta1=opts.beta1,
                                beta2=opts.beta2, orth_reg_weight=opts.orth_reg_weight, total_step=run.total_steps)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        if run.precision != "fp32":
+            keep_adapter_inputs_in_autocast_dtype(model)
+        return model
 
     def extra_loss(self, opts, model):
         """peft's orthogonal regularisation (its forward adds it only when given labels)."""
@@ -157,6 +170,25 @@ class AdaloraMethod(Method):
 
     def changed_base_params(self, opts, model):
         return adapted_base_params(model)
+
+    # ---- checkpoints: the allocator's scores and the rank pattern, which a resumed run needs
+    def save_state(self, opts, engine, directory: Path):
+        allocator = engine.module.base_model.rankallocator
+        tensors = {f"{kind}/{name}": t.detach().cpu().contiguous()
+                   for kind, scores in (("ipt", allocator.ipt), ("avg", allocator.exp_avg_ipt), ("unc", allocator.exp_avg_unc))
+                   for name, t in scores.items()}
+        save_file(tensors, directory / ALLOCATOR_FILE, metadata={"format": "pt"})
+        (directory / RANK_PATTERN_FILE).write_text(json.dumps(engine.module.peft_config[ADAPTER].rank_pattern))
+
+    def load_state(self, opts, engine, directory: Path):
+        if not (directory / ALLOCATOR_FILE).is_file():
+            return
+        allocator = engine.module.base_model.rankallocator
+        stores = {"ipt": allocator.ipt, "avg": allocator.exp_avg_ipt, "unc": allocator.exp_avg_unc}
+        for key, tensor in load_file(directory / ALLOCATOR_FILE).items():
+            kind, name = key.split("/", 1)
+            stores[kind][name] = tensor.to(allocator_device(engine.module))
+        engine.module.peft_config[ADAPTER].rank_pattern = json.loads((directory / RANK_PATTERN_FILE).read_text())
 
     def export(self, opts, module, state, directory: Path):
         from peft import LoraConfig, TaskType

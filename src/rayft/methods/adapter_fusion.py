@@ -66,6 +66,9 @@ class FusionLayer(torch.nn.Module):
         self.key = torch.nn.Linear(hidden, hidden)
         self.value = torch.nn.Linear(hidden, hidden, bias=False)
         torch.nn.init.eye_(self.value.weight)
+        for projection in (self.query, self.key):  # near-zero scores: a near-uniform mix at init
+            torch.nn.init.normal_(projection.weight, std=0.02)
+            torch.nn.init.zeros_(projection.bias)
         self.temperature = temperature
 
     def forward(self, h):
@@ -112,7 +115,7 @@ class AdapterFusionMethod(Method):
         placement, drop_first_n = metas[0]["options"]["placement"], metas[0]["options"]["drop_first_n"]
         weights = [load_file(Path(d) / WEIGHTS_FILE) for d in opts.adapters]
         layer_paths = {id(sub): path for path, sub in model.named_modules()}
-        for _, sublayer in adapted_layers(model, placement, drop_first_n):
+        for _, sublayer in adapted_layers(model, placement, drop_first_n, self.name):
             path = layer_paths[id(sublayer)]
             adapters = []
             for meta, saved in zip(metas, weights):

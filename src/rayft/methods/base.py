@@ -84,9 +84,18 @@ class Method:
         """Positions the model's output has before each row's own tokens (soft prompts)."""
         return 0
 
+    def extra_positions(self, opts) -> int:
+        """Positions a row takes beyond its own tokens, out of the model's context (virtual tokens,
+        or prefix tuning's key/value prefixes, which shift the row's positions)."""
+        return self.virtual_tokens(opts)
+
     def param_groups(self, opts, model, lr: float) -> list[dict[str, Any]]:
         """The optimizer's parameter groups (a group may carry its own lr)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def lr_scale(self, opts, step: int) -> float:
+        """A factor on the schedule's learning rate at optimizer step `step` (PLoRA's re-warmup)."""
+        return 1.0
 
     def extra_loss(self, opts, model) -> Optional[torch.Tensor]:
         """A regularisation term added to each micro-batch's mean loss, or None."""
@@ -100,7 +109,7 @@ class Method:
         """The weights of step `step` are updated; `engine` is the DeepSpeed engine."""
 
     # ---- state of the method's own that a checkpoint must carry (beyond DeepSpeed's)
-    def save_state(self, opts, directory: Path) -> None:
+    def save_state(self, opts, engine, directory: Path) -> None:
         """Write it into the checkpoint `directory` (rank 0 only; safetensors or JSON, never pickle)."""
 
     def load_state(self, opts, engine, directory: Path) -> None:

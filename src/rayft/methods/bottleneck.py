@@ -33,6 +33,7 @@ from rayft.methods.freeze import decoder_layers
 
 CHILD = "bottleneck"
 WEIGHTS_FILE = "adapter_model.safetensors"
+DROP_FILE = "adapterdrop_draw.json"
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
 SUBLAYERS = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",)}
 
@@ -79,17 +80,17 @@ def _run_adapter(sublayer, _inputs, output):
     return adapter(output)
 
 
-def adapted_layers(model, placement: str, drop_first_n: int):
-    """(layer index, sublayer) pairs that get an adapter."""
-    layers = decoder_layers(model, "bottleneck")
+def adapted_layers(model, placement: str, drop_first_n: int, block: str):
+    """(layer index, sublayer) pairs that get an adapter; `block` names the method in errors."""
+    layers = decoder_layers(model, block)
     return [(i, getattr(layer, part)) for i, layer in enumerate(layers) if i >= drop_first_n
             for part in SUBLAYERS[placement]]
 
 
-def insert_adapters(model, placement: str, drop_first_n: int, make: Callable[[], torch.nn.Module]) -> list:
+def insert_adapters(model, placement: str, drop_first_n: int, make: Callable[[], torch.nn.Module], block: str) -> list:
     """Put `make()` after each chosen sublayer; returns the adapters, in layer order."""
     adapters = []
-    for _, sublayer in adapted_layers(model, placement, drop_first_n):
+    for _, sublayer in adapted_layers(model, placement, drop_first_n, block):
         adapter = make()
         sublayer.add_module(CHILD, adapter)
         sublayer.register_forward_hook(_run_adapter)
@@ -127,7 +128,8 @@ class AdapterMethod(Method):
         shared = self.shared_modules(opts, model.config)
         for name, module in shared.items():
             model.add_module(name, module)
-        insert_adapters(model, opts.placement, opts.drop_first_n, lambda: self.make_adapter(opts, model.config, shared))
+        insert_adapters(model, opts.placement, opts.drop_first_n, lambda: self.make_adapter(opts, model.config, shared),
+                        self.name)
         return model
 
     def apply(self, opts, model, run):
@@ -156,6 +158,17 @@ class AdapterMethod(Method):
             skips[int(torch.randint(len(adapters), (), generator=generator))] = False
         for adapter, skip in zip(adapters, skips):
             adapter.skip = skip
+
+    def save_state(self, opts, engine, directory: Path):
+        """AdapterDrop's draw for the step after this checkpoint, so that a resumed run makes the same."""
+        skips = [a.skip for a in engine.module.modules() if isinstance(a, DroppableAdapter)]
+        (directory / DROP_FILE).write_text(json.dumps(skips))
+
+    def load_state(self, opts, engine, directory: Path):
+        if (directory / DROP_FILE).is_file():
+            adapters = [a for a in engine.module.modules() if isinstance(a, DroppableAdapter)]
+            for adapter, skip in zip(adapters, json.loads((directory / DROP_FILE).read_text())):
+                adapter.skip = skip
 
     def export(self, opts, module, state, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)

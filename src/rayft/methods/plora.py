@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, register
-from rayft.methods.lora import adapted_base_params, check_target_modules
+from rayft.methods.lora import adapted_base_params, check_target_modules, keep_adapter_inputs_in_autocast_dtype
 
 ADAPTER = "default"
 MERGES_FILE = "merges.safetensors"
@@ -36,6 +36,9 @@ class PloraOptions(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     merge_every: int = Field(..., gt=0)  # optimizer steps between two merge-and-restarts
+    # after a restart the learning rate climbs back linearly over these steps: the fresh adapter's
+    # Adam moments start at zero while the optimizer's step count (its bias correction) goes on
+    rewarm_steps: int = Field(2, ge=0)
 
 
 def lora_layers(model):
@@ -54,6 +57,7 @@ class PloraMethod(Method):
 
     def __init__(self):
         self.merged: list[dict[str, torch.Tensor]] = []  # per merge: {"<layer>.A": ..., "<layer>.B": ...}
+        self.total_steps = 0
 
     def serve_kind(self, opts):
         return "lora"
@@ -62,6 +66,14 @@ class PloraMethod(Method):
         if job.distributed.zero_stage == 3:
             raise ValueError("method.type=plora cannot run with distributed.zero_stage=3: a merge writes whole base "
                              "weights, which ZeRO-3 partitions; use 0, 1 or 2")
+        if job.train.optimizer != "adamw":
+            raise ValueError(f"method.type=plora needs train.optimizer=adamw: a restart resets the adapter's Adam "
+                             f"moments, which {job.train.optimizer} keeps quantised under other names")
+        if job.train.precision == "fp16" and job.distributed.zero_stage == 0:
+            raise ValueError("method.type=plora cannot run with train.precision=fp16 at distributed.zero_stage=0: "
+                             "DeepSpeed's fp16 optimizer there keeps fp32 copies a restart cannot reach; use ZeRO-1 or 2")
+        if opts.rewarm_steps >= opts.merge_every:
+            raise ValueError(f"method.plora.rewarm_steps={opts.rewarm_steps} must be below merge_every={opts.merge_every}")
 
     def check(self, opts, model):
         check_target_modules(self.name, opts.target_modules, model)
@@ -74,17 +86,26 @@ class PloraMethod(Method):
     def apply(self, opts, model, run):
         from peft import LoraConfig, TaskType, get_peft_model
 
-        self.merged = []
-        return get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.r, lora_alpha=opts.alpha,
-                                                lora_dropout=opts.dropout, target_modules=opts.target_modules))
+        self.merged, self.total_steps = [], run.total_steps
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=opts.r, lora_alpha=opts.alpha,
+                                                 lora_dropout=opts.dropout, target_modules=opts.target_modules))
+        if run.precision != "fp32":
+            keep_adapter_inputs_in_autocast_dtype(model)
+        return model
+
+    def lr_scale(self, opts, step):
+        since = step % opts.merge_every
+        if step < opts.merge_every or not opts.rewarm_steps or since >= opts.rewarm_steps:
+            return 1.0
+        return (since + 1) / (opts.rewarm_steps + 1)
 
     def changed_base_params(self, opts, model):
         return adapted_base_params(model)
 
     # ---- merge and restart
     def after_optimizer_step(self, opts, engine, step):
-        if step % opts.merge_every:
-            return
+        if step % opts.merge_every or step >= self.total_steps:
+            return  # (a merge after the last step would only add a zero block to the output)
         model = engine.module
         factors = {}
         generator = torch.Generator().manual_seed(7919 * step)  # the same fresh A on every rank
@@ -108,8 +129,8 @@ class PloraMethod(Method):
 
     @staticmethod
     def _reset(engine, param, value):
-        """The parameter, DeepSpeed's fp32 copy of it and its Adam moments (ZeRO-1/2), or the
-        torch optimizer's state of it (ZeRO-0)."""
+        """The parameter, DeepSpeed's fp32 copy of it (ZeRO-1/2) and its Adam moments, zeroed alike at
+        every stage; the step count stays (under ZeRO-1/2 it belongs to a whole flat partition)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         param.data.copy_(value)
@@ -119,10 +140,12 @@ class PloraMethod(Method):
                 safe_set_full_optimizer_state(param, torch.zeros_like(value, dtype=torch.float32), key)
         else:
             optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
-            optimizer.state.pop(param, None)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in optimizer.state.get(param, {}):
+                    optimizer.state[param][key].zero_()
 
     # ---- checkpoints
-    def save_state(self, opts, directory: Path):
+    def save_state(self, opts, engine, directory: Path):
         tensors = {f"{i}:{key}": t.contiguous() for i, factors in enumerate(self.merged) for key, t in factors.items()}
         save_file(tensors, directory / MERGES_FILE, metadata={"merges": json.dumps(len(self.merged))})
 

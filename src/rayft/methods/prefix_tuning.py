@@ -25,6 +25,9 @@ class PrefixTuningMethod(SoftPromptMethod):
     def serve_kind(self, opts):
         return "prefix_tuning"
 
+    def extra_positions(self, opts):
+        return opts.num_virtual_tokens  # the prefixes come first: the row's positions start after them
+
     def peft_config(self, opts, model):
         from peft import PrefixTuningConfig, TaskType
 

@@ -95,11 +95,13 @@ def log_params(uri: str, run_id: str, params: dict) -> None:
         client(uri).log_batch(run_id, params=batch[start:start + 100])
 
 
-def log_artifacts(uri: str, run_id: str, files: list[Path], directory: Path) -> None:
-    """Log the run's files and its adapter/model directory, then mark the run finished."""
+def log_artifacts(uri: str, run_id: str, files: list[Path], directory: Path, logs: list[Path] = ()) -> None:
+    """Log the run's files, its adapter/model directory and its log files, then mark the run finished."""
     mlflow_client = client(uri)
     for path in files:
         mlflow_client.log_artifact(run_id, str(path))
+    for path in logs:
+        mlflow_client.log_artifact(run_id, str(path), artifact_path="logs")
     mlflow_client.log_artifacts(run_id, str(directory), artifact_path=directory.name)
     mlflow_client.set_terminated(run_id, "FINISHED")
 

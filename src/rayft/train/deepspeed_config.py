@@ -13,6 +13,8 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict
     if dist.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu,
                     reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
+    if dist.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = dist.zero3_persistence_threshold
     if dist.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if dist.offload_params:

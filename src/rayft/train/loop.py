@@ -35,13 +35,13 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, say=print) -> str:
     """'auto' -> bf16 with native hardware support, else fp32. An explicit bf16 is kept."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
-        print(f"[rayft] warning: train.precision=bf16 on {device.type} without native bf16 math is emulated "
-              f"and far slower than fp32; precision=auto would pick fp32 here", flush=True)
+        say(f"[rayft] warning: train.precision=bf16 on {device.type} without native bf16 math is emulated "
+            f"and far slower than fp32; precision=auto would pick fp32 here")
     return precision
 
 
@@ -175,6 +175,18 @@ class Reporter:
 
             self.client = MlflowClient(tracking_uri=mlflow_uri)
 
+    def say(self, line: str) -> None:
+        """One of rayft's lines: to the driver's console (through the progress queue), else printed."""
+        if not self.enabled:
+            return
+        if self.queue is not None:
+            try:
+                self.queue.put_nowait({"message": line})
+                return
+            except Exception:
+                pass
+        print(line, flush=True)
+
     def log(self, step: int, metrics: dict[str, float], state: TrainerState) -> None:
         if not self.enabled:
             return
@@ -193,6 +205,24 @@ class Reporter:
 
 # ---------------------------------------------------------------- the loop
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point: the worker's output goes to its own log file (unless verbose), and
+    an exception leaves its traceback there before Ray Train reports it."""
+    import traceback
+
+    import ray.train
+
+    from rayft.console import redirect_descriptors, worker_log
+
+    if loop_config.get("log_dir"):
+        redirect_descriptors(worker_log(Path(loop_config["log_dir"]), ray.train.get_context().get_world_rank()))
+    try:
+        train_on_worker(loop_config)
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+def train_on_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -209,7 +239,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.train.seed)  # identical adapter init on every rank
-    precision = resolve_precision(cfg.train.precision, device)
+    reporter = Reporter(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"),
+                        loop_config.get("progress_queue"))
+    precision = resolve_precision(cfg.train.precision, device, reporter.say)
     cfg.train.precision = precision
 
     train_rows, val_rows = RowFile(data.train_file), RowFile(data.val_file)
@@ -219,10 +251,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                               Run(total_steps=plan.total_steps, precision=precision))
     trainable_params, total_params = count_parameters(model)
     changed_params = method.changed_base_params(opts, model)
-    if rank == 0:
-        print(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
-              f"({100 * trainable_params / total_params:.3f}%); its output changes {changed_params:,} base "
-              f"parameters once merged or applied; precision {precision}", flush=True)
+    reporter.say(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
+                 f"({100 * trainable_params / total_params:.3f}%); its output changes {changed_params:,} base "
+                 f"parameters once merged or applied; precision {precision}")
     pad_id = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
     virtual_tokens = method.virtual_tokens(opts)
 
@@ -230,7 +261,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return token_losses(model, batch, precision, virtual_tokens, method.fused_head)
 
     optimizer = build_optimizer(model, cfg, on_gpu)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan, cfg.train.scheduler))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, plan, cfg.train.scheduler) * method.lr_scale(opts, s))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world, on_gpu), dist_init_required=False)
@@ -242,10 +274,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = load_training_state(engine, Path(checkpoint_dir))
             method.load_state(opts, engine, Path(checkpoint_dir))
         state.resumed_from.append(state.step)
-        if rank == 0:
-            print(f"[rayft] resumed at step {state.step} of {plan.total_steps}", flush=True)
-    reporter = Reporter(rank, loop_config.get("mlflow_uri"), loop_config.get("mlflow_run_id"),
-                        loop_config.get("progress_queue"))
+        reporter.say(f"[rayft] resumed at step {state.step} of {plan.total_steps}")
     param_counts = {"trainable_params": trainable_params, "total_params": total_params,
                     "changed_base_params": changed_params}
 
@@ -257,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
             save_training_state(engine, state, Path(tmp), rank)
             if rank == 0:
-                method.save_state(opts, Path(tmp))
+                method.save_state(opts, engine, Path(tmp))
             if export:
                 export_weights(engine.module, method, opts, Path(tmp), rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rayft.config import TrainJobConfig, dump_config
-from rayft.errors import ConfigError, RayftError
+from rayft.console import LOG_DIR, RunConsole, say, verbose_from_env, worker_log
+from rayft.errors import ConfigError, RayftError, TrainingFailed
 from rayft.raycluster import connect_ray
 
 FINISHED_MARKER = "metrics.json"
@@ -66,7 +67,7 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
 
     model = load_on_meta(model_dir)
     context = getattr(model.config, "max_position_embeddings", None)
-    virtual = get_method(cfg.method.type).virtual_tokens(cfg.method.options)
+    virtual = get_method(cfg.method.type).extra_positions(cfg.method.options)
     if context and cfg.data.cutoff_len + virtual > context:
         extra = f" plus method's {virtual} virtual tokens" if virtual else ""
         raise ConfigError(f"data.cutoff_len={cfg.data.cutoff_len}{extra} exceeds the model's context of {context} "
@@ -75,7 +76,7 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
     method.check(cfg.method.options, model)
     if cfg.data.packing and not method.packs:
         # the resolved config (config.yaml) then says so too
-        print(f"[rayft] note: method.type={cfg.method.type} keeps one sample per row; data.packing is turned off", flush=True)
+        say(f"[rayft] note: method.type={cfg.method.type} keeps one sample per row; data.packing is turned off")
         cfg.data.packing = False
     if cfg.train.attention == "packed" and not attention.supports(model.config):
         raise ConfigError(f"train.attention: packed does not fit model type {model.config.model_type!r} "
@@ -173,6 +174,9 @@ class Progress:
                 item = self.queue.get(timeout=0.5)
             except Exception:
                 continue
+            if "message" in item:  # one of rayft's lines from rank 0
+                self.bar.console.print(item["message"], markup=False, highlight=False, soft_wrap=True)
+                continue
             self.latest.update(item)
             info = "  ".join(f"{k} {self.latest[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_s") if k in self.latest)
             self.bar.update(self.task, completed=item["step"], total=item.get("total_steps"), info=info)
@@ -251,12 +255,24 @@ def publish_outputs(checkpoint_dir: Path, output_dir: Path, output_kind: str, cf
 
 # ---------------------------------------------------------------- the job
 def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = False, console=None,
-                 parent_run_id: Optional[str] = None, callbacks: Optional[list] = None) -> dict[str, Any]:
+                 parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
+                 verbose: Optional[bool] = None) -> dict[str, Any]:
     """Train as `cfg` says; returns metrics.json's content.
 
-    A sweep trial passes its sweep's MLflow run as `parent_run_id` and Ray Train callbacks that
-    forward the reported metrics to Tune; it then gets no progress bar.
+    The console shows rayft's own lines; everything else goes to output_dir/logs/ (console.py),
+    unless `verbose` (default: RAYFT_VERBOSE). A sweep trial passes its sweep's MLflow run as
+    `parent_run_id` and Ray Train callbacks that forward the reported metrics to Tune; it then
+    gets no progress bar and keeps its process's output (the sweep's trial logs).
     """
+    if callbacks is not None:
+        return _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, None)
+    with RunConsole(verbose_from_env() if verbose is None else verbose) as run_console:
+        return _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console)
+
+
+def _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console):
+    from rich.console import Console
+
     from rayft.methods import get_method
     from rayft.tracking import mlflow_run
 
@@ -265,6 +281,13 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     model_dir, uri, data, _, use_gpu = preflight(cfg)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = output_dir / LOG_DIR if run_console and run_console.move_to(output_dir / LOG_DIR) else None
+    if run_console and console is None and not run_console.verbose:
+        console = Console(file=run_console.terminal, stderr=True)
+    dist = cfg.distributed
+    say(f"[rayft] {'resuming' if resume else 'training'} {cfg.name}: method {cfg.method.type} on "
+        f"{cfg.model.name_or_path}, {dist.num_workers} {'GPU' if use_gpu else 'CPU'} workers, ZeRO-{dist.zero_stage}"
+        + (f"; logs in {log_dir}/" if log_dir else ""))
     run_file = output_dir / "run.json"
     if resume:
         run_id = json.loads(run_file.read_text())["mlflow_run_id"]
@@ -273,7 +296,7 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
         write_atomic(run_file, json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     write_atomic(output_dir / "config.yaml", dump_config(cfg))
     try:
-        result = _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks)
+        result = _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks, log_dir)
         metrics = _finish(cfg, result, output_dir, model_dir, uri, run_id, get_method(cfg.method.type).output)
     except BaseException:
         mlflow_run.fail_run(uri, run_id)
@@ -281,10 +304,10 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     return metrics
 
 
-def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks):
+def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callbacks, log_dir):
     import contextlib
 
-    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -296,7 +319,8 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data.__dict__, "model_dir": str(model_dir),
-                           "mlflow_uri": uri, "mlflow_run_id": run_id, "progress_queue": queue},
+                           "mlflow_uri": uri, "mlflow_run_id": run_id, "progress_queue": queue,
+                           "log_dir": str(log_dir) if log_dir else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=use_gpu,
                                      placement_strategy=dist.placement_strategy,
@@ -313,6 +337,8 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
     with Progress(queue, console) if queue is not None else contextlib.nullcontext():  # an empty Queue is falsy
         try:
             return trainer.fit()
+        except WorkerGroupError as exc:
+            raise TrainingFailed(worker_failure_line(exc, log_dir)) from exc
         except ControllerError as exc:
             if isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
                 raise RuntimeError(
@@ -320,6 +346,16 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
                     f"{dist.start_timeout_s:g} s (distributed.start_timeout_s): the cluster lacks their resources "
                     "(a lost node?)") from exc
             raise
+
+
+def worker_failure_line(exc, log_dir: Optional[Path]) -> str:
+    """The first failed rank's exception as one line, with where its traceback is."""
+    rank = min(exc.worker_failures)
+    error = exc.worker_failures[rank]
+    error = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's own exception
+    message = (str(error).strip().splitlines() or [""])[0]
+    where = f"; traceback in {worker_log(log_dir, rank)}" if log_dir else ""
+    return f"rank {rank}: {type(error).__name__}: {message}{where}"
 
 
 def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: str, output_kind: str) -> dict[str, Any]:
@@ -358,8 +394,9 @@ def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: st
     pending = output_dir / ".pending"  # metrics.json lands last: its presence marks a finished run
     pending.mkdir(exist_ok=True)
     (pending / FINISHED_MARKER).write_text(json.dumps(metrics, indent=2))
+    logs = sorted((output_dir / LOG_DIR).glob("*.log"))  # as they are when training has ended
     mlflow_run.log_artifacts(uri, run_id, [output_dir / "config.yaml", output_dir / "loss.png",
-                                           pending / FINISHED_MARKER], output_dir / output_kind)
+                                           pending / FINISHED_MARKER], output_dir / output_kind, logs)
     os.replace(pending / FINISHED_MARKER, output_dir / FINISHED_MARKER)
     pending.rmdir()
     return metrics
