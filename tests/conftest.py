@@ -23,7 +23,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # drivers pass it to their controllers, and the cluster's processes inherit it from here.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-from tiny import build_tiny_model, build_tiny_qwen2, write_alpaca  # noqa: E402
+from tiny import build_tiny_model, write_alpaca  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RAYFT = str(Path(sys.executable).parent / "rayft")
@@ -94,7 +94,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
-    return build_tiny_qwen2(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2")
 
 
 @pytest.fixture(scope="session")

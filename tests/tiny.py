@@ -1,4 +1,4 @@
-"""A tiny Llama-shaped model (2 layers, hidden 64) with the SmolLM2 tokenizer, and small data."""
+"""Tiny models (Llama- and Qwen2-shaped, 2 layers, hidden 64) with the SmolLM2 tokenizer, and small data."""
 
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ from pathlib import Path
 import torch
 
 
-def build_tiny_model(target: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def build_tiny_model(target: Path, seed: int = 0, arch: str = "llama") -> Path:
+    """2 layers, hidden 64, the SmolLM2 tokenizer; arch "qwen2" has attention biases (for BitFit)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from rayft.models import resolve_model_path
 
     if (target / "config.json").is_file():
         return target
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     return target
@@ -73,21 +75,3 @@ def build_other_tiny_model(target: Path, vocab_size: int) -> Path:
         LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
     return target
 
-
-def build_tiny_qwen2(target: Path, seed: int = 0) -> Path:
-    """A tiny Qwen2-shaped model (attention biases) with the SmolLM2 tokenizer: for methods that need biases."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from rayft.models import resolve_model_path
-
-    if (target / "config.json").is_file():
-        return target
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    return target
