@@ -33,7 +33,7 @@ ADAPTER_CASES = {
     "adapterdrop": ({"type": "bottleneck", "bottleneck": {"placement": "houlsby", "reduction_factor": 8,
                                                           "drop_first_n": 1, "drop_prob": 0.3}}, "llama"),
     "compacter": ({"type": "compacter", "compacter": {"reduction_factor": 4, "phm_dim": 4, "phm_rank": 2}}, "llama"),
-    "plora": ({"type": "plora", "plora": {"r": 4, "merge_every": 2}}, "llama"),
+    "plora": ({"type": "plora", "plora": {"r": 4, "merge_every": 2, "rewarm_steps": 1}}, "llama"),
 }
 # methods whose outputs must be unchanged at initialisation (soft prompts add tokens: they change them)
 UNCHANGED_AT_INIT = ["plora", "lora-pissa-plus", "lora-olora-rs", "adalora", "ia3", "bitfit", "ln_tuning",
@@ -485,10 +485,14 @@ def test_adapter_fusion_refuses_other_kinds_and_other_bases(models, bottleneck_o
 # ---------------------------------------------------------------- under Ray Train + DeepSpeed
 TRAINED = {
     # case -> ZeRO stage: every method on ZeRO-2, some also on 3 and 0
+    # (ln_tuning shares bitfit's selective path, bottleneck-houlsby adapterdrop's: the matrix runs them)
     "lora-pissa-plus": 2, "adalora": 2, "prompt_tuning": 2, "p_tuning": 3, "prefix_tuning": 2, "ia3": 3,
-    "bitfit": 2, "ln_tuning": 2, "bottleneck-houlsby": 3, "adapterdrop": 2, "compacter": 2, "plora": 2,
+    "bitfit": 2, "adapterdrop": 3, "compacter": 2, "plora": 2,
     "adapter_fusion": 3,
 }
+
+
+MATRIX = [*TRAINED, "ln_tuning", "bottleneck-houlsby"]
 
 
 def trained_cases():
@@ -498,7 +502,7 @@ def trained_cases():
 
     if not os.environ.get("RAYFT_METHOD_MATRIX"):
         return [(case, stage) for case, stage in TRAINED.items()]
-    return [(case, stage) for case in TRAINED for stage in (0, 2, 3)]
+    return [(case, stage) for case in MATRIX for stage in (0, 2, 3)]
 
 
 @pytest.mark.usefixtures("ray_address")
@@ -517,6 +521,8 @@ def test_method_trains_under_ray_and_zero_and_reloads(tmp_path, models, alpaca_f
     try:
         cfg = parse_config(raw)
     except ConfigError as refused:
+        if (case, zero_stage) in TRAINED.items():
+            raise  # the suite's own runs are never refused
         pytest.skip(f"refused when the config is read: {refused}")
     metrics = run_training(cfg)
     out = Path(cfg.output_dir) / "adapter"

@@ -60,7 +60,7 @@ def test_bad_search_space_is_one_line_naming_the_key(tmp_path, space, algorithm,
     ({"type": "bottleneck"}, {"method.lora.r": {"choice": [4, 8]}}, "unknown key 'method.lora.r'"),
     ({"type": "bottleneck"}, {"method.bottleneck.reduction_factor": {"choice": [8, 0]}},
      "method.bottleneck.reduction_factor=0"),
-    ({"type": "adalora"}, {"method.adalora.target_r": {"choice": [4, 16]}}, "method.adalora.target_r=16 exceeds init_r=12"),
+    ({"type": "adalora"}, {"method.adalora.target_r": {"choice": [4, 16]}}, "method.adalora.target_r=16 is not below init_r=12"),
 ])
 def test_a_space_over_method_keys_is_checked_like_any_other(tmp_path, method, space, message):
     base_raw = base_config(tmp_path, Path("model"), Path("data.jsonl"), method=method)
