@@ -74,7 +74,7 @@ def test_a_space_over_method_keys_is_checked_like_any_other(tmp_path, method, sp
                                  "method.prompt_tuning.init": {"choice": ["random", "vocab"]}}),
     ({"type": "adalora"}, {"method.adalora.init_r": {"choice": [8, 12]},
                            "method.adalora.target_r": {"ratio_of": "method.adalora.init_r", "factor": 0.5}}),
-    ({"type": "plora", "plora": {"merge_every": 2}}, {"method.plora.merge_every": {"choice": [2, 3]}}),
+    ({"type": "plora", "plora": {"merge_every": 2, "rewarm_steps": 1}}, {"method.plora.merge_every": {"choice": [2, 3]}}),
     ({"type": "compacter"}, {"method.compacter.phm_dim": {"choice": [2, 4]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}),
 ])
 def test_any_methods_key_can_be_searched(tmp_path, method, space):
