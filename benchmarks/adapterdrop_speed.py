@@ -38,7 +38,8 @@ def model_with(model_dir: Path, drop_first: int, precision: str):
     torch.manual_seed(0)
     cfg = MethodConfig.model_validate({"type": "bottleneck", "bottleneck": {
         "placement": "houlsby", "reduction_factor": 16, "drop_first_n": drop_first}})
-    return load_for_training(model_dir, cfg, torch.device("cpu"), "auto", Run(precision=precision))
+    # sdpa on both sides: generate() needs a KV cache, which rayft's packed training attention does not take
+    return load_for_training(model_dir, cfg, torch.device("cpu"), "sdpa", Run(precision=precision))
 
 
 def train_rate(model, data, precision) -> float:
