@@ -35,11 +35,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------- pre-flight checks
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output_dir {output_dir} is an existing file, not a directory", key="output_dir")
-    for parent in output_dir.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"output_dir {output_dir}: {parent} is a file, not a directory", key="output_dir")
+    for path in (output_dir, *output_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = " is an existing file" if path == output_dir else f": {path} is a file"
+            raise ConfigError(f"output_dir {output_dir}{where}, not a directory", key="output_dir")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         if resume:
             raise RayftError(f"--resume: {output_dir} holds no run to resume")
@@ -66,13 +65,13 @@ def check_method(cfg: TrainJobConfig, model_dir: Path) -> None:
     from rayft.train import attention
 
     model = load_on_meta(model_dir)
+    method = get_method(cfg.method.type)
     context = getattr(model.config, "max_position_embeddings", None)
-    virtual = get_method(cfg.method.type).extra_positions(cfg.method.options)
+    virtual = method.extra_positions(cfg.method.options)
     if context and cfg.data.cutoff_len + virtual > context:
         extra = f" plus method's {virtual} virtual tokens" if virtual else ""
         raise ConfigError(f"data.cutoff_len={cfg.data.cutoff_len}{extra} exceeds the model's context of {context} "
                           f"tokens (max_position_embeddings of {model_dir})", key="data.cutoff_len")
-    method = get_method(cfg.method.type)
     method.check(cfg.method.options, model)
     if cfg.data.packing and not method.packs:
         # the resolved config (config.yaml) then says so too
