@@ -12,12 +12,14 @@ import json
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from rayft.config import ServeConfig
 from rayft.errors import RayftError
@@ -25,7 +27,8 @@ from rayft.serve.keys import Caller, KeyStore
 from rayft.serve.registry import SHARED_TENANT, AdapterRef, AdapterRegistry, adapter_dir_of, publish_adapter
 from rayft.serve.validate import AdapterError, BaseShape, check_name
 
-# engine(model_id or None for the base, payload) -> events: ("token", id) ... ("end", reason)
+# engine(model_id or None for the base, payload) -> events: ("token", id, row) ... ("end", reason, row)
+# for each prompt (row) of the payload, or one ("error", kind, message)
 EngineStream = Callable[[Optional[str], dict], AsyncIterator[tuple]]
 
 
@@ -54,18 +57,25 @@ class _Body(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)  # what torch's generators take
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str], list[int]]
+    # one prompt (text or token ids), or a batch of them: each is a row of one batch and a choice
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(16, gt=0)  # OpenAI's default for completions
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None  # parts of other types (images...) carry no text and are left out
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, list[ContentPart], None] = None
 
 
 class ChatBody(_Body):
@@ -124,16 +134,16 @@ class Frontend:
             raise APIError(413, f"request body is {size} bytes, above the limit of {self.limits.max_body_bytes}",
                            code="request_too_large")
 
-    def admit(self) -> None:
-        """At most max_concurrent_requests in flight on this ingress replica; beyond it 429.
-        Each admit() is paired with one release(), when the response (or its stream) ends."""
-        if self.in_flight >= self.limits.max_concurrent_requests:
+    def admit(self, rows: int = 1) -> None:
+        """At most max_concurrent_requests rows (prompts) in flight on this ingress replica; beyond
+        it 429. Each admit(rows) is paired with one release(rows), when the response (or its stream) ends."""
+        if self.in_flight + rows > self.limits.max_concurrent_requests:
             raise APIError(429, f"too many requests in flight (limit {self.limits.max_concurrent_requests}); "
                            "retry later", type="rate_limit_error", code="rate_limit_exceeded")
-        self.in_flight += 1
+        self.in_flight += rows
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, rows: int = 1) -> None:
+        self.in_flight -= rows
 
     def resolve(self, caller: Caller, model: str) -> Optional[AdapterRef]:
         """None for the base model, else the adapter the caller may use; 404 otherwise."""
@@ -144,43 +154,61 @@ class Frontend:
             raise not_found(model)
         return ref
 
-    def prompt_ids(self, body: Union[CompletionBody, ChatBody]) -> list[int]:
+    def prompts(self, body: Union[CompletionBody, ChatBody]) -> list[list[int]]:
+        """The token ids of each prompt: one for chat, one or a batch for completions."""
         if isinstance(body, ChatBody):
             messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(body.prompt, list) and body.prompt and all(isinstance(t, int) for t in body.prompt):
-            ids = list(body.prompt)
-            if max(ids) >= len(self.tokenizer) or min(ids) < 0:
-                raise APIError(400, "prompt: token ids outside the vocabulary", param="prompt")
-        else:
-            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            if len(prompts) != 1 or not isinstance(prompts[0], str):
-                raise APIError(400, "prompt: one prompt per request is supported", param="prompt")
-            ids = self.tokenizer(prompts[0])["input_ids"]
-        if not ids:
+            return [self._checked(self.tokenizer(text, add_special_tokens=False)["input_ids"], "prompt")]
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]  # one prompt, as text or as token ids
+        if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompt) > self.limits.max_concurrent_requests:
+            raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is above the limit of "
+                           f"{self.limits.max_concurrent_requests}", param="prompt")
+        where = (lambda i: "prompt") if len(prompt) == 1 else (lambda i: f"prompt[{i}]")
+        return [self._checked(self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p), where(i))
+                for i, p in enumerate(prompt)]
+
+    def _checked(self, ids: list[int], where: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"{where} is empty", param=where)
+        if max(ids) >= len(self.tokenizer) or min(ids) < 0:
+            raise APIError(400, f"{where}: token ids outside the vocabulary", param=where)
         if len(ids) > self.limits.max_prompt_tokens:
-            raise APIError(400, f"prompt is {len(ids)} tokens, above the limit of {self.limits.max_prompt_tokens}",
-                           param="prompt", code="context_length_exceeded")
+            raise APIError(400, f"{where} is {len(ids)} tokens, above the limit of {self.limits.max_prompt_tokens}",
+                           param=where, code="context_length_exceeded")
         return ids
 
-    def max_new_tokens(self, body: Union[CompletionBody, ChatBody]) -> int:
+    def max_new_tokens(self, body: Union[CompletionBody, ChatBody], prompts: list[list[int]]) -> int:
+        """The tokens each row may generate: what the caller asked (within the limit and the model's
+        context), or by default the limit, cut to the context the longest prompt leaves."""
         asked = (body.max_completion_tokens or body.max_tokens) if isinstance(body, ChatBody) else body.max_tokens
-        if asked is None:
-            return self.limits.max_new_tokens
-        if asked > self.limits.max_new_tokens:
+        if asked is not None and asked > self.limits.max_new_tokens:
             raise APIError(400, f"max_tokens={asked} is above the limit of {self.limits.max_new_tokens}",
                            param="max_tokens")
+        context, longest = self.base.context_tokens, max(len(ids) for ids in prompts)
+        if context is None:
+            return asked or self.limits.max_new_tokens
+        if asked is None:
+            asked = min(self.limits.max_new_tokens, context - longest)
+            if asked <= 0:
+                raise APIError(400, f"prompt is {longest} tokens, which leaves no room in the model's context "
+                               f"length of {context} tokens", param="prompt", code="context_length_exceeded")
+        elif longest + asked > context:
+            raise APIError(400, f"prompt is {longest} tokens and max_tokens is {asked}: {longest + asked} tokens, "
+                           f"above the model's context length of {context}", param="max_tokens",
+                           code="context_length_exceeded")
         return asked
 
     # ------------------------------------------------------------ generation
-    async def generate(self, caller: Caller, body: Union[CompletionBody, ChatBody]):
-        """(events, model id shown to the caller, prompt token count): the first event is already
-        awaited, so a failure to load the adapter becomes an error status, not a broken stream."""
-        ref = self.resolve(caller, body.model)
-        prompt_ids = self.prompt_ids(body)
-        payload = {"prompt_ids": prompt_ids, "max_new_tokens": self.max_new_tokens(body),
+    async def generate(self, ref: Optional[AdapterRef], body: Union[CompletionBody, ChatBody],
+                       prompts: list[list[int]], max_new_tokens: int) -> AsyncIterator[tuple]:
+        """The engine's events for `prompts`, one row each; the first event is already awaited, so a
+        failure to load the adapter becomes an error status, not a broken stream."""
+        payload = {"prompts": prompts, "max_new_tokens": max_new_tokens,
                    "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
                    "model": body.model if ref is None else f"{ref.tenant}/{ref.name}"}
         events = self.engine(ref.model_id if ref else None, payload).__aiter__()
@@ -189,33 +217,43 @@ class Frontend:
             raise APIError(400 if first[1] == "adapter" else 500, first[2],
                            type="invalid_request_error" if first[1] == "adapter" else "server_error",
                            code="adapter_invalid" if first[1] == "adapter" else None)
-        return _prepend(first, events), len(prompt_ids)
+        return _prepend(first, events)
 
-    async def texts(self, events: AsyncIterator[tuple], stop: list[str]) -> AsyncIterator[tuple[str, Optional[str], int]]:
-        """Decoded text pieces: (new text, finish reason or None, tokens so far). Stop strings end
-        the request; text that could be the start of one is held back until it is known."""
-        ids: list[int] = []
-        sent = ""
+    async def texts(self, events: AsyncIterator[tuple], stop: list[str],
+                    rows: int = 1) -> AsyncIterator[tuple[int, str, Optional[str], int]]:
+        """Decoded text pieces: (row, new text, finish reason or None, the row's tokens so far).
+        Stop strings end a row; text that could be the start of one is held back until it is known.
+        Each token is decoded once, with the few before it (see _Detokenizer), not the whole output."""
         hold = max((len(s) for s in stop), default=1) - 1
-        async for event in events:
-            if event[0] == "token":
-                ids.append(event[1])
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    await events.aclose()  # cancels the row in the engine
-                    yield text[len(sent):cut], "stop", len(ids)
+        states = [_RowText(_Detokenizer(self.tokenizer)) for _ in range(rows)]
+        running = rows
+        async for kind, value, row in events:
+            state = states[row]
+            if state.finished:  # cut by a stop string while other rows run on: its later tokens are dropped
+                continue
+            if kind == "token":
+                state.produced += 1
+                state.pending += state.decoder.add(value)
+                reason = None
+            elif kind == "end":
+                state.pending += state.decoder.flush()
+                reason = "stop" if value == "stop" else "length"
+            else:
+                continue
+            cut = min((i for i in (state.pending.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0 or reason:
+                state.finished, running = True, running - 1
+                if running == 0 and not reason:
+                    await events.aclose()  # cancels the engine's rows
+                yield row, state.pending[:cut] if cut >= 0 else state.pending, \
+                    "stop" if cut >= 0 else reason, state.produced
+                if running == 0:
                     return
-                if text.endswith("\ufffd"):  # half of a multi-byte character
-                    continue
-                ready = len(text) - hold if stop else len(text)
-                if ready > len(sent):
-                    yield text[len(sent):ready], None, len(ids)
-                    sent = text[:ready]
-            elif event[0] == "end":
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                yield text[len(sent):], "stop" if event[1] == "stop" else "length", len(ids)
-                return
+                continue
+            ready = len(state.pending) - hold  # without stop strings hold is 0: all of it
+            if ready > 0:
+                yield row, state.pending[:ready], None, state.produced
+                state.pending = state.pending[ready:]
 
     # ------------------------------------------------------------ adapters
     def add_adapter(self, caller: Caller, body: AdapterBody) -> dict:
@@ -296,7 +334,45 @@ def adapter_json(ref: AdapterRef) -> dict:
 def _text_of(content) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return "".join(part.text or "" for part in content if part.type == "text")
+
+
+class _Detokenizer:
+    """The text of a growing list of token ids, decoded incrementally, as vLLM and transformers'
+    TextStreamer do: each new token is decoded with the tokens since the last complete piece of
+    text (the window keeps the context a tokenizer needs for spaces), so a token costs a few ids'
+    decode, not the whole output's. The pieces join to the full decode of the ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # the window: ids[start:]
+        self.read = 0  # ids[start:read] are already given out as text
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before, now = self._text(self.ids[self.start:self.read]), self._text(self.ids[self.start:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # nothing new, or half a multi-byte character
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return now[len(before):]
+
+    def flush(self) -> str:
+        """The rest, a trailing incomplete character included (as the full decode shows it)."""
+        before, now = self._text(self.ids[self.start:self.read]), self._text(self.ids[self.start:])
+        self.start = self.read = len(self.ids)
+        return now[len(before):]
+
+
+@dataclass(eq=False)
+class _RowText:
+    decoder: _Detokenizer
+    pending: str = ""  # decoded, not sent yet: at most a stop string's length
+    produced: int = 0
+    finished: bool = False
 
 
 async def _prepend(first: tuple, rest) -> AsyncIterator[tuple]:
@@ -329,35 +405,47 @@ def create_app(frontend: Frontend):
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        frontend.admit()
+        ref = frontend.resolve(caller, body.model)
+        prompts = frontend.prompts(body)
+        max_new_tokens = frontend.max_new_tokens(body, prompts)
+        rows = len(prompts)
+        frontend.admit(rows)
         streaming = False
         try:
-            events, prompt_tokens = await frontend.generate(caller, body)
+            events = await frontend.generate(ref, body, prompts, max_new_tokens)
             if body.stream:
                 streaming = True  # the stream releases its admission when it ends
-                return StreamingResponse(_sse(frontend, events, stop, chat, request_id, created, body.model),
+                return StreamingResponse(_sse(frontend, events, stop, rows, chat, request_id, created, body.model),
                                          media_type="text/event-stream")
-            pieces, finish, produced = [], "length", 0
-            async for text, reason, produced in frontend.texts(events, stop):
-                pieces.append(text)
-                finish = reason or finish
+            pieces, finish, produced = [[] for _ in prompts], ["length"] * rows, [0] * rows
+            async for row, text, reason, row_tokens in frontend.texts(events, stop, rows):
+                pieces[row].append(text)
+                finish[row], produced[row] = reason or finish[row], row_tokens
         finally:
             if not streaming:
-                frontend.release()
-        text = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+                frontend.release(rows)
+        texts = ["".join(row_pieces) for row_pieces in pieces]
+        choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "finish_reason": finish[0]}] \
+            if chat else [{"index": row, "text": text, "logprobs": None, "finish_reason": finish[row]}
+                          for row, text in enumerate(texts)]
+        prompt_tokens, completion_tokens = sum(len(ids) for ids in prompts), sum(produced)
         return JSONResponse({
             "id": request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": body.model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
-                      "total_tokens": prompt_tokens + produced}})
+            "created": created, "model": body.model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
 
-    @app.post("/v1/completions")
+    # The handlers read their bodies themselves (auth and size come first, and bad input answers in
+    # the error shape above); the OpenAPI document still describes each body by its model.
+    def body_of(model: type[BaseModel]) -> dict:
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+    @app.post("/v1/completions", openapi_extra=body_of(CompletionBody))
     async def completions(request: Request):
         return await respond(request, CompletionBody)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_of(ChatBody))
     async def chat_completions(request: Request):
         return await respond(request, ChatBody)
 
@@ -369,7 +457,7 @@ def create_app(frontend: Frontend):
     async def adapters(request: Request):
         return frontend.list_adapters(frontend.caller(request.headers.get("authorization")))
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post("/v1/adapters", status_code=201, openapi_extra=body_of(AdapterBody))
     async def add_adapter(request: Request):
         caller, body = await read(request, AdapterBody)
         return JSONResponse(frontend.add_adapter(caller, body), status_code=201)
@@ -382,28 +470,38 @@ def create_app(frontend: Frontend):
     async def health():
         return {"status": "ok"}
 
+    _, schemas = models_json_schema([(model, "validation") for model in (CompletionBody, ChatBody, AdapterBody)],
+                                    ref_template="#/components/schemas/{model}")
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            build_openapi().setdefault("components", {}).setdefault("schemas", {}).update(schemas["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
-async def _sse(frontend: Frontend, events, stop, chat: bool, request_id: str, created: int, model: str):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def _sse(frontend: Frontend, events, stop, rows: int, chat: bool, request_id: str, created: int, model: str):
+    """Server-sent events in OpenAI's chunk format (choice index = prompt index), ending with `data: [DONE]`."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
+    def chunk(row: int, text: Optional[str], finish: Optional[str], first: bool = False) -> str:
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": row, "delta": delta, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": row, "text": text or "", "logprobs": None, "finish_reason": finish}
         body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
         return f"data: {json.dumps(body)}\n\n"
 
     try:
         if chat:
-            yield chunk(None, None, first=True)
-        async for text, reason, _ in frontend.texts(events, stop):
+            yield chunk(0, None, None, first=True)
+        async for row, text, reason, _ in frontend.texts(events, stop, rows):
             if text or reason:
-                yield chunk(text, reason)
+                yield chunk(row, text, reason)
         yield "data: [DONE]\n\n"
     finally:
-        frontend.release()
+        frontend.release(rows)

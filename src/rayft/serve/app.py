@@ -44,6 +44,9 @@ class ServeMetrics(EngineMetrics):
         self.batch_adapters = Histogram("rayft_batch_adapters", "distinct adapters per forward batch",
                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
         self.loads = Counter("rayft_adapter_loads", "adapters loaded from the registry", tag_keys=("model",))
+        self.load_seconds = Histogram("rayft_adapter_load_seconds", "time to check and load an adapter from the registry",
+                                      boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+                                      tag_keys=("model",))
         self.evictions = Counter("rayft_adapter_evictions", "adapters evicted from the cache", tag_keys=("model",))
         self.hits = Counter("rayft_adapter_cache_hits", "requests whose adapter was resident", tag_keys=("model",))
 
@@ -60,6 +63,7 @@ class ServeMetrics(EngineMetrics):
 
     def adapter_load(self, model: str, seconds: float) -> None:
         self.loads.inc(tags={"model": self._name(model)})
+        self.load_seconds.observe(seconds, tags={"model": self._name(model)})
 
     def adapter_eviction(self, model: str) -> None:
         self.evictions.inc(tags={"model": self._name(model)})
@@ -117,28 +121,27 @@ def engine_deployment(cfg: ServeConfig):
 
         @serve.multiplexed(max_num_models_per_replica=cfg.max_resident_adapters)
         async def _route(self, model_id: str) -> str:
-            """Tells Serve's router this replica holds `model_id`; the cache below owns the weights."""
-            await self.cache.get(model_id)
+            """Tells Serve's router this replica holds `model_id`. It touches no weights: the cache
+            owns them, and one lookup per request keeps its hit and load counts true."""
             return model_id
 
         async def generate(self, payload: dict):
+            """Events of Engine.serve: ("token", id, row) ... ("end", reason, row) for each prompt,
+            or one ("error", "adapter", message) when the adapter cannot be loaded."""
             from rayft.errors import RayftError
-            from rayft.serve.engine import GenerationRequest
 
             started = time.perf_counter()
             model_id = serve.get_multiplexed_model_id()
             adapter = None
             if model_id:
                 try:
-                    await self._route(model_id)
-                    adapter = await self.cache.get(model_id)
+                    adapter = await self.cache.get(model_id)  # a hit, or a load
                 except RayftError as exc:  # a bad or vanished adapter: the caller gets a 4xx, we serve on
                     yield ("error", "adapter", str(exc))
                     return
+                await self._route(model_id)
             self.metrics.requests.inc(tags={"model": payload["model"]})
-            request = GenerationRequest(payload["prompt_ids"], payload["max_new_tokens"], payload["model"], adapter,
-                                        payload["temperature"], payload["top_p"], payload["seed"])
-            async for event in self.engine.generate(request):
+            async for event in self.engine.serve(payload, adapter):
                 yield event
             self.metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"model": payload["model"]})
 

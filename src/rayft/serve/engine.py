@@ -48,7 +48,8 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: Optional[int] = None
     cancelled: bool = False  # set when the caller goes away: the row stops at the next step
-    events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    row: int = 0  # its index among the requests queued together (a batch of prompts)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)  # (row, event), shared by a batch
 
 
 class Engine:
@@ -79,24 +80,44 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Yields ("token", id) per generated token, then ("end", "stop" | "length")."""
+        async for _, event in self.generate_rows([request]):
+            yield event
+
+    async def generate_rows(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, tuple]]:
+        """Several requests queued at once, so they start as rows of one batch (up to max_batch_size):
+        yields (row, event) until every row has ended."""
         loop = asyncio.get_running_loop()
         if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
             self._wakeup = asyncio.Event()  # an Event belongs to the loop that first awaits it
             self._loop_task = loop.create_task(self._batch_loop())
+        events: asyncio.Queue = asyncio.Queue()
+        for row, request in enumerate(requests):
+            request.row, request.events = row, events
         with self._pending_lock:
             self._pending_loop = loop
-            self._pending.append(request)
+            self._pending.extend(requests)
         self._wakeup.set()
+        running = len(requests)
         try:
-            while True:
-                event = await request.events.get()
+            while running:
+                row, event = await events.get()
                 if event[0] == "error":
                     raise RuntimeError(event[1])
-                yield event
+                yield row, event
                 if event[0] == "end":
-                    return
+                    running -= 1
         finally:
-            request.cancelled = True
+            for request in requests:
+                request.cancelled = True
+
+    async def serve(self, payload: dict, adapter: Optional[LoadedAdapter]) -> AsyncIterator[tuple]:
+        """The replica's side of the HTTP API: payload {"prompts": [token ids, ...], "max_new_tokens",
+        "temperature", "top_p", "seed", "model"} -> ("token", id, row) ... ("end", reason, row) per prompt."""
+        requests = [GenerationRequest(prompt_ids, payload["max_new_tokens"], payload["model"], adapter,
+                                      payload["temperature"], payload["top_p"], payload["seed"])
+                    for prompt_ids in payload["prompts"]]
+        async for row, event in self.generate_rows(requests):
+            yield (*event, row)
 
     def wait_idle(self) -> None:
         """Blocks until the worker thread has ended its rows and released the backend (for callers
@@ -287,7 +308,7 @@ def _trim_padding(cache, mask: torch.Tensor) -> torch.Tensor:
 
 def _deliver(events: list) -> None:
     for request, event in events:
-        request.events.put_nowait(event)
+        request.events.put_nowait((request.row, event))
 
 
 def _generator(request: GenerationRequest) -> Optional[torch.Generator]:
@@ -305,7 +326,9 @@ def _pick_tokens(logits: torch.Tensor, batch: list[GenerationRequest], generator
     for i, generator in enumerate(generators):
         if generator is None:
             continue
-        probs = torch.softmax(logits[i].float().cpu() / batch[i].temperature, dim=-1)
+        row_logits = logits[i].float().cpu()
+        # shifted first: a tiny temperature would otherwise overflow the top logits to inf (inf - inf = nan)
+        probs = torch.softmax((row_logits - row_logits.max()) / batch[i].temperature, dim=-1)
         if batch[i].top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(0) - sorted_probs > batch[i].top_p

@@ -37,9 +37,11 @@ def check_name(name: str, what: str = "adapter name") -> str:
 
 @dataclass(frozen=True)
 class BaseShape:
-    """What an adapter must fit: the served base's architecture hash and its linear layers."""
+    """What an adapter must fit: the served base's architecture hash and its linear layers; and the
+    context length a request (prompt + new tokens) must fit."""
     fingerprint: str
     linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
+    context_tokens: Optional[int] = None  # max_position_embeddings; None where the config has none
 
     @classmethod
     def of_model(cls, model, fingerprint: str) -> "BaseShape":
@@ -47,7 +49,8 @@ class BaseShape:
 
         shapes = {name: (module.in_features, module.out_features) for name, module in model.named_modules()
                   if isinstance(module, torch.nn.Linear) and name != "lm_head"}
-        return cls(fingerprint, shapes)
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        return cls(fingerprint, shapes, context)
 
     @classmethod
     def of_model_dir(cls, model_dir: Path) -> "BaseShape":
