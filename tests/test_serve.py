@@ -22,30 +22,41 @@ import yaml
 from conftest import RAYFT, _free_port, run_cli
 from tiny import build_other_tiny_model, make_lora_adapter
 
+from rayft.serve.engine import EngineMetrics
+
 PROMPTS = ["Hello there, how are you?", "The capital of France is", "SELECT"]
 
 
 # ------------------------------------------------------------------ engine, in-process
-def _engine(model_dir: Path, use_kernel: bool = True, **kwargs):
+class Batches(EngineMetrics):
+    """Keeps each batch's (rows, distinct adapters)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def batch(self, rows, adapters):
+        self.seen.append((rows, adapters))
+
+
+def _kernel_available() -> bool:
+    from rayft.serve.kernel import c_compiler
+
+    return c_compiler() is not None
+
+
+def _engine(model_dir: Path, use_kernel: bool = True, metrics=None, **kwargs):
     from transformers import AutoTokenizer
 
     from rayft.models import base_fingerprint
-    from rayft.serve.engine import Engine, EngineMetrics, batched_lora_model, load_base_model
+    from rayft.serve.engine import Engine, batched_lora_model, load_base_model
     from rayft.serve.validate import BaseShape
-
-    class Batches(EngineMetrics):
-        def __init__(self):
-            self.seen = []
-
-        def batch(self, rows, adapters):
-            self.seen.append((rows, adapters))
 
     if use_kernel:
         _built_kernel()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_base_model(model_dir, torch.float32, torch.device("cpu"))
     base = BaseShape.of_model(model, base_fingerprint(model_dir))  # before the layers are wrapped
-    metrics = Batches()
+    metrics = metrics or Batches()
     lora = batched_lora_model(model, use_kernel)
     assert (lora.kernel is not None) == use_kernel
     engine = Engine(model, lora, [tokenizer.eos_token_id], tokenizer.pad_token_id, metrics=metrics, **kwargs)
@@ -119,10 +130,10 @@ def test_requests_join_a_running_batch(tiny_model, tmp_path):
     """Requests arriving while a long one decodes join its batch at the next step (one shorter
     prompt, one longer than the running rows' cache; ranks 8 and 4), end in order of length as the
     rows leave (a leaving row's place is taken by a later row), and every request gives the tokens
-    it gives alone."""
+    it gives alone. Joining needs no kernel: without a C compiler it runs on the stacks."""
     from rayft.serve.engine import GenerationRequest
 
-    engine, tokenizer, base, metrics = _engine(tiny_model, max_batch_size=4, batch_wait_ms=1)
+    engine, tokenizer, base, metrics = _engine(tiny_model, _kernel_available(), max_batch_size=4, batch_wait_ms=1)
     engine.eos_token_ids = set()  # every request runs to its max_new_tokens
     adapter = _load(make_lora_adapter(tiny_model, tmp_path / "a", r=8, seed=3), base, "t/a@1")
     other = _load(make_lora_adapter(tiny_model, tmp_path / "b", r=4, seed=4), base, "t/b@1")
@@ -204,8 +215,7 @@ def test_lora_kernel_matches_torch(tokens):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32, summed in another order
 
 
-def test_lora_kernel_refuses_autograd_and_falls_back_without_a_compiler(monkeypatch, caplog):
-    from rayft.serve import kernel
+def test_lora_kernel_refuses_autograd():
     from rayft.serve.lora import BatchLoRA, LoadedAdapter, MultiLoRALinear
 
     layer = MultiLoRALinear(torch.nn.Linear(8, 8))
@@ -213,10 +223,29 @@ def test_lora_kernel_refuses_autograd_and_falls_back_without_a_compiler(monkeypa
     lora.append([LoadedAdapter("a", 4, {"layer": (torch.zeros(8, 4), torch.zeros(4, 8))})])
     with pytest.raises(RuntimeError, match="inference_mode"):
         lora.use(0, 1)
-    monkeypatch.setenv("CC", "/nonexistent/cc")
+
+
+@pytest.mark.parametrize("case", ["no-compiler", "failed-build"])
+def test_lora_kernel_falls_back_to_the_stacks(monkeypatch, caplog, tmp_path, case):
+    """Both ways the kernel can be missing end on the stacks with one warning that says which:
+    no C compiler at all (none in $CC or on PATH), or a compiler whose build fails (`false`)."""
+    import shutil
+
+    from rayft.serve import kernel
+
+    if case == "no-compiler":
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no cc, no gcc
+        assert kernel.c_compiler() is None
+    else:
+        monkeypatch.setenv("CC", shutil.which("false"))
+        monkeypatch.setenv("RAYFT_HOME", str(tmp_path))  # no kernel cached from an earlier build
     with caplog.at_level("WARNING"):
         assert kernel.cpu_lora_kernel.__wrapped__() is None
-    assert "per-row stacks" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "per-row stacks" in warnings[0]
+    assert ("no C compiler found" in warnings[0]) == (case == "no-compiler")
+    assert ("did not build" in warnings[0]) == (case == "failed-build")
 
 
 def test_adapter_cache_loads_once_and_evicts_lru():
@@ -253,6 +282,291 @@ def test_adapter_names_refuse_paths():
         with pytest.raises(AdapterError):
             check_name(bad)
     assert check_name("support-bot_v2.1") == "support-bot_v2.1"
+
+
+def test_adapter_cache_counts_hits_and_loads_apart():
+    """A cold adapter is a load, not a hit (its concurrent waiters neither); a resident one is a
+    hit; each load reports the seconds it took."""
+    from rayft.serve.engine import AdapterCache
+    from rayft.serve.lora import LoadedAdapter
+
+    class Counts(EngineMetrics):
+        def __init__(self):
+            self.hits, self.loads = [], []
+
+        def adapter_cache_hit(self, model):
+            self.hits.append(model)
+
+        def adapter_load(self, model, seconds):
+            self.loads.append((model, seconds))
+
+    metrics = Counts()
+    cache = AdapterCache(lambda model_id: LoadedAdapter(model_id, 4, {}), capacity=2, metrics=metrics)
+
+    async def scenario():
+        await asyncio.gather(*[cache.get("t/a@1") for _ in range(3)])
+        assert metrics.hits == [] and [m for m, _ in metrics.loads] == ["t/a@1"]
+        await cache.get("t/a@1")
+        assert metrics.hits == ["t/a@1"] and len(metrics.loads) == 1 and metrics.loads[0][1] > 0
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ the HTTP API, in-process
+def _local_api(model_dir: Path, tmp_path: Path, metrics=None, max_batch_size: int = 16, batch_wait_ms: float = 10,
+               **limits):
+    """The real HTTP API (Frontend + FastAPI app) over a real Engine and AdapterCache in this
+    process: what `rayft serve` runs, without Ray Serve's hop between ingress and replica. No auth
+    keys: the caller is tenant "default", an admin."""
+    from rayft.config import ServeConfig
+    from rayft.serve.api import Frontend, create_app
+    from rayft.serve.engine import AdapterCache, adapter_loader
+    from rayft.serve.registry import AdapterRegistry
+
+    engine, tokenizer, base, metrics = _engine(model_dir, _kernel_available(), metrics, max_batch_size=max_batch_size,
+                                               batch_wait_ms=batch_wait_ms)
+    cfg = ServeConfig.model_validate({"base_model": str(model_dir), "registry": str(tmp_path / "registry"),
+                                      "limits": limits})
+    cache = AdapterCache(adapter_loader(AdapterRegistry(cfg.registry), base, 64, 10**9, torch.float32,
+                                        torch.device("cpu")), capacity=4)
+
+    async def replica(model_id, payload):  # LoRAEngine.generate, less the Serve routing
+        adapter = await cache.get(model_id) if model_id else None
+        async for event in engine.serve(payload, adapter):
+            yield event
+
+    frontend = Frontend(cfg, tokenizer, "tiny", base, replica)
+    return create_app(frontend), engine, frontend, cache, metrics
+
+
+def _client(app):
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://rayft", timeout=120)
+
+
+def _sse_texts(body: str) -> dict[int, str]:
+    """Joined text per choice index of a completions event stream."""
+    texts: dict[int, str] = {}
+    lines = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    for line in lines[:-1]:
+        for choice in json.loads(line)["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    return texts
+
+
+def test_completions_serve_a_batch_of_prompts(tiny_model, tmp_path):
+    """A list of prompts (text or token ids) is one batch: one row each, one choice each at the
+    prompt's index, each the text the prompt gets alone; streaming too."""
+    app, engine, frontend, _, metrics = _local_api(tiny_model, tmp_path)
+    engine.eos_token_ids = set()  # every row runs to its max_tokens
+    token_prompts = [frontend.tokenizer(p)["input_ids"] for p in PROMPTS]
+
+    async def scenario():
+        async with _client(app) as client:
+            async def complete(prompt, **extra):
+                response = await client.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                                                      "max_tokens": 6, "temperature": 0, **extra})
+                assert response.status_code == 200, response.text
+                return response
+
+            solo = [(await complete(p)).json()["choices"][0]["text"] for p in PROMPTS]
+            metrics.seen.clear()
+            batch = (await complete(PROMPTS)).json()
+            assert metrics.seen == [(len(PROMPTS), 0)]  # one batch, a row per prompt
+            assert [c["index"] for c in batch["choices"]] == list(range(len(PROMPTS)))
+            assert [c["text"] for c in batch["choices"]] == solo
+            assert batch["usage"]["prompt_tokens"] == sum(len(ids) for ids in token_prompts)
+            assert batch["usage"]["completion_tokens"] == 6 * len(PROMPTS)
+            by_ids = (await complete(token_prompts)).json()
+            assert [c["text"] for c in by_ids["choices"]] == solo
+            streamed = await complete(PROMPTS, stream=True)
+            assert _sse_texts(streamed.text) == dict(enumerate(solo))
+            empty = await client.post("/v1/completions", json={"model": "tiny", "prompt": [PROMPTS[0], ""]})
+            assert empty.status_code == 400 and empty.json()["error"]["message"] == "prompt[1] is empty"
+
+    asyncio.run(scenario())
+
+
+def test_prompt_and_max_tokens_must_fit_the_context(tiny_model, tmp_path):
+    """The tiny model's context is 1024 tokens: a prompt of 1000 tokens may ask for 24 new ones,
+    not 25 (400 naming both numbers); without max_tokens a chat gets what the context leaves."""
+    app, engine, frontend, _, _ = _local_api(tiny_model, tmp_path, max_prompt_tokens=2000, max_new_tokens=2000)
+    assert frontend.base.context_tokens == 1024
+    prompt = [frontend.tokenizer.eos_token_id + 1] * 1000
+
+    async def scenario():
+        async with _client(app) as client:
+            fits = await client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 24})
+            assert fits.status_code == 200, fits.text
+            over = await client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 25})
+            error = over.json()["error"]
+            assert over.status_code == 400 and error["code"] == "context_length_exceeded", over.text
+            assert "1000 tokens" in error["message"] and "max_tokens is 25" in error["message"] \
+                and "1024" in error["message"] and error["param"] == "max_tokens"
+
+    asyncio.run(scenario())
+    chat = frontend.max_new_tokens(_chat_body(), [prompt])
+    assert chat == 24
+
+
+def _chat_body():
+    from rayft.serve.api import ChatBody
+
+    return ChatBody.model_validate({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_streamed_text_is_decoded_incrementally(tiny_model, tmp_path):
+    """A 512-token answer streams the text of one full decode of its tokens, while the tokenizer
+    decodes a bounded number of ids per token (re-decoding the output at each token would be
+    about 131,000 ids); multi-byte characters split across tokens and stop strings as well."""
+    from rayft.serve.engine import GenerationRequest
+
+    app, engine, frontend, _, _ = _local_api(tiny_model, tmp_path, max_new_tokens=512)
+    engine.eos_token_ids = set()  # the answer runs to its 512 tokens
+    tokenizer = frontend.tokenizer
+    prompt_ids = tokenizer(PROMPTS[0])["input_ids"]
+    ids = asyncio.run(_tokens(engine, [GenerationRequest(prompt_ids, 512, "m")]))[0]
+    assert len(ids) == 512
+    decoded_ids = []
+    decode = tokenizer.decode
+
+    def counting_decode(token_ids, **kwargs):
+        decoded_ids.append(len(token_ids))
+        return decode(token_ids, **kwargs)
+
+    tokenizer.decode = counting_decode
+
+    async def scenario():
+        async with _client(app) as client:
+            response = await client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0],
+                                                                  "max_tokens": 512, "temperature": 0, "stream": True})
+            return _sse_texts(response.text)[0]
+
+    streamed = asyncio.run(scenario())
+    assert streamed == decode(ids, skip_special_tokens=True)
+    assert sum(decoded_ids) < 16 * 512, sum(decoded_ids)
+
+    async def events(token_ids):
+        for token in token_ids:
+            yield ("token", token, 0)
+        yield ("end", "length", 0)
+
+    async def pieces(token_ids, stop=()):
+        return [piece async for piece in frontend.texts(events(token_ids), list(stop))]
+
+    text = "Grüße aus Köln, 東京 and 🎉🎉 done. ¿Qué? 🇫🇷"
+    token_ids = [tokenizer.bos_token_id or 1, *tokenizer(text)["input_ids"], tokenizer.eos_token_id, 33]
+    full = decode(token_ids, skip_special_tokens=True)
+    got = asyncio.run(pieces(token_ids))
+    assert "".join(p[1] for p in got) == full and len(got) > 5 and "\ufffd" not in full
+    cut = asyncio.run(pieces(token_ids, stop=["🎉", "Qué"]))
+    assert "".join(p[1] for p in cut) == full[:full.index("🎉")] and cut[-1][2] == "stop"
+    halves = asyncio.run(pieces(tokenizer("🎉")["input_ids"][:-1]))  # an unfinished character, as decode shows it
+    assert "".join(p[1] for p in halves) == decode(tokenizer("🎉")["input_ids"][:-1], skip_special_tokens=True)
+
+
+def test_openapi_describes_the_request_bodies(tiny_model, tmp_path):
+    """Each POST documents its JSON body, every $ref resolves, and the contract is the parser's:
+    a body the schema refuses answers 400 in the error shape, naming the field."""
+    app, *_ = _local_api(tiny_model, tmp_path)
+
+    async def scenario():
+        async with _client(app) as client:
+            document = (await client.get("/openapi.json")).json()
+            bad = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 3})
+            return document, bad
+
+    document, bad = asyncio.run(scenario())
+    schemas = document["components"]["schemas"]
+    for path, model in [("/v1/completions", "CompletionBody"), ("/v1/chat/completions", "ChatBody"),
+                        ("/v1/adapters", "AdapterBody")]:
+        body = document["paths"][path]["post"]["requestBody"]
+        assert body["required"] and body["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"}
+    assert {"model", "prompt", "max_tokens", "stop", "seed"} <= set(schemas["CompletionBody"]["properties"])
+    assert set(schemas["CompletionBody"]["required"]) == {"model", "prompt"}
+    assert schemas["AdapterBody"]["additionalProperties"] is False
+    refs = {ref for ref in _refs(document)}
+    assert refs and all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs), refs
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        if "$ref" in node:
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_hot_swap_while_requests_run(tiny_model, tmp_path):
+    """A request streaming on version 1 of an adapter keeps version 1 to its last token while the
+    adapter is replaced, and the cache drops version 1 for version 2 under it. The swap happens
+    mid-stream for sure: a 3-token request in the same batch ends at step 3, and the worker waits
+    there (a metrics hook) until the swap is done, with 17 of the long request's 20 tokens to go."""
+    import threading
+
+    adapters = {name: make_lora_adapter(tiny_model, tmp_path / name, r=r, seed=seed)
+                for name, r, seed in [("v1", 8, 2), ("v2", 8, 4)]}
+
+    class PauseAtFirstEnd(Batches):
+        def __init__(self):
+            super().__init__()
+            self.armed, self.loop = False, None
+            self.paused, self.resume = asyncio.Event(), threading.Event()
+
+        def tokens(self, model, count):  # worker thread: a row ended
+            if self.armed:
+                self.armed = False
+                self.loop.call_soon_threadsafe(self.paused.set)
+                assert self.resume.wait(timeout=120)
+
+    metrics = PauseAtFirstEnd()
+    app, engine, frontend, cache, _ = _local_api(tiny_model, tmp_path, metrics, max_batch_size=2)
+    engine.eos_token_ids = set()  # every request runs to its max_tokens
+
+    async def scenario():
+        async with _client(app) as client:
+            async def complete(model, max_tokens=20, **extra):
+                response = await client.post("/v1/completions", json={"model": model, "prompt": PROMPTS[0],
+                                                                      "max_tokens": max_tokens, "temperature": 0,
+                                                                      **extra})
+                assert response.status_code == 200, response.text
+                return response
+
+            async def publish(name, made):
+                response = await client.post("/v1/adapters", json={"name": name, "source": str(adapters[made])})
+                assert response.status_code == 201, response.text
+                return response.json()["version"]
+
+            assert await publish("swap", "v1") == 1 and await publish("reference", "v2") == 1
+            first = (await complete("swap")).json()["choices"][0]["text"]
+            second = (await complete("reference")).json()["choices"][0]["text"]
+            assert first != second
+
+            engine.batch_wait_s = 60  # the batch starts when both requests below are in: max_batch_size=2
+            metrics.armed, metrics.loop = True, asyncio.get_running_loop()
+            metrics.seen.clear()
+            held = asyncio.create_task(complete("swap", stream=True))
+            short = asyncio.create_task(complete("tiny", max_tokens=3))
+            await metrics.paused.wait()  # the long request is mid-stream, 3 of its 20 tokens made
+            engine.batch_wait_s = 0.01  # later requests start at once
+            assert metrics.seen == [(2, 1)]
+            assert await publish("swap", "v2") == 2
+            await cache.get("default/swap@2")  # what the next request for "swap" loads
+            assert "default/swap@1" not in cache.resident()
+            metrics.resume.set()
+            after = (await complete("swap")).json()["choices"][0]["text"]
+            assert (await short).json()["usage"]["completion_tokens"] == 3
+            return _sse_texts((await held).text)[0], first, second, after
+
+    held, first, second, after = asyncio.run(scenario())
+    assert held == first and after == second  # the running request kept version 1, new ones get version 2
 
 
 # ------------------------------------------------------------------ the server, over HTTP
@@ -431,9 +745,9 @@ def test_bad_adapters_are_refused_and_serving_goes_on(server, tiny_model, tmp_pa
         assert _complete(acme, "support-bot")
 
 
-def test_hot_swap_while_requests_run(server):
-    import httpx
-
+def test_hot_swap_over_http(server):
+    """Through Ray Serve: a replaced adapter answers as version 2 at once, a deleted one is 404.
+    (test_hot_swap_while_requests_run shows a running request keeping version 1.)"""
     with server.client("ops") as ops, server.client("acme") as acme:
         added = ops.post("/v1/adapters", json={"name": "swap", "tenant": "acme", "source": str(server.adapters["sql"])})
         assert added.status_code == 201, added.text
@@ -441,25 +755,13 @@ def test_hot_swap_while_requests_run(server):
         ops.post("/v1/adapters", json={"name": "reference", "tenant": "acme", "source": str(server.adapters["support2"])})
         second = _complete(acme, "reference", max_tokens=40)
         assert first != second
-
-        # a long streaming request on version 1 ...
-        with httpx.stream("POST", server.url + "/v1/completions", timeout=120,
-                          headers={"Authorization": f"Bearer {server.keys['acme']}"},
-                          json={"model": "swap", "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0,
-                                "stream": True}) as stream:
-            lines = stream.iter_lines()
-            head = next(line for line in lines if line.startswith("data: "))
-            # ... while the adapter is replaced: new requests see version 2 at once
-            replaced = ops.post("/v1/adapters", json={"name": "swap", "tenant": "acme",
-                                                      "source": str(server.adapters["support2"])})
-            assert replaced.status_code == 201 and replaced.json()["version"] == 2
-            assert _complete(acme, "swap", max_tokens=40) == second
-            deleted = ops.delete("/v1/adapters/swap", params={"tenant": "acme"})
-            assert deleted.status_code == 200
-            assert acme.post("/v1/completions", json={"model": "swap", "prompt": "x"}).status_code == 404
-            rest = [line for line in lines if line.startswith("data: ")]
-        texts = [json.loads(line[6:])["choices"][0]["text"] for line in [head, *rest] if line != "data: [DONE]"]
-        assert rest[-1] == "data: [DONE]" and "".join(texts) == first  # the running request kept version 1
+        replaced = ops.post("/v1/adapters", json={"name": "swap", "tenant": "acme",
+                                                  "source": str(server.adapters["support2"])})
+        assert replaced.status_code == 201 and replaced.json()["version"] == 2
+        assert _complete(acme, "swap", max_tokens=40) == second
+        deleted = ops.delete("/v1/adapters/swap", params={"tenant": "acme"})
+        assert deleted.status_code == 200
+        assert acme.post("/v1/completions", json={"model": "swap", "prompt": "x"}).status_code == 404
 
 
 def test_limits(server):
@@ -474,14 +776,19 @@ def test_limits(server):
         assert big.status_code == 413
         assert acme.post("/v1/completions", json={"model": "tiny"}).status_code == 400  # no prompt
         assert acme.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2}).status_code == 400
-        stop = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
-                                                  "temperature": 0})
-        text = stop.json()["choices"][0]["text"]
-        word = text.strip().split()[1] if len(text.strip().split()) > 1 else None
-        if word:  # a stop string ends the text before it
-            cut = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
-                                                     "temperature": 0, "stop": [word]}).json()["choices"][0]
-            assert cut["finish_reason"] == "stop" and cut["text"] == text[:text.index(word)]
+        known = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
+                                                   "temperature": 0}).json()["choices"][0]["text"]
+        stop = known[len(known) // 2:][:2]  # a stop string from the middle of the known output
+        assert stop.strip(), known
+        cut = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
+                                                 "temperature": 0, "stop": ["no such text", stop]}).json()["choices"][0]
+        assert cut["finish_reason"] == "stop" and cut["text"] == known[:known.index(stop)]
+        tail = known[len(known) // 2:]  # a long stop string, held back until it is known
+        long_cut = acme.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12,
+                                                      "temperature": 0, "stop": tail}).json()["choices"][0]
+        assert long_cut["finish_reason"] == "stop" and long_cut["text"] == known[:known.index(tail)]
+        over = acme.post("/v1/completions", json={"model": "tiny", "prompt": [PROMPTS[0]] * 11, "max_tokens": 2})
+        assert over.status_code == 400 and "batch of 11 prompts" in over.json()["error"]["message"]
 
     # more requests in flight than max_concurrent_requests (10): the rest get 429 at once
     def open_stream(_):
@@ -496,14 +803,30 @@ def test_limits(server):
     assert statuses.count(429) >= 1 and statuses.count(200) >= 10
 
 
-def test_evicted_adapter_reloads(server):
-    """max_resident_adapters=3: using four adapters in turn evicts and reloads, transparently."""
+def _resident(ray_address: str) -> list[str]:
+    """The adapter names the (one) engine replica holds, least recently used first."""
+    import ray
+    from ray import serve
+
+    from rayft.serve.app import APP_NAME
+
+    ray.init(address=ray_address, ignore_reinit_error=True)
+    handle = serve.get_deployment_handle("LoRAEngine", app_name=APP_NAME)
+    return [model_id.rpartition("@")[0] for model_id in handle.resident_adapters.remote().result()]
+
+
+def test_evicted_adapter_reloads(server, ray_address):
+    """max_resident_adapters=3: using four adapters in turn evicts the least recently used one,
+    and using it again reloads it, with the same output."""
+    models = ["support-bot", "e1", "e2", "e3"]
     with server.client("acme") as acme, server.client("ops") as ops:
         for name, made in [("e1", "sql"), ("e2", "summary"), ("e3", "support2")]:
             assert ops.post("/v1/adapters", json={"name": name, "tenant": "acme",
                                                   "source": str(server.adapters[made])}).status_code == 201
-        first = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
-        again = [_complete(acme, m) for m in ["support-bot", "e1", "e2", "e3"]]
+        first = [_complete(acme, m) for m in models]
+        assert _resident(ray_address) == ["acme/e1", "acme/e2", "acme/e3"]  # support-bot was evicted
+        again = [_complete(acme, m) for m in models]
+        assert _resident(ray_address) == ["acme/e1", "acme/e2", "acme/e3"]  # it came back, and left again
         assert first == again
 
 
@@ -558,6 +881,60 @@ def test_prometheus_metrics_are_scraped(server, ray_address):
             time.sleep(2)  # the agent's next export: nothing to await from here
     assert not missing, f"not exported: {missing}\n" + "\n".join(
         line[:200] for line in text.splitlines() if "rayft" in line and "_bucket" not in line)
+
+
+def test_adapter_cache_hits_exclude_cold_loads(server, ray_address):
+    """A newly published adapter's first request is a load (timed in the load histogram), not a
+    cache hit; its second is a hit. A replica exports its metrics together, so the scrape that
+    first shows the load shows the hits recorded with it."""
+    with server.client("acme") as acme, server.client("ops") as ops:
+        assert ops.post("/v1/adapters", json={"name": "cold", "tenant": "acme",
+                                              "source": str(server.adapters["sql"])}).status_code == 201
+        _complete(acme, "cold")
+        text = _scrape_until(ray_address, "rayft_adapter_loads_total", model="acme/cold")
+        assert _metric(text, "rayft_adapter_cache_hits_total", model="acme/cold") == 0
+        assert _metric(text, "rayft_adapter_load_seconds_count", model="acme/cold") == 1
+        assert _metric(text, "rayft_adapter_load_seconds_sum", model="acme/cold") > 0
+        _complete(acme, "cold")
+        text = _scrape_until(ray_address, "rayft_adapter_cache_hits_total", model="acme/cold")
+        assert _metric(text, "rayft_adapter_cache_hits_total", model="acme/cold") == 1
+        assert _metric(text, "rayft_adapter_loads_total", model="acme/cold") == 1
+
+
+def _scrape_until(ray_address: str, name: str, **labels: str) -> str:
+    """The first scrape that shows the metric; the agent exports every few seconds: poll, with a bound."""
+    deadline = time.monotonic() + 90
+    while True:
+        text = _scrape_metrics(ray_address)
+        if _metric(text, name, **labels) > 0:
+            return text
+        assert time.monotonic() < deadline, f"{name} {labels} not exported"
+        time.sleep(2)  # the agent's next export: nothing to await from here
+
+
+SCHEMATHESIS_HOOKS = """
+import schemathesis
+
+
+@schemathesis.hook
+def map_body(context, body):
+    # Half the generated requests name the served base model, so that they reach generation.
+    if isinstance(body, dict) and isinstance(body.get("model"), str) and len(body["model"]) % 2 == 0:
+        body["model"] = "tiny"
+    return body
+"""
+
+
+def test_openapi_passes_schemathesis_with_no_server_errors(server, tmp_path):
+    """Requests generated from the served OpenAPI document (bodies included; half of them for the
+    base model, so they run on the engine) get no 5xx."""
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text(SCHEMATHESIS_HOOKS)
+    run = subprocess.run(
+        [str(Path(RAYFT).parent / "schemathesis"), "run", f"{server.url}/openapi.json", "--checks",
+         "not_a_server_error", "--max-examples", "30", "--seed", "7", "-H", f"Authorization: Bearer {server.keys['acme']}"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": str(hooks)})
+    assert run.returncode == 0, run.stdout[-4000:]
 
 
 def test_shipped_serve_configs_build(tmp_path):
