@@ -153,3 +153,32 @@ def wait_for(predicate, timeout_s: float, what: str):
             return
         time.sleep(0.2)  # polling the file system: there is no event to await across processes
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# Library noise that a successful run must not show on the console (issue 20); it stays in the logs.
+NOISE = ("core_worker.cc", "Setting accelerator to CPU", "gemm_4bit_forward", "FutureWarning", "UserWarning",
+         "Loading weights", "TrainingReport(", "Writing model shards", "Traceback", "(pid=", "INFO ", "WARNING ")
+
+
+def assert_quiet_console(console: str, trainable_lines: int = 1) -> None:
+    """Only rayft's lines: none of the libraries' noise, at most 15 lines besides the progress bar
+    and rich tables."""
+    lines = [line for line in console.splitlines() if line.strip()]
+    assert not [line for line in lines if any(noise in line for noise in NOISE)], console[-3000:]
+    ours = [line for line in lines if not line.startswith("train ")]
+    tables = [line for line in ours if line[:1] in "┏┃┡│└" or line.strip().startswith(("rayft train:", "sweep trials"))]
+    assert len(ours) - len(tables) <= 15, console[-3000:]
+    assert sum("trainable of" in line for line in lines) == trainable_lines  # the parameter counts, once a run
+
+
+@pytest.fixture
+def broken_model(tmp_path, tiny_model):
+    """The tiny model with its weights file cut short: the pre-flight (config, tokenizer) passes and
+    every worker fails to load it."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    with open(broken / "model.safetensors", "r+b") as weights:
+        weights.truncate(1000)
+    return broken

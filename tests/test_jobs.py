@@ -74,6 +74,10 @@ def test_a_spread_job_survives_losing_a_node_that_comes_back(tmp_path, tiny_mode
     driver_log = (out / "logs" / "driver.log").read_text()
     assert "node_rank=0" in driver_log and "node_rank=1" in driver_log, driver_log[-3000:]
     assert "[rayft] training node-back" in logs and "node_rank=0" not in logs
+    everything = run_cli("jobs", "logs", job_id, "--verbose")  # then the run's log files, each headed by its path
+    assert everything.returncode == 0 and everything.stdout.startswith(logs)
+    assert f"==> {out / 'logs' / 'driver.log'} <==" in everything.stdout and "node_rank=1" in everything.stdout
+    assert f"==> {out / 'logs' / 'worker-1.log'} <==" in everything.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 60 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 10
     assert Path(metrics["output"]).name == "adapter" and (out / "adapter" / "adapter_model.safetensors").is_file()

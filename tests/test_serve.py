@@ -571,8 +571,9 @@ def test_hot_swap_while_requests_run(tiny_model, tmp_path):
 
 # ------------------------------------------------------------------ the server, over HTTP
 class Server:
-    def __init__(self, url: str, keys: dict, root: Path, adapters: dict):
+    def __init__(self, url: str, keys: dict, root: Path, adapters: dict, console: list[str]):
         self.url, self.keys, self.root, self.adapters = url, keys, root, adapters
+        self.console = console  # what `rayft serve` has printed so far
 
     def client(self, tenant: str):
         import httpx
@@ -619,7 +620,7 @@ def server(ray_address, tiny_model, tmp_path_factory):
     port = _free_port()
     config = {"base_model": str(tiny_model), "registry": str(registry), "adapters": ["acme/support-bot"],
               "max_resident_adapters": 3, "max_batch_size": 8, "batch_wait_ms": 30, "port": port,
-              "auth": {"keys_file": str(keys_file)},
+              "auth": {"keys_file": str(keys_file)}, "log_dir": str(root / "logs"),
               "limits": {"max_prompt_tokens": 64, "max_new_tokens": 40, "max_concurrent_requests": 10,
                          "max_body_bytes": 20000, "max_lora_rank": 32}}
     config_path = root / "serve.yaml"
@@ -638,7 +639,7 @@ def server(ray_address, tiny_model, tmp_path_factory):
     threading.Thread(target=drain, daemon=True).start()
     ready.wait(timeout=300)
     assert process.poll() is None and any(line.startswith("serving ") for line in log), "".join(log[-40:])
-    yield Server(f"http://127.0.0.1:{port}", keys, root, adapters)
+    yield Server(f"http://127.0.0.1:{port}", keys, root, adapters, log)
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=60)
@@ -935,6 +936,18 @@ def test_openapi_passes_schemathesis_with_no_server_errors(server, tmp_path):
          "not_a_server_error", "--max-examples", "30", "--seed", "7", "-H", f"Authorization: Bearer {server.keys['acme']}"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "SCHEMATHESIS_HOOKS": str(hooks)})
     assert run.returncode == 0, run.stdout[-4000:]
+
+
+def test_the_console_shows_one_ready_line_and_the_log_keeps_the_rest(server):
+    """After every request of the tests above: one line on the console (URL, registry, where the
+    log is); Ray's, Serve's and the replicas' output, access lines included, in log_dir/serve.log."""
+    lines = [line.rstrip("\n") for line in server.console if line.strip()]
+    log = server.root / "logs" / "serve.log"
+    assert len(lines) == 1, "".join(server.console[-40:])
+    assert lines[0].startswith(f"serving tiny and the adapters of {server.root / 'registry'} (3 published; "
+                               "loaded: acme/support-bot) on http://127.0.0.1:") and lines[0].endswith(f"; logs in {log}")
+    text = log.read_text()
+    assert "Deploying new version of Deployment" in text and "POST /v1/completions 200" in text
 
 
 def test_shipped_serve_configs_build(tmp_path):

@@ -128,7 +128,11 @@ def test_job_lifecycle_tenants_limits_restart_and_stop(service, local_cluster):
     assert done["output_complete"] and done["progress"] == {"step": 6, "total_steps": 6, "fraction": 1.0,
                                                             "trials_started": None, "trials_finished": None}
     assert done["metrics"]["eval_loss"] > 0 and done["mlflow_run_url"].startswith(local_cluster.mlflow_uri)
-    assert "rayft train: quick" in call(service, "GET", f"/v1/jobs/{quick['id']}/logs").text
+    job_output = call(service, "GET", f"/v1/jobs/{quick['id']}/logs").text
+    assert "rayft train: quick" in job_output and "Setting accelerator to CPU" not in job_output
+    everything = call(service, "GET", f"/v1/jobs/{quick['id']}/logs?verbose=true").text  # plus the run's log files
+    assert everything.startswith(job_output) and "Setting accelerator to CPU" in everything
+    assert f"==> {service.root / 'outputs/acme/quick/logs/worker-0.log'} <==" in everything
 
     # a long job is stopped through the service: STOPPED, no worker left, output not finished
     long = call(service, "POST", "/v1/jobs", json=job_config(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import RAYFT, base_config, run_cli
+from conftest import RAYFT, assert_quiet_console, base_config, run_cli
 from rayft.config import load_config
 from rayft.errors import ConfigError
 from rayft.tune.space import parse_space
@@ -195,7 +195,12 @@ def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_ad
 
     resumed = run_cli("sweep", str(path), "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "sweep trials (* best)" in resumed.stdout
+    assert "sweep trials (* best)" in resumed.stdout + resumed.stderr  # rayft's console lines are on stderr
+    # the console: rayft's lines and the trial table; Tune's, Ray's and each trial's output in the logs
+    assert_quiet_console(resumed.stdout + resumed.stderr, trainable_lines=0)
+    assert "TrainController" in (out / "logs" / "driver.log").read_text()  # what Ray forwards from trials
+    for trial in (out / "trials").iterdir():
+        assert "Setting accelerator to CPU" in (trial / "logs" / "worker-0.log").read_text()
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 3
@@ -241,6 +246,21 @@ def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_ad
         assert max(m.step for m in evals) >= int(row["steps"])
         if row["status"] == "completed":
             assert evals[-1].value == pytest.approx(float(row["final_eval_loss"]))
+
+
+def test_a_failed_trial_is_one_error_line_naming_its_log(tmp_path, broken_model, alpaca_file, ray_address):
+    path = sweep_file(tmp_path, broken_model, alpaca_file, {"space": {"train.lr": {"choice": [5e-3]}}, "algorithm": "grid"},
+                      distributed={"zero_stage": 0, "num_workers": 1, "max_failures": 0})
+    done = run_cli("sweep", str(path))
+    assert done.returncode == 1
+    console = done.stdout + done.stderr
+    errors = [line for line in console.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "Traceback" not in console, console[-3000:]
+    trial, sweep = errors
+    assert "failed: TrainingFailed: rank 0: SafetensorError: Error while deserializing header" in trial
+    log = Path(trial.rsplit("traceback in ", 1)[1])
+    assert log.parent.parent.parent == tmp_path / "sweep" / "trials" and "Traceback (most recent" in log.read_text()
+    assert "no trial completed" in sweep and sweep.endswith(f"(traceback in {tmp_path / 'sweep' / 'logs' / 'driver.log'})")
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:

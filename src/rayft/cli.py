@@ -51,7 +51,7 @@ def train(
 ):
     """Fine-tune a model on Ray Train workers as CONFIG says."""
     from rayft.config import load_config
-    from rayft.console import LOG_DIR, verbose_from_env
+    from rayft.console import DRIVER_LOG, LOG_DIR, verbose_from_env
     from rayft.errors import TrainingFailed
     from rayft.train.runner import run_training
 
@@ -68,17 +68,22 @@ def train(
         typer.echo(f"error: training failed: {exc}", err=True)
         raise typer.Exit(1)
     except Exception as exc:  # the driver itself failed
-        if verbose:
-            import traceback
-
-            traceback.print_exc()
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = "" if verbose else f" (traceback in {logs / 'driver.log'})"
-        typer.echo(f"error: training failed: {type(exc).__name__}: {first_line}{where}", err=True)
-        raise typer.Exit(1)
+        _runtime_failure("training", exc, verbose, logs / DRIVER_LOG)
     _print_summary(metrics, cfg)
     if not verbose:
         typer.echo(f"logs: {logs}")
+
+
+def _runtime_failure(what: str, exc: Exception, verbose: bool, log: Path):
+    """A failure after the run started: one line (the traceback is in the driver's log), exit 1."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = "" if verbose else f" (traceback in {log})"
+    typer.echo(f"error: {what} failed: {type(exc).__name__}: {first_line}{where}", err=True)
+    raise typer.Exit(1)
 
 
 def _print_summary(metrics: dict, cfg) -> None:
@@ -104,24 +109,22 @@ def sweep(
                                              "every other key, or base.KEY, is the base training config's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep; finished trials are kept."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a sweep already in output_dir."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Tune's, every trial's and worker's output (also RAYFT_VERBOSE=1)."),
 ):
     """Search training hyperparameters with Ray Tune; every trial is a real `rayft train` run."""
+    from rayft.console import DRIVER_LOG, LOG_DIR, verbose_from_env
     from rayft.tune.sweep import load_sweep, run_sweep
 
     if resume and overwrite:
         raise RayftError("--resume and --overwrite exclude each other")
     spec = load_sweep(sweep_file, set_ or [])
+    verbose = verbose or verbose_from_env()
     try:
-        summary = run_sweep(spec, resume=resume, overwrite=overwrite)
+        summary = run_sweep(spec, resume=resume, overwrite=overwrite, verbose=verbose)
     except RayftError:
         raise
     except Exception as exc:
-        import traceback
-
-        traceback.print_exc()
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        typer.echo(f"error: sweep failed: {first_line}", err=True)
-        raise typer.Exit(1)
+        _runtime_failure("sweep", exc, verbose, Path(spec.cfg.output_dir) / LOG_DIR / DRIVER_LOG)
     best = summary["best"]
     values = "  ".join(f"{k}={best[k]}" for k in spec.space.keys)
     typer.echo(f"best trial {best['trial_id']}: eval_loss {best['final_eval_loss']:.4f}  {values}")
@@ -184,12 +187,21 @@ def demo(
 def serve(
     config: Path = typer.Argument(..., help="Serve config (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a serve config key (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's, Serve's and the replicas' output (also RAYFT_VERBOSE=1)."),
 ):
     """Serve the base model and its LoRA adapters behind an OpenAI-compatible API (Ctrl-C stops)."""
     from rayft.config import load_serve_config
-    from rayft.serve.server import run_server
+    from rayft.console import verbose_from_env
+    from rayft.serve.server import SERVE_LOG, run_server
 
-    run_server(load_serve_config(config, set_ or []))
+    cfg = load_serve_config(config, set_ or [])
+    verbose = verbose or verbose_from_env()
+    try:
+        run_server(cfg, verbose)
+    except RayftError:
+        raise
+    except Exception as exc:
+        _runtime_failure("serving", exc, verbose, Path(cfg.log_dir) / SERVE_LOG)
 
 
 @adapters_app.command("publish")
@@ -248,11 +260,12 @@ def submit(
     config: Path = typer.Argument(..., help="Training or sweep config (YAML)."),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help="The job's output shows every library's and worker's lines."),
 ):
     """Validate CONFIG here, then run it on a Ray cluster through Ray's job system."""
     from rayft.jobs.client import default_address, submit as submit_job
 
-    typer.echo(submit_job(config, address or default_address(), set_ or []))
+    typer.echo(submit_job(config, address or default_address(), set_ or [], verbose))
 
 
 @jobs_app.command("list")
@@ -278,11 +291,13 @@ def jobs_status(job_id: str, address: Optional[str] = typer.Option(None, "--addr
 @jobs_app.command("logs")
 @user_errors
 def jobs_logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
-              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP)):
-    """A job's driver output."""
+              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+              verbose: bool = typer.Option(False, "--verbose", help="Then the run's log files (driver, workers, "
+                                           "trials), where this machine sees its output_dir.")):
+    """A job's output: rayft's lines (--verbose: then everything else the run logged)."""
     from rayft.jobs.client import default_address, logs
 
-    for chunk in logs(address or default_address(), job_id, follow):
+    for chunk in logs(address or default_address(), job_id, follow, verbose):
         typer.echo(chunk, nl=False)
 
 

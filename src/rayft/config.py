@@ -118,6 +118,9 @@ class TrainConfig(Strict):
     # auto: rayft's attention over packed rows (one causal attention per sample, no mask; see
     # train/attention.py) where it matches the model's own, else sdpa. sdpa/eager: transformers'.
     attention: Literal["auto", "packed", "sdpa", "eager"] = "auto"
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    # activation memory falls from all layers' to about one layer's, for ~1/3 more compute.
+    gradient_checkpointing: bool = False
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
@@ -170,6 +173,9 @@ class TrainJobConfig(Strict):
         if self.train.attention == "packed" and not method.packs:
             raise ValueError(f"train.attention=packed: method.type={self.method.type} keeps one sample per row "
                              "(its extra tokens are per row); use auto or sdpa")
+        if self.train.gradient_checkpointing and method.checkpointing_refusal:
+            raise ValueError(f"train.gradient_checkpointing: method.type={self.method.type} cannot run with it "
+                             f"({method.checkpointing_refusal})")
         method.check_job(self.method.options, self)  # ZeRO stage, offload, precision
         if self.distributed.offload_params and self.distributed.zero_stage != 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
@@ -264,6 +270,7 @@ class ServeConfig(Strict):
     gpus_per_replica: float = Field(0, ge=0)
     # where POST /v1/adapters fetches runs:/ and models:/ sources (None: MLFLOW_TRACKING_URI or ./mlflow.db)
     mlflow_uri: Optional[str] = None
+    log_dir: str = "logs"  # rayft serve's own log (serve.log); each replica's is in Ray's session folder
 
     @field_validator("base_model", mode="before")
     @classmethod

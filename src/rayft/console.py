@@ -81,12 +81,12 @@ class RunConsole:
         """One of rayft's own lines, on the console."""
         print(line, file=self.terminal, flush=True)
 
-    def move_to(self, log_dir: Path) -> Optional[Path]:
-        """The log continues in log_dir/driver.log (what it holds so far comes along)."""
+    def move_to(self, log_dir: Path, name: str = DRIVER_LOG) -> Optional[Path]:
+        """The log continues in log_dir/name (what it holds so far comes along)."""
         if self.verbose or self.log_path is None:
             return None
         log_dir.mkdir(parents=True, exist_ok=True)
-        target = log_dir / DRIVER_LOG
+        target = log_dir / name
         sys.stdout.flush()
         sys.stderr.flush()
         with open(target, "ab") as sink, open(self.log_path, "rb") as source:

@@ -87,23 +87,26 @@ def new_job_id(name: str) -> str:
 
 
 def submit_resolved(address: str, kind: str, resolved: dict[str, Any], job_id: Optional[str] = None,
-                    metadata: Optional[dict[str, str]] = None) -> str:
-    """Hand a resolved config to Ray's job server; returns the job (submission) id."""
+                    metadata: Optional[dict[str, str]] = None, verbose: bool = False) -> str:
+    """Hand a resolved config to Ray's job server; returns the job (submission) id. The job's own
+    output is what `rayft train` / `rayft sweep` show on a console: rayft's lines, or everything
+    when `verbose`."""
     client = _client(address)
     job_id = job_id or new_job_id(resolved["name"])
+    # RAYFT_JOB_ID tags the job's MLflow runs, so a job's metrics can be found from its id
+    env = {"PYTHONUNBUFFERED": "1", "RAYFT_JOB_ID": job_id, **({"RAYFT_VERBOSE": "1"} if verbose else {})}
     with tempfile.TemporaryDirectory(prefix="rayft-job-") as folder:
         (Path(folder) / JOB_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
         return client.submit_job(
             entrypoint=f"python -m rayft {kind} {JOB_FILE}", submission_id=job_id,
-            # RAYFT_JOB_ID tags the job's MLflow runs, so a job's metrics can be found from its id
-            runtime_env={"working_dir": folder, "env_vars": {"PYTHONUNBUFFERED": "1", "RAYFT_JOB_ID": job_id}},
+            runtime_env={"working_dir": folder, "env_vars": env},
             metadata={"rayft.kind": kind, "rayft.name": resolved["name"], "rayft.output_dir": resolved["output_dir"],
                       **(metadata or {})})
 
 
-def submit(config: Path, address: str, overrides: list[str]) -> str:
+def submit(config: Path, address: str, overrides: list[str], verbose: bool = False) -> str:
     kind, resolved = resolve_job(config, overrides)
-    return submit_resolved(address, kind, resolved)
+    return submit_resolved(address, kind, resolved, verbose=verbose)
 
 
 def list_jobs(address: str) -> list[dict[str, Any]]:
@@ -123,22 +126,40 @@ def job_info(address: str, job_id: str):
         raise RayftError(f"job {job_id}: not found on {address} ({str(exc).splitlines()[0]})") from None
 
 
-def logs(address: str, job_id: str, follow: bool) -> Iterator[str]:
+def logs(address: str, job_id: str, follow: bool, verbose: bool = False) -> Iterator[str]:
+    """The job's own output (rayft's lines); with `verbose`, then the run's log files."""
     client = _client(address)
-    job_info(address, job_id)
+    info = job_info(address, job_id)
     if not follow:
         yield client.get_job_logs(job_id)
-        return
-    stream = client.tail_job_logs(job_id)  # ends when the job ends
-    loop = asyncio.new_event_loop()
-    try:
-        while True:
-            try:
-                yield loop.run_until_complete(stream.__anext__())
-            except StopAsyncIteration:
-                return
-    finally:
-        loop.close()
+    else:
+        stream = client.tail_job_logs(job_id)  # ends when the job ends
+        loop = asyncio.new_event_loop()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(stream.__anext__())
+                except StopAsyncIteration:
+                    break
+        finally:
+            loop.close()
+    if verbose:
+        yield run_logs((info.metadata or {}).get("rayft.output_dir"))
+
+
+def run_logs(output_dir: Optional[str]) -> str:
+    """A run's log files (output_dir/logs/, and each sweep trial's trials/<id>/logs/), each headed
+    by its path. They are on the storage the job wrote to: read here when this machine sees it."""
+    if not output_dir:
+        return "(this job names no output_dir: no run logs)\n"
+    files = sorted(Path(output_dir).glob("logs/*.log")) + sorted(Path(output_dir).glob("trials/*/logs/*.log"))
+    if not files:
+        return f"(no log files under {output_dir}/logs/ on this machine: they are on the storage the job ran on)\n"
+    parts = []
+    for path in files:
+        text = path.read_text(errors="replace")
+        parts.append(f"==> {path} <==\n{text}" + ("" if text.endswith("\n") or not text else "\n"))
+    return "".join(parts)
 
 
 def stop(address: str, job_id: str) -> bool:

@@ -325,14 +325,18 @@ class TrainingService:
             raise APIError(503, str(exc), "service_unavailable") from None
         return self.store.update(job_id, message="stop requested")
 
-    def logs(self, caller: Caller, job_id: str, tail: Optional[int]) -> str:
-        self.record_for(caller, job_id)
+    def logs(self, caller: Caller, job_id: str, tail: Optional[int], verbose: bool = False) -> str:
+        """The job's output (rayft's lines); `verbose` appends the run's log files, which the
+        service reads from the job's output_dir (under its root, on the cluster's shared storage)."""
+        record = self.record_for(caller, job_id)
         try:
             text = jobs_client._client(self.settings.ray_address).get_job_logs(job_id)
         except RayftError as exc:
             raise APIError(503, str(exc), "service_unavailable") from None
         except RuntimeError:
             raise APIError(404, f"job {job_id!r}: the Ray cluster has no logs for it", "not_found") from None
+        if verbose:
+            text += jobs_client.run_logs(record.output_dir)
         return "\n".join(text.splitlines()[-tail:]) + "\n" if tail else text
 
     def refresh_active(self) -> None:
@@ -411,8 +415,9 @@ def create_service(settings: ServiceSettings) -> FastAPI:
         return service.view(service.refresh(service.record_for(caller_of(request), job_id)))
 
     @app.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=ERRORS)
-    def job_logs(job_id: str, request: Request, tail: Optional[int] = Query(None, ge=1, le=100_000)):
-        return PlainTextResponse(service.logs(caller_of(request), job_id, tail))
+    def job_logs(job_id: str, request: Request, tail: Optional[int] = Query(None, ge=1, le=100_000),
+                 verbose: bool = Query(False, description="append the run's log files (driver, workers, trials)")):
+        return PlainTextResponse(service.logs(caller_of(request), job_id, tail, verbose))
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobView, responses=ERRORS)
     def stop_job(job_id: str, request: Request):

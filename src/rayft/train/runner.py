@@ -261,10 +261,8 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     The console shows rayft's own lines; everything else goes to output_dir/logs/ (console.py),
     unless `verbose` (default: RAYFT_VERBOSE). A sweep trial passes its sweep's MLflow run as
     `parent_run_id` and Ray Train callbacks that forward the reported metrics to Tune; it then
-    gets no progress bar and keeps its process's output (the sweep's trial logs).
+    gets no progress bar, and its own lines go to the sweep driver's log.
     """
-    if callbacks is not None:
-        return _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, None)
     with RunConsole(verbose_from_env() if verbose is None else verbose) as run_console:
         return _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console)
 

@@ -150,10 +150,25 @@ def build_search_alg(sweep: Sweep, concurrency: int):
 
 
 # ---------------------------------------------------------------- the sweep
-def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, console=None) -> dict[str, Any]:
-    """Run every trial; returns the summary (best trial, rows of results.csv)."""
-    from ray import tune
+def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, console=None,
+              verbose: Optional[bool] = None) -> dict[str, Any]:
+    """Run every trial; returns the summary (best trial, rows of results.csv).
 
+    The console shows the sweep's start line, the live trial table and the summary; the driver's
+    other output (Tune's, and what Ray forwards from trials) goes to output_dir/logs/driver.log,
+    and each trial's to its own trials/<id>/logs/, unless `verbose` (default: RAYFT_VERBOSE)."""
+    from rayft.console import RunConsole, verbose_from_env
+
+    verbose = verbose_from_env() if verbose is None else verbose
+    with RunConsole(verbose) as run_console:
+        return _run_sweep(sweep, resume, overwrite, console, run_console)
+
+
+def _run_sweep(sweep: Sweep, resume: bool, overwrite: bool, console, run_console) -> dict[str, Any]:
+    from ray import tune
+    from rich.console import Console
+
+    from rayft.console import LOG_DIR, say
     from rayft.tracking import mlflow_run
     from rayft.train.runner import preflight
     from rayft.train.schedule import StepPlan
@@ -166,11 +181,17 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, conso
     _, uri, _, batches, use_gpu = preflight(base)  # also tokenizes the data once, for every trial
     scheduler = build_scheduler(sweep, StepPlan.build(base.train, batches).total_steps)
     concurrency, note = trial_capacity(base, use_gpu, cfg.search.max_concurrent_trials)
-    console = console or _console()
-    if note:
-        console.print(f"[yellow]note:[/] {note}")
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = run_console.move_to(output_dir / LOG_DIR)
+    console = console or (Console() if run_console.verbose else Console(file=run_console.terminal))
+    dist = base.distributed
+    say(f"[rayft] {'resuming' if resume else 'sweeping'} {cfg.name}: {sweep.planned_trials} trials "
+        f"({cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}) of method {base.method.type} on "
+        f"{base.model.name_or_path}, {concurrency} at a time on {dist.num_workers} {'GPU' if use_gpu else 'CPU'} "
+        f"workers each" + (f"; logs in {log_dir.parent}/, each trial's in trials/<id>/logs/" if log_dir else ""))
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
     state_file = output_dir / "sweep.json"
     if resume:
         parent_run_id = json.loads(state_file.read_text())["mlflow_parent_run_id"]
@@ -182,7 +203,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, conso
     try:
         write_atomic(output_dir / "sweep.yaml", _dump_sweep(sweep))
         payload = {"base_raw": absolute_paths(sweep.base_raw, base, uri), "space": sweep.space, "name": cfg.name,
-                   "output_dir": str(output_dir), "parent_run_id": parent_run_id}
+                   "output_dir": str(output_dir), "parent_run_id": parent_run_id, "verbose": run_console.verbose}
         # The trial function only drives a TorchTrainer, whose workers hold the CPUs/GPUs. Tune
         # refuses an empty request, so a trial asks for a token amount of memory and no CPU.
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), {"memory": 2**20})
@@ -226,12 +247,6 @@ def _dump_sweep(sweep: Sweep) -> str:
     raw = sweep.cfg.model_dump(mode="json")
     raw["base"] = sweep.base_raw
     return yaml.safe_dump(raw, sort_keys=False)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
 
 
 # ---------------------------------------------------------------- results

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
+from rayft.console import LOG_DIR
 from rayft.train.runner import FINISHED_MARKER
 
 RESULT_COLUMNS = ("eval_loss", "steps", "seconds")
@@ -83,6 +84,26 @@ class TrialTable(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._add(trial, "error")
+        if _Display.console is not None:
+            _Display.console.print(failure_line(trial, Path(self.trials_dir) / trial.trial_id), markup=False,
+                                   highlight=False, soft_wrap=True)
+
+
+def failure_line(trial, trial_dir: Path) -> str:
+    """A failed trial as one line: its exception and where its logs (with the traceback) are."""
+    import cloudpickle
+
+    try:  # Tune pickles the error into the trial's local folder before it calls back
+        with open(trial.pickled_error_file, "rb") as pickled:
+            error = cloudpickle.load(pickled)
+    except Exception:  # no error file (a lost actor): the logs still say it all
+        error = None
+    error = getattr(error, "cause", None) or error  # a RayTaskError wraps the trial's own exception
+    from rayft.errors import TrainingFailed
+
+    message = f": {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}" if error else ""
+    where = "" if isinstance(error, TrainingFailed) else f"; logs in {trial_dir / LOG_DIR}/"  # it names its log
+    return f"error: trial {trial.trial_id} failed{message}{where}"
 
 
 def print_summary(console, keys: list[str], rows: list[dict[str, Any]], best: Optional[dict[str, Any]]) -> None:

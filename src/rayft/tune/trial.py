@@ -53,5 +53,5 @@ def run_trial(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
         # A trial restarted by `rayft sweep --resume` continues its own run from its checkpoint.
         resume = (output_dir / "run.json").is_file()
         run_training(cfg, resume=resume, overwrite=not resume, parent_run_id=sweep["parent_run_id"],
-                     callbacks=[EvalToTune()])
+                     callbacks=[EvalToTune()], verbose=sweep.get("verbose", False))
     tune.report(final_result(json.loads(finished.read_text())))
