@@ -534,3 +534,58 @@ def test_method_trains_under_ray_and_zero_and_reloads(tmp_path, models, alpaca_f
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth")]
     reloaded = eval_loss_of(reload_output(cfg, Path(cfg.output_dir)), cfg)
     assert reloaded == pytest.approx(metrics["eval_loss"], rel=2e-4)
+
+
+# ------------------------------------------------------------------ gradient checkpointing
+CHECKPOINTING_CASES = {"full": ({"type": "full"}, "llama"), "lora": ({"type": "lora", "lora": {"r": 4, "dropout": 0.0}}, "llama"),
+                       "qlora": ({"type": "qlora", "qlora": {"r": 4, "dropout": 0.0, "compute_dtype": "fp32"}}, "llama"),
+                       "freeze": ({"type": "freeze"}, "llama"),
+                       **{case: spec for case, spec in ADAPTER_CASES.items()
+                          if not get_method(spec[0]["type"]).checkpointing_refusal}}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTING_CASES))
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(models, case):
+    """With train.gradient_checkpointing each decoder layer runs again in the backward pass (it
+    is really on), and the loss and every trainable gradient equal those without it: packed
+    attention (where the method packs) and the fused head included."""
+    block, shape = CHECKPOINTING_CASES[case]
+    cfg = MethodConfig.model_validate(block)
+    method = get_method(cfg.type)
+    attention = "packed" if method.packs else "sdpa"
+    batch = batch_of(rows=2, length=16, seed=1)
+    if method.packs:  # two samples per row
+        batch["position_ids"] = torch.cat([torch.arange(7), torch.arange(9)]).repeat(2, 1)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = load_for_training(models[shape], cfg, CPU, attention, run=Run(total_steps=10),
+                                  gradient_checkpointing=checkpointing).train()
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.05)  # off the init: every gradient is non-trivial
+        # transformers checkpoints a layer's forward (its own hooks stay outside): count its attention's calls
+        layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+        calls = []
+        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+        loss, count = token_losses(model, batch, "fp32", method.virtual_tokens(cfg.options))
+        (loss / count).backward()
+        # AdapterDrop's dropped adapters get none, in both runs alike
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        results.append((loss.item(), grads, len(calls)))
+    (plain_loss, plain_grads, plain_calls), (ckpt_loss, ckpt_grads, ckpt_calls) = results
+    assert (plain_calls, ckpt_calls) == (1, 2)  # recomputed in the backward pass
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing(tmp_path, tiny_model):
+    raw = base_config(tmp_path, tiny_model, tmp_path / "data.jsonl", method=ADAPTER_CASES["prefix_tuning"][0],
+                      train={"gradient_checkpointing": True})
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing: method.type=prefix_tuning cannot run with it "
+                                          r"\(its key/value prefixes live in the attention cache"):
+        parse_config(raw)

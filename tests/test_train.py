@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import RAYFT, base_config, registered_checkpoints, run_cli, wait_for, write_config
+from conftest import RAYFT, assert_quiet_console, base_config, registered_checkpoints, run_cli, wait_for, write_config
 from rayft.config import parse_config
 from rayft.data.dataset import RowFile, prepare_data
 from rayft.data.packing import collate
@@ -133,33 +133,6 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     assert eval_loss_of(reload_output(cfg, out), cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
 
 
-NOISE = ("core_worker.cc", "Setting accelerator to CPU", "gemm_4bit_forward", "FutureWarning", "UserWarning",
-         "Loading weights", "TrainingReport(", "Writing model shards", "Traceback")
-
-
-def assert_quiet_console(console: str) -> None:
-    """Only rayft's lines: none of the libraries' noise, at most 15 lines besides the progress bar."""
-    lines = [line for line in console.splitlines() if line.strip()]
-    assert not [line for line in lines if any(noise in line for noise in NOISE)], console[-3000:]
-    ours = [line for line in lines if not line.startswith("train ")]
-    table = [line for line in ours if line[:1] in "┏┃┡│└" or "rayft train:" in line]
-    assert len(ours) - len(table) <= 15, console[-3000:]
-    assert sum("trainable of" in line for line in lines) == 1  # the parameter counts, once
-
-
-@pytest.fixture
-def broken_model(tmp_path, tiny_model):
-    """The tiny model with its weights file cut short: the pre-flight (config, tokenizer) passes and
-    every worker fails to load it."""
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model, broken)
-    with open(broken / "model.safetensors", "r+b") as weights:
-        weights.truncate(1000)
-    return broken
-
-
 def test_a_failing_worker_is_one_error_line_naming_its_log(tmp_path, broken_model, alpaca_file):
     config = write_config(tmp_path, base_config(tmp_path, broken_model, alpaca_file, distributed={"max_failures": 0}))
     done = run_cli("train", str(config), cwd=tmp_path)
@@ -235,3 +208,23 @@ def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 3
+
+
+def test_gradient_checkpointing_under_zero3_trains_to_the_same_numbers(tmp_path, tiny_model, alpaca_file):
+    """The same LoRA run on 2 workers under ZeRO-3 (every tensor partitioned), with and without
+    train.gradient_checkpointing: the same losses at every logged step, the same eval loss."""
+    runs = []
+    for checkpointing in (False, True):
+        cfg, metrics = train_in_process(tmp_path / str(checkpointing), tiny_model, alpaca_file,
+                                        train={"gradient_checkpointing": checkpointing},
+                                        distributed={"zero_stage": 3, "zero3_persistence_threshold": 0})
+        history = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+        losses = [m.value for m in sorted(client.get_metric_history(history["mlflow_run_id"], "loss"), key=lambda m: m.step)]
+        runs.append((metrics, losses))
+    (plain, plain_losses), (checkpointed, checkpointed_losses) = runs
+    assert checkpointed["eval_loss"] < checkpointed["eval_loss_before"]
+    assert len(plain_losses) == 3 and checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)

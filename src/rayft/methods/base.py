@@ -48,6 +48,8 @@ class Method:
     fused_head: bool = True
     # Can `rayft merge` fold the output into the base?
     mergeable: bool = False
+    # Why train.gradient_checkpointing cannot run with this method ("": it can)
+    checkpointing_refusal: str = ""
 
     def serve_kind(self, opts) -> Optional[str]:
         """The adapter kind a server would load (recorded in rayft.json), or None where the output is

@@ -21,6 +21,9 @@ class PrefixTuningOptions(Strict):
 class PrefixTuningMethod(SoftPromptMethod):
     name = "prefix_tuning"
     options = PrefixTuningOptions
+    # peft raises for it: the prefixes enter every layer through the KV cache, which a
+    # recomputed layer would extend a second time
+    checkpointing_refusal = "its key/value prefixes live in the attention cache, which peft cannot recompute"
 
     def serve_kind(self, opts):
         return "prefix_tuning"

@@ -19,7 +19,7 @@ def attention_implementation(attention: str, model_config) -> str:
 
 
 def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: torch.device, attention: str = "auto",
-                      run=None):
+                      run=None, gradient_checkpointing: bool = False):
     """The base model with the method applied. `run` (rayft.methods.Run): the run's steps and
     resolved precision; the default suits a model built for a check or a test."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -35,6 +35,11 @@ def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: t
         **method.load_kwargs(method_cfg.options, device))
     # The KV cache would make transformers ignore packed position ids (and is useless in training).
     model.config.use_cache = False
+    if gradient_checkpointing:
+        # Before the method is applied: peft reads it (and refuses prefix tuning). Non-reentrant
+        # checkpointing needs no input that requires grad (frozen embeddings under LoRA) and
+        # passes keyword arguments (rayft's packed layout) to the recomputed layer.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return method.apply(method_cfg.options, model, run or Run())
 
 

@@ -248,7 +248,7 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
     plan = StepPlan.build(cfg.train, batches_per_epoch(len(train_rows), world, cfg.train.micro_batch_size))
     method, opts = get_method(cfg.method.type), cfg.method.options
     model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention,
-                              Run(total_steps=plan.total_steps, precision=precision))
+                              Run(total_steps=plan.total_steps, precision=precision), cfg.train.gradient_checkpointing)
     trainable_params, total_params = count_parameters(model)
     changed_params = method.changed_base_params(opts, model)
     reporter.say(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
