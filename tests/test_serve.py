@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import RAYFT, _free_port, run_cli
-from tiny import build_other_tiny_model, make_lora_adapter
+from tiny import build_other_tiny_model, make_ia3_adapter, make_lora_adapter
 
 from rayft.serve.engine import EngineMetrics
 
@@ -75,13 +75,13 @@ def _built_kernel():
     return kernel
 
 
-def _load(path: Path, base, model_id: str):
+def _load(path: Path, base, model_id: str, engine=None):
     from rayft.serve.lora import load_adapter
     from rayft.serve.validate import check_fits_base, inspect_adapter
 
     spec = inspect_adapter(path, 64, 10**9)
     check_fits_base(spec, base)
-    return load_adapter(spec, model_id, torch.float32, torch.device("cpu"))
+    return load_adapter(spec, model_id, torch.float32, torch.device("cpu"), engine and engine.backend.layers)
 
 
 async def _tokens(engine, requests):
@@ -124,6 +124,58 @@ def test_mixed_batch_equals_solo_and_peft(tiny_model, tmp_path, use_kernel):
         reference = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False,
                                    eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
         assert solo[i] == reference[:len(solo[i])] and len(solo[i]) > 0
+
+
+def every_kind(model_dir: Path, folder: Path) -> dict[str, Path]:
+    """One adapter of each served kind, with random (non-identity) weights, as peft saves them."""
+    return {
+        "lora": make_lora_adapter(model_dir, folder / "lora", r=4, seed=1),
+        "dora": make_lora_adapter(model_dir, folder / "dora", r=4, seed=2, use_dora=True),
+        "rank-pattern": make_lora_adapter(model_dir, folder / "rank-pattern", r=4, seed=3,  # AdaLoRA's export form
+                                          rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"q_proj": 8}),
+        "ia3": make_ia3_adapter(model_dir, folder / "ia3", seed=4),
+    }
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu-kernel", "per-row-stacks"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # Qwen2's q/k/v biases: DoRA keeps them, IA3 scales them
+def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tmp_path, use_kernel, arch):
+    """LoRA, DoRA, per-module ranks and IA3 adapters and the base, rows of one batch: each row
+    gives the greedy tokens it gives alone, and those are peft's own model's tokens."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayft.serve.engine import GenerationRequest
+
+    model_dir = tiny_model if arch == "llama" else tiny_qwen2
+    paths = every_kind(model_dir, tmp_path)
+    if use_kernel and not _kernel_available():
+        pytest.skip("no C compiler here: the per-row-stacks case covers the kinds")
+    engine, tokenizer, base, metrics = _engine(model_dir, use_kernel, max_batch_size=16, batch_wait_ms=50)
+    loaded = {kind: _load(path, base, f"t/{kind}@1", engine) for kind, path in paths.items()}
+    assert {kind: a.kind for kind, a in loaded.items()} == {"lora": "lora", "dora": "dora",
+                                                             "rank-pattern": "lora_rank_pattern", "ia3": "ia3"}
+    rows = [(prompt, kind) for prompt in PROMPTS[:2] for kind in [None, *paths]]
+
+    def request(prompt, kind):
+        return GenerationRequest(tokenizer(prompt)["input_ids"], 10, "m", loaded.get(kind))
+
+    solo = [asyncio.run(_tokens(engine, [request(p, k)]))[0] for p, k in rows]
+    metrics.seen.clear()
+    mixed = asyncio.run(_tokens(engine, [request(p, k) for p, k in rows]))
+    assert metrics.seen == [(len(rows), 4)]  # one batch: four kinds of adapter and the base
+    assert mixed == solo
+    for (prompt, kind), tokens in zip(rows, solo):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if kind is not None:
+            model = PeftModel.from_pretrained(model, paths[kind])
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        reference = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+        assert tokens == reference[:len(tokens)] and len(tokens) > 0, (prompt, kind)
+    # every kind changes the output: no row equals another kind's by accident (both prompts' tokens)
+    by_kind = {kind: [t for (_, k), tokens in zip(rows, solo) if k == kind for t in tokens] for kind in [None, *paths]}
+    assert len({tuple(tokens) for tokens in by_kind.values()}) == 5, by_kind
 
 
 def test_requests_join_a_running_batch(tiny_model, tmp_path):
@@ -689,6 +741,25 @@ def test_concurrent_mixed_requests_equal_solo(server):
     assert together == solo
 
 
+def test_every_kind_over_http_mixed_equals_solo(server, tiny_model, tmp_path):
+    """DoRA, per-module ranks and IA3 published through the API like LoRA; concurrent requests
+    of every kind (one batch where they meet) answer as each does alone, and each kind its own."""
+    paths = every_kind(tiny_model, tmp_path)
+    with server.client("ops") as ops:
+        for kind in ("dora", "rank-pattern", "ia3"):
+            added = ops.post("/v1/adapters", json={"name": f"kind-{kind}", "tenant": "acme", "source": str(paths[kind])})
+            assert added.status_code == 201, added.text
+    with server.client("acme") as acme:
+        models = ["kind-dora", "kind-rank-pattern", "kind-ia3", "tiny"]  # 3 adapters: within the cache of 3
+        jobs = [(acme, m, p) for m in models for p in PROMPTS[:2]]
+        solo = [_complete(c, m, p) for c, m, p in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: _complete(*job), jobs))
+        assert acme.get("/v1/models").status_code == 200
+    assert together == solo
+    assert len({tuple(solo[i:i + 2]) for i in range(0, len(solo), 2)}) == 4  # each kind answers its own way
+
+
 def test_tenants_keys_and_admin(server):
     import httpx
 
@@ -730,9 +801,22 @@ def test_bad_adapters_are_refused_and_serving_goes_on(server, tiny_model, tmp_pa
     (wrong_module / "adapter_config.json").write_text(json.dumps(config))
     wrong_base = make_lora_adapter(tiny_model, tmp_path / "wrong-base", r=4)
     (wrong_base / "rayft.json").write_text(json.dumps({"base_model": "other", "base_fingerprint": "0123456789abcdef"}))
+    nested_pickle = make_lora_adapter(tiny_model, tmp_path / "nested-pickle", r=4)  # anywhere in the tree
+    (nested_pickle / "extra").mkdir()
+    (nested_pickle / "extra" / "optimizer.pt").write_bytes(b"not really a pickle")
+    # kinds rayft trains but does not batch: each refused in one line that says why
+    prefix = make_lora_adapter(tiny_model, tmp_path / "prefix", r=4)
+    (prefix / "rayft.json").write_text(json.dumps({"method": "prefix_tuning", "serve_kind": "prefix_tuning"}))
+    delta = tmp_path / "bitfit-delta"
+    delta.mkdir()
+    (delta / "delta.safetensors").write_bytes(b"")
+    (delta / "rayft.json").write_text(json.dumps({"method": "bitfit"}))
 
     cases = [("pickled", pickled, "pickle"), ("shapes", wrong_shapes, "(in, out)"),
              ("module", wrong_module, "not a linear layer"), ("base", wrong_base, "not the served base"),
+             ("nested", nested_pickle, "pickle-based weight files are refused (extra/optimizer.pt)"),
+             ("prefix", prefix, "a prefix_tuning adapter cannot be served: its key/value prefixes"),
+             ("delta", delta, "a bitfit output cannot be served as an adapter: BitFit / LN-tuning deltas"),
              ("huge", server.adapters["huge"], "above the served limit of 32"),
              ("../evil", server.adapters["sql"], "not allowed"), ("missing", tmp_path / "nowhere", "no such directory")]
     with server.client("ops") as ops:

@@ -64,6 +64,22 @@ def make_lora_adapter(model_dir: Path, target: Path, r: int = 8, seed: int = 0, 
     return target
 
 
+def make_ia3_adapter(model_dir: Path, target: Path, seed: int = 0) -> Path:
+    """An IA3 adapter (keys, values, the feed-forward input) with random vectors around 1."""
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + torch.randn_like(param) * 0.5)
+    model.save_pretrained(target)
+    return target
+
+
 def build_other_tiny_model(target: Path, vocab_size: int) -> Path:
     """Like the tiny model but with intermediate size 96: its adapters do not fit the tiny model."""
     from transformers import LlamaConfig, LlamaForCausalLM

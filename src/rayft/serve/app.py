@@ -105,7 +105,8 @@ def engine_deployment(cfg: ServeConfig):
             self.registry = AdapterRegistry(self.cfg.registry)
             limits = self.cfg.limits
             self.cache = AdapterCache(adapter_loader(self.registry, base, limits.max_lora_rank, limits.max_adapter_bytes,
-                                                     dtype, device), self.cfg.max_resident_adapters, self.metrics)
+                                                     dtype, device, lora.layers), self.cfg.max_resident_adapters,
+                                      self.metrics)
             tokenizer_eos = model.generation_config.eos_token_id
             eos = tokenizer_eos if isinstance(tokenizer_eos, list) else [tokenizer_eos]
             pad = model.generation_config.pad_token_id

@@ -420,13 +420,14 @@ def load_base_model(model_dir: Path, dtype: torch.dtype, device: torch.device, l
 
 
 def adapter_loader(registry, base: BaseShape, max_rank: int, max_bytes: int, dtype: torch.dtype,
-                   device: torch.device) -> Callable[[str], LoadedAdapter]:
-    """model id -> weights, checked again at load: the registry is shared storage that others write."""
+                   device: torch.device, base_layers: Optional[dict] = None) -> Callable[[str], LoadedAdapter]:
+    """model id -> weights, checked again at load: the registry is shared storage that others write.
+    `base_layers`: the served model's wrapped layers, for kinds computed against the base (DoRA)."""
 
     def load(model_id: str) -> LoadedAdapter:
         spec = inspect_adapter(registry.path_of(model_id), max_rank, max_bytes)
         check_fits_base(spec, base)
-        return load_adapter(spec, model_id, dtype, device)
+        return load_adapter(spec, model_id, dtype, device, base_layers)
 
     return load
 

@@ -24,13 +24,21 @@ from rayft.serve.validate import WEIGHTS_FILE, AdapterSpec
 
 
 class MultiLoRALinear(nn.Module):
+    """A base linear layer plus each row's adapter (serve/kinds/): y = s * (W (x * i) + B A x) + t,
+    where a row without that part of an adapter has i = s = 1, t = 0 and no B A term."""
+
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A rows, B rows) of the running batch
         self.plan: Optional[tuple[Callable, torch.Tensor, int]] = None  # or (kernel, its work items, rows)
+        # per-row (i: rows x 1 x in | None, s: rows x 1 x out | None, t: rows x 1 x out | None)
+        self.scales: Optional[tuple[Optional[torch.Tensor], ...]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_rows, out_rows, shift_rows = self.scales or (None, None, None)
+        if in_rows is not None:
+            x = x * in_rows
         out = self.base(x)
         if self.plan is not None:
             # in place, unseen by autograd: BatchLoRA plans only under inference mode
@@ -39,12 +47,15 @@ class MultiLoRALinear(nn.Module):
                 raise RuntimeError(f"batched LoRA planned for {rows} fp32 rows, got {x.dtype} {tuple(x.shape)}")
             x = x.contiguous()  # the kernel reads raw memory: a mismatch above would read out of bounds
             kernel(x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], out.shape[2], items.data_ptr(), items.shape[0])
-            return out
-        if self.rows is None:
-            return out
-        a_rows, b_rows = self.rows
-        # out += (x @ A) @ B, row by row of the batch: x (rows, tokens, in); in place, out is ours
-        return out.baddbmm_(torch.bmm(x, a_rows), b_rows)
+        elif self.rows is not None:
+            a_rows, b_rows = self.rows
+            # out += (x @ A) @ B, row by row of the batch: x (rows, tokens, in); in place, out is ours
+            out = out.baddbmm_(torch.bmm(x, a_rows), b_rows)
+        if out_rows is not None:
+            out = out.mul_(out_rows)
+            if shift_rows is not None:
+                out = out.add_(shift_rows)
+        return out
 
 
 def wrap_linear_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
@@ -62,10 +73,14 @@ def wrap_linear_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
 
 @dataclass(eq=False)
 class LoadedAdapter:
-    """One adapter's weights, laid out for batching: per module (A^T: in x r, scaling * B^T: r x out)."""
+    """One adapter laid out for batching, per module: LoRA's (A^T: in x r, scaling * B^T: r x out),
+    an input scale (in,), an output scale (out,) with its shift (out,) or None (serve/kinds/)."""
     model_id: str
     rank: int
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    in_scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    out_scales: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict, repr=False)
+    kind: str = "lora"
 
     @functools.cached_property
     def pointers(self) -> dict[str, tuple[int, int, int]]:
@@ -79,20 +94,29 @@ class LoadedAdapter:
         return pointers
 
     @property
+    def scaled_modules(self) -> set[str]:
+        return set(self.in_scales) | set(self.out_scales)
+
+    @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+        tensors = [t for pair in self.weights.values() for t in pair] + list(self.in_scales.values()) + \
+            [t for pair in self.out_scales.values() for t in pair if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load_adapter(spec: AdapterSpec, model_id: str, dtype: torch.dtype, device: torch.device) -> LoadedAdapter:
+def load_adapter(spec: AdapterSpec, model_id: str, dtype: torch.dtype, device: torch.device,
+                 base_layers: Optional[dict[str, "MultiLoRALinear"]] = None) -> LoadedAdapter:
+    """The adapter's weights in its kind's per-row form; `base_layers` (the served base's wrapped
+    layers by module path): what a kind computes from the base at load (DoRA's column norms)."""
     from safetensors.torch import load_file
 
+    from rayft.serve import kinds
+
     tensors = load_file(str(spec.path / WEIGHTS_FILE), device="cpu")
-    weights = {}
-    for module in spec.shapes:
-        a = tensors[f"base_model.model.{module}.lora_A.weight"]  # (r, in)
-        b = tensors[f"base_model.model.{module}.lora_B.weight"]  # (out, r)
-        weights[module] = (a.t().contiguous().to(device, dtype), (b.t() * spec.scaling).contiguous().to(device, dtype))
-    return LoadedAdapter(model_id, spec.rank, weights)
+    bases = None if base_layers is None else {name: layer.base for name, layer in base_layers.items()}
+    parts = kinds.SERVED[spec.kind].load(spec, tensors, dtype, device, bases)
+    return LoadedAdapter(model_id, spec.rank, parts.get("weights", {}), parts.get("in_scales", {}),
+                         parts.get("out_scales", {}), spec.kind)
 
 
 class BatchLoRA:
@@ -114,10 +138,12 @@ class BatchLoRA:
         self.rank = 0
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # A: cap x in x rank, B: cap x rank x out
         self._planned: Optional[tuple[int, int]] = None  # the rows the layers' plans are for
+        self._scaled: Optional[tuple[int, int]] = None  # the rows the layers' per-row scales are for
 
     def append(self, row_adapters: Sequence[Optional[LoadedAdapter]]) -> None:
         first = len(self.adapters)
         self.adapters.extend(row_adapters)
+        self._scaled = None
         if self.kernel is not None:
             self._planned = None
             return
@@ -142,10 +168,12 @@ class BatchLoRA:
                     a_rows[j].copy_(a_rows[source])
                     b_rows[j].copy_(b_rows[source])
         self.adapters = [self.adapters[i] for i in order]
-        self._planned = None
+        self._planned = self._scaled = None
 
     def use(self, start: int, stop: int) -> dict:
         """Points each layer at rows start..stop; no extra forward arguments are needed."""
+        if self._scaled != (start, stop):
+            self._scale(start, stop)
         if self.kernel is not None:
             if self._planned != (start, stop):
                 self._plan(start, stop)
@@ -156,9 +184,35 @@ class BatchLoRA:
         return {}
 
     def clear(self) -> None:
-        self.adapters, self.rank, self._stacks, self._planned = [], 0, {}, None
+        self.adapters, self.rank, self._stacks, self._planned, self._scaled = [], 0, {}, None, None
         for layer in self.layers.values():
-            layer.rows = layer.plan = None
+            layer.rows = layer.plan = layer.scales = None
+
+    def _scale(self, start: int, stop: int) -> None:
+        """Per layer, the rows' input and output scales (DoRA, IA3), stacked once per change of
+        rows; a layer that no row scales gets none, and costs nothing."""
+        rows = self.adapters[start:stop]
+        scaled = {name for adapter in rows if adapter is not None for name in adapter.scaled_modules}
+        for name, layer in self.layers.items():
+            layer.scales = self._scales_of(rows, name, layer.base) if name in scaled else None
+        self._scaled = (start, stop)
+
+    @staticmethod
+    def _scales_of(rows: Sequence[Optional[LoadedAdapter]], name: str, base: nn.Module) -> tuple:
+        like = next(t for a in rows if a is not None for t in
+                    ([a.in_scales[name]] if name in a.in_scales else []) + ([a.out_scales[name][0]] if name in a.out_scales else []))
+        ones_in, ones_out = like.new_ones(base.in_features), like.new_ones(base.out_features)
+        zeros_out = like.new_zeros(base.out_features)
+        has = lambda part: any(a is not None and name in part(a) for a in rows)  # noqa: E731
+        in_rows = out_rows = shift_rows = None
+        if has(lambda a: a.in_scales):
+            in_rows = torch.stack([a.in_scales.get(name, ones_in) if a else ones_in for a in rows])[:, None]
+        if has(lambda a: a.out_scales):
+            out_rows = torch.stack([a.out_scales[name][0] if a and name in a.out_scales else ones_out for a in rows])[:, None]
+            shifts = [a.out_scales[name][1] if a and name in a.out_scales else None for a in rows]
+            if any(shift is not None for shift in shifts):
+                shift_rows = torch.stack([zeros_out if shift is None else shift for shift in shifts])[:, None]
+        return in_rows, out_rows, shift_rows
 
     def _plan(self, start: int, stop: int) -> None:
         """Per layer, the kernel's work items for rows start..stop: each adapter's weights (read in

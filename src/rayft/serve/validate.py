@@ -21,7 +21,6 @@ CONFIG_FILE = "adapter_config.json"
 META_FILE = "rayft.json"
 # Formats that unpickle arbitrary code when loaded: refused wherever they appear in an adapter.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 class AdapterError(RayftError):
@@ -63,85 +62,64 @@ class BaseShape:
 @dataclass(frozen=True)
 class AdapterSpec:
     path: Path
-    rank: int
-    scaling: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
-    shapes: dict[str, tuple[int, int]] = field(repr=False)  # module path -> (in, out)
+    kind: str  # serve/kinds/: lora, lora_rank_pattern, dora, ia3
+    rank: int  # the largest module rank (0: no LoRA term)
+    shapes: dict[str, tuple[Optional[int], Optional[int]]] = field(repr=False)  # module -> (in, out); None: unknown
+    ranks: dict[str, int] = field(default_factory=dict, repr=False)  # module -> rank
+    scalings: dict[str, float] = field(default_factory=dict, repr=False)  # module -> alpha / r (or / sqrt(r))
     nbytes: int = 0
     meta: dict = field(default_factory=dict, repr=False)  # rayft.json, when the adapter has one
 
 
 def inspect_adapter(path: Path, max_rank: int, max_bytes: int) -> AdapterSpec:
-    """File-level checks: safetensors only, a plain LoRA config, consistent shapes, within limits."""
+    """File-level checks: no pickles anywhere in the tree, safetensors within the size limit, a
+    kind rayft serves, and the kind's own checks of its tensors against its config."""
     from safetensors import safe_open
+
+    from rayft.serve import kinds
 
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: not an adapter directory")
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    pickled = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickled:
         raise AdapterError(f"{path}: pickle-based weight files are refused ({', '.join(pickled)}); "
                            "save adapters as safetensors")
-    weights, config_path = path / WEIGHTS_FILE, path / CONFIG_FILE
-    if not config_path.is_file() or not weights.is_file():
+    meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        if meta.get("method"):  # a rayft output that is no peft adapter: a delta file or a model
+            raise AdapterError(f"{path}: a {meta['method']} output cannot be served as an adapter: {kinds.NOT_ADAPTERS}")
+        raise AdapterError(f"{path}: an adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = _read_json(config_path)
+    kind = kinds.kind_of(config, meta)
+    if kind in kinds.REFUSED:
+        raise AdapterError(f"{path}: a {kind} adapter cannot be served: {kinds.REFUSED[kind]}")
+    if kind not in kinds.SERVED:
+        raise AdapterError(f"{path}: {kind} adapters are not served (served kinds: {', '.join(sorted(kinds.SERVED))})")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
         raise AdapterError(f"{path}: an adapter needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     nbytes = weights.stat().st_size
     if nbytes > max_bytes:
         raise AdapterError(f"{path}: {WEIGHTS_FILE} is {nbytes} bytes, above the limit of {max_bytes}")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_path}: invalid JSON ({exc.msg})") from None
-    rank = _check_config(config, config_path, max_rank)
-
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
         with safe_open(str(weights), framework="pt") as tensors:
-            for key in tensors.keys():
-                match = _KEY.match(key)
-                if match is None:
-                    raise AdapterError(f"{weights}: tensor {key!r} is not a LoRA A/B weight; only plain "
-                                       "LoRA layers can be served (no modules_to_save, embeddings or biases)")
-                shapes.setdefault(match["module"], {})[match["part"]] = tuple(tensors.get_slice(key).get_shape())
-    except AdapterError:
-        raise
+            shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
     except Exception as exc:  # a truncated or foreign file
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
-    if not shapes:
-        raise AdapterError(f"{weights}: holds no LoRA weights")
-    module_shapes = {}
-    for module, parts in shapes.items():
-        a, b = parts.get("A"), parts.get("B")
-        if a is None or b is None or len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
-            raise AdapterError(f"{weights}: {module} has LoRA shapes A={a} B={b}, expected A=(r, in) and "
-                               f"B=(out, r) with r={rank}")
-        module_shapes[module] = (a[1], b[0])
-    scaling = float(config["lora_alpha"]) / (rank ** 0.5 if config.get("use_rslora") else rank)
-    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
-    return AdapterSpec(path, rank, scaling, module_shapes, nbytes, meta)
+    module_shapes, ranks, scalings = kinds.SERVED[kind].inspect(path, config, shapes, max_rank)
+    return AdapterSpec(path, kind, max(ranks.values(), default=0), module_shapes, ranks, scalings, nbytes, meta)
 
 
-def _check_config(config: dict, where: Path, max_rank: int) -> int:
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{where}: peft_type={config.get('peft_type')!r}, only LORA adapters are served")
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank <= 0:
-        raise AdapterError(f"{where}: r={rank!r} is not a positive integer")
-    if rank > max_rank:
-        raise AdapterError(f"{where}: rank r={rank} is above the served limit of {max_rank}")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise AdapterError(f"{where}: lora_alpha={config.get('lora_alpha')!r} is not a number")
-    unsupported = {
-        "use_dora": config.get("use_dora"),  # a magnitude vector per layer: merge it instead
-        "modules_to_save": config.get("modules_to_save"),
-        "rank_pattern": config.get("rank_pattern"),
-        "alpha_pattern": config.get("alpha_pattern"),
-        "bias": config.get("bias") not in (None, "none") and config.get("bias"),
-    }
-    for key, value in unsupported.items():
-        if value:
-            raise AdapterError(f"{where}: {key}={value!r} cannot be served with batched LoRA; "
-                               "merge the adapter into a model instead (rayft merge)")
-    return rank
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: invalid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return value
 
 
 def check_fits_base(spec: AdapterSpec, base: BaseShape) -> None:
@@ -155,6 +133,8 @@ def check_fits_base(spec: AdapterSpec, base: BaseShape) -> None:
     for module, shape in spec.shapes.items():
         if module not in base.linear_shapes:
             raise AdapterError(f"{spec.path}: targets {module}, which is not a linear layer of the served base")
-        if base.linear_shapes[module] != shape:
-            raise AdapterError(f"{spec.path}: {module} is (in, out)={shape} in the adapter but "
-                               f"{base.linear_shapes[module]} in the served base")
+        served = base.linear_shapes[module]
+        if any(side is not None and side != served_side for side, served_side in zip(shape, served)):
+            shown = tuple("?" if side is None else side for side in shape)
+            raise AdapterError(f"{spec.path}: {module} is (in, out)={shown} in the adapter but "
+                               f"{served} in the served base")
