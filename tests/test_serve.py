@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import RAYFT, _free_port, run_cli
-from tiny import build_other_tiny_model, make_ia3_adapter, make_lora_adapter
+from tiny import build_other_tiny_model, make_ia3_adapter, make_lora_adapter, make_prompt_tuning_adapter
 
 from rayft.serve.engine import EngineMetrics
 
@@ -134,14 +134,16 @@ def every_kind(model_dir: Path, folder: Path) -> dict[str, Path]:
         "rank-pattern": make_lora_adapter(model_dir, folder / "rank-pattern", r=4, seed=3,  # AdaLoRA's export form
                                           rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"q_proj": 8}),
         "ia3": make_ia3_adapter(model_dir, folder / "ia3", seed=4),
+        "prompt-tuning": make_prompt_tuning_adapter(model_dir, folder / "prompt-tuning", virtual_tokens=5, seed=5),
     }
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu-kernel", "per-row-stacks"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # Qwen2's q/k/v biases: DoRA keeps them, IA3 scales them
 def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tmp_path, use_kernel, arch):
-    """LoRA, DoRA, per-module ranks and IA3 adapters and the base, rows of one batch: each row
-    gives the greedy tokens it gives alone, and those are peft's own model's tokens."""
+    """LoRA, DoRA, per-module ranks, IA3 and prompt-tuning adapters and the base, rows of one
+    batch (prompts of different lengths, 5 virtual tokens before some): each row gives the greedy
+    tokens it gives alone, and those are peft's own model's tokens."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -153,8 +155,9 @@ def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tm
         pytest.skip("no C compiler here: the per-row-stacks case covers the kinds")
     engine, tokenizer, base, metrics = _engine(model_dir, use_kernel, max_batch_size=16, batch_wait_ms=50)
     loaded = {kind: _load(path, base, f"t/{kind}@1", engine) for kind, path in paths.items()}
-    assert {kind: a.kind for kind, a in loaded.items()} == {"lora": "lora", "dora": "dora",
-                                                             "rank-pattern": "lora_rank_pattern", "ia3": "ia3"}
+    assert {kind: a.kind for kind, a in loaded.items()} == {"lora": "lora", "dora": "dora", "ia3": "ia3",
+                                                             "rank-pattern": "lora_rank_pattern",
+                                                             "prompt-tuning": "prompt_tuning"}
     rows = [(prompt, kind) for prompt in PROMPTS[:2] for kind in [None, *paths]]
 
     def request(prompt, kind):
@@ -163,8 +166,9 @@ def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tm
     solo = [asyncio.run(_tokens(engine, [request(p, k)]))[0] for p, k in rows]
     metrics.seen.clear()
     mixed = asyncio.run(_tokens(engine, [request(p, k) for p, k in rows]))
-    assert metrics.seen == [(len(rows), 4)]  # one batch: four kinds of adapter and the base
+    assert metrics.seen == [(len(rows), 5)]  # one batch: five kinds of adapter and the base
     assert mixed == solo
+    first_logits = {}
     for (prompt, kind), tokens in zip(rows, solo):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         if kind is not None:
@@ -173,9 +177,24 @@ def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tm
         reference = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False,
                                    eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
         assert tokens == reference[:len(tokens)] and len(tokens) > 0, (prompt, kind)
-    # every kind changes the output: no row equals another kind's by accident (both prompts' tokens)
-    by_kind = {kind: [t for (_, k), tokens in zip(rows, solo) if k == kind for t in tokens] for kind in [None, *paths]}
-    assert len({tuple(tokens) for tokens in by_kind.values()}) == 5, by_kind
+        if prompt == PROMPTS[0]:  # the next-token logits too: the tiny model's greedy tokens often repeat
+            with torch.no_grad():
+                expected = model(input_ids=ids).logits[0, -1]
+            first_logits[kind] = _prefill_logits(engine, request(prompt, kind))
+            torch.testing.assert_close(first_logits[kind], expected, rtol=1e-4, atol=1e-4, msg=str(kind))
+    for kind in paths:  # every kind changes the output
+        assert not torch.allclose(first_logits[kind], first_logits[None], atol=1e-3), kind
+
+
+def _prefill_logits(engine, request) -> torch.Tensor:
+    """The engine's next-token logits for one request after its prefill (its adapter's rows set up
+    as the batching loop does)."""
+    engine.backend.append([request.adapter])
+    try:
+        with torch.inference_mode():
+            return engine._prefill([request], engine.backend.use(0, 1))[0][0].clone()
+    finally:
+        engine.backend.clear()
 
 
 def test_requests_join_a_running_batch(tiny_model, tmp_path):
@@ -742,22 +761,25 @@ def test_concurrent_mixed_requests_equal_solo(server):
 
 
 def test_every_kind_over_http_mixed_equals_solo(server, tiny_model, tmp_path):
-    """DoRA, per-module ranks and IA3 published through the API like LoRA; concurrent requests
-    of every kind (one batch where they meet) answer as each does alone, and each kind its own."""
+    """DoRA, per-module ranks, IA3 and prompt tuning published through the API like LoRA;
+    concurrent requests of several kinds (one batch where they meet) answer as each does alone."""
     paths = every_kind(tiny_model, tmp_path)
     with server.client("ops") as ops:
-        for kind in ("dora", "rank-pattern", "ia3"):
+        for kind in ("dora", "rank-pattern", "ia3", "prompt-tuning"):
             added = ops.post("/v1/adapters", json={"name": f"kind-{kind}", "tenant": "acme", "source": str(paths[kind])})
             assert added.status_code == 201, added.text
+        listed = {a["id"]: (a["kind"], a["rank"]) for a in ops.get("/v1/adapters").json()["data"]}
+        assert listed["kind-dora"] == ("dora", 4) and listed["kind-rank-pattern"] == ("lora_rank_pattern", 6)
+        assert listed["kind-ia3"] == ("ia3", 0) and listed["support-bot"] == ("lora", 4)
+        assert listed["kind-prompt-tuning"] == ("prompt_tuning", 0)
     with server.client("acme") as acme:
-        models = ["kind-dora", "kind-rank-pattern", "kind-ia3", "tiny"]  # 3 adapters: within the cache of 3
+        models = ["kind-dora", "kind-ia3", "kind-prompt-tuning", "tiny"]  # 3 adapters: within the cache of 3
         jobs = [(acme, m, p) for m in models for p in PROMPTS[:2]]
         solo = [_complete(c, m, p) for c, m, p in jobs]
         with ThreadPoolExecutor(len(jobs)) as pool:
             together = list(pool.map(lambda job: _complete(*job), jobs))
         assert acme.get("/v1/models").status_code == 200
     assert together == solo
-    assert len({tuple(solo[i:i + 2]) for i in range(0, len(solo), 2)}) == 4  # each kind answers its own way
 
 
 def test_tenants_keys_and_admin(server):

@@ -80,6 +80,21 @@ def make_ia3_adapter(model_dir: Path, target: Path, seed: int = 0) -> Path:
     return target
 
 
+def make_prompt_tuning_adapter(model_dir: Path, target: Path, virtual_tokens: int = 5, seed: int = 0) -> Path:
+    """A prompt-tuning adapter (random virtual-token embeddings), saved the way peft saves it."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens))
+    with torch.no_grad():
+        for param in model.prompt_encoder.parameters():
+            param.normal_(0, 1.0)  # far from the vocabulary's small init: the output must change
+    model.save_pretrained(target)
+    return target
+
+
 def build_other_tiny_model(target: Path, vocab_size: int) -> Path:
     """Like the tiny model but with intermediate size 96: its adapters do not fit the tiny model."""
     from transformers import LlamaConfig, LlamaForCausalLM

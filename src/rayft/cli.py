@@ -233,10 +233,11 @@ def adapters_list(
 
     from rayft.serve.registry import AdapterRegistry
 
-    table = Table("tenant", "name", "version", "rank", "mlflow run", "source")
+    table = Table("tenant", "name", "version", "kind", "rank", "mlflow run", "source")
     for ref in AdapterRegistry(registry).list(tenant):
         meta = ref.meta()
-        table.add_row(ref.tenant, ref.name, str(ref.version), str(meta.get("rank")), str(meta.get("mlflow_run_id") or "-"),
+        table.add_row(ref.tenant, ref.name, str(ref.version), str(meta.get("serve_kind") or "lora"), str(meta.get("rank")),
+                      str(meta.get("mlflow_run_id") or "-"),
                       str(meta.get("source")))
     Console().print(table)
 

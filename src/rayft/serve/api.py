@@ -182,14 +182,17 @@ class Frontend:
                            param=where, code="context_length_exceeded")
         return ids
 
-    def max_new_tokens(self, body: Union[CompletionBody, ChatBody], prompts: list[list[int]]) -> int:
+    def max_new_tokens(self, body: Union[CompletionBody, ChatBody], prompts: list[list[int]],
+                       ref: Optional[AdapterRef] = None) -> int:
         """The tokens each row may generate: what the caller asked (within the limit and the model's
-        context), or by default the limit, cut to the context the longest prompt leaves."""
+        context), or by default the limit, cut to the context the longest prompt leaves (with the
+        adapter's virtual tokens, which come before it)."""
         asked = (body.max_completion_tokens or body.max_tokens) if isinstance(body, ChatBody) else body.max_tokens
         if asked is not None and asked > self.limits.max_new_tokens:
             raise APIError(400, f"max_tokens={asked} is above the limit of {self.limits.max_new_tokens}",
                            param="max_tokens")
-        context, longest = self.base.context_tokens, max(len(ids) for ids in prompts)
+        virtual = int(ref.meta().get("virtual_tokens") or 0) if ref is not None else 0
+        context, longest = self.base.context_tokens, virtual + max(len(ids) for ids in prompts)
         if context is None:
             return asked or self.limits.max_new_tokens
         if asked is None:
@@ -327,7 +330,8 @@ class Frontend:
 def adapter_json(ref: AdapterRef) -> dict:
     meta = ref.meta()
     return {"id": ref.name, "object": "adapter", "tenant": ref.tenant, "version": ref.version,
-            "shared": ref.tenant == SHARED_TENANT, "rank": meta.get("rank"), "source": meta.get("source"),
+            "shared": ref.tenant == SHARED_TENANT, "kind": meta.get("serve_kind"), "rank": meta.get("rank"),
+            "source": meta.get("source"),
             "mlflow_run_id": meta.get("mlflow_run_id"), "created": int(meta.get("published_at", 0))}
 
 
@@ -407,7 +411,7 @@ def create_app(frontend: Frontend):
         created = int(time.time())
         ref = frontend.resolve(caller, body.model)
         prompts = frontend.prompts(body)
-        max_new_tokens = frontend.max_new_tokens(body, prompts)
+        max_new_tokens = frontend.max_new_tokens(body, prompts, ref)
         rows = len(prompts)
         frontend.admit(rows)
         streaming = False

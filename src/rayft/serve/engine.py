@@ -240,15 +240,28 @@ class Engine:
         """Left-padded prompts through the model: every row's next token comes at the end."""
         from transformers import DynamicCache
 
-        width = max(len(request.prompt_ids) for request in requests)
+        prefixes = [_virtual_tokens(request) for request in requests]
+        lengths = [len(request.prompt_ids) + (0 if prefix is None else len(prefix))
+                   for request, prefix in zip(requests, prefixes)]
+        width = max(lengths)
         input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for i, request in enumerate(requests):
             input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-            mask[i, width - len(request.prompt_ids):] = 1
+            mask[i, width - lengths[i]:] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        inputs = {"input_ids": input_ids}
+        if any(prefix is not None for prefix in prefixes):
+            # prompt tuning: the rows' virtual tokens go right before their prompts (positions
+            # 0..n-1, as in peft), in the padding the longer rows leave
+            embeddings = self.model.get_input_embeddings()(input_ids)
+            for i, prefix in enumerate(prefixes):
+                if prefix is not None:
+                    start = width - lengths[i]
+                    embeddings[i, start:start + len(prefix)] = prefix.to(embeddings.dtype)
+            inputs = {"inputs_embeds": embeddings}
         cache = DynamicCache()
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        logits = self.model(**inputs, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                             cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
         return logits, cache, mask
 
@@ -260,6 +273,10 @@ class Engine:
         if self._cache_joinable is None:
             self._cache_joinable = all(type(layer) is DynamicLayer for layer in cache.layers)
         return self._cache_joinable
+
+
+def _virtual_tokens(request: GenerationRequest) -> Optional[torch.Tensor]:
+    return None if request.adapter is None else request.adapter.prompt_embeddings
 
 
 def _compact_order(alive: list[bool]) -> list[int]:

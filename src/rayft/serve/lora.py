@@ -81,6 +81,7 @@ class LoadedAdapter:
     in_scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     out_scales: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict, repr=False)
     kind: str = "lora"
+    prompt_embeddings: Optional[torch.Tensor] = field(default=None, repr=False)  # (virtual tokens, hidden)
 
     @functools.cached_property
     def pointers(self) -> dict[str, tuple[int, int, int]]:
@@ -100,7 +101,8 @@ class LoadedAdapter:
     @property
     def nbytes(self) -> int:
         tensors = [t for pair in self.weights.values() for t in pair] + list(self.in_scales.values()) + \
-            [t for pair in self.out_scales.values() for t in pair if t is not None]
+            [t for pair in self.out_scales.values() for t in pair if t is not None] + \
+            ([self.prompt_embeddings] if self.prompt_embeddings is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -116,7 +118,7 @@ def load_adapter(spec: AdapterSpec, model_id: str, dtype: torch.dtype, device: t
     bases = None if base_layers is None else {name: layer.base for name, layer in base_layers.items()}
     parts = kinds.SERVED[spec.kind].load(spec, tensors, dtype, device, bases)
     return LoadedAdapter(model_id, spec.rank, parts.get("weights", {}), parts.get("in_scales", {}),
-                         parts.get("out_scales", {}), spec.kind)
+                         parts.get("out_scales", {}), spec.kind, parts.get("prompt_embeddings"))
 
 
 class BatchLoRA:

@@ -106,7 +106,8 @@ class AdapterRegistry:
                 for file in COPIED_FILES:
                     shutil.copy2(spec.path / file, staging / file)
                 full_meta = {**spec.meta, **meta, "tenant": tenant, "name": name, "version": version,
-                             "rank": spec.rank, "published_at": time.time()}
+                             "serve_kind": spec.kind, "rank": spec.rank, "virtual_tokens": spec.virtual_tokens,
+                             "published_at": time.time()}
                 (staging / META_FILE).write_text(json.dumps(full_meta, indent=2))
                 os.replace(staging, versions / str(version))
             finally:

@@ -41,6 +41,7 @@ class BaseShape:
     fingerprint: str
     linear_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
     context_tokens: Optional[int] = None  # max_position_embeddings; None where the config has none
+    embedding_dim: Optional[int] = None  # the input embeddings' width (what virtual tokens must have)
 
     @classmethod
     def of_model(cls, model, fingerprint: str) -> "BaseShape":
@@ -49,7 +50,7 @@ class BaseShape:
         shapes = {name: (module.in_features, module.out_features) for name, module in model.named_modules()
                   if isinstance(module, torch.nn.Linear) and name != "lm_head"}
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        return cls(fingerprint, shapes, context)
+        return cls(fingerprint, shapes, context, model.get_input_embeddings().embedding_dim)
 
     @classmethod
     def of_model_dir(cls, model_dir: Path) -> "BaseShape":
@@ -67,6 +68,8 @@ class AdapterSpec:
     shapes: dict[str, tuple[Optional[int], Optional[int]]] = field(repr=False)  # module -> (in, out); None: unknown
     ranks: dict[str, int] = field(default_factory=dict, repr=False)  # module -> rank
     scalings: dict[str, float] = field(default_factory=dict, repr=False)  # module -> alpha / r (or / sqrt(r))
+    virtual_tokens: int = 0  # positions put before the prompt (prompt tuning)
+    embedding_dim: Optional[int] = None  # the width of those positions' embeddings
     nbytes: int = 0
     meta: dict = field(default_factory=dict, repr=False)  # rayft.json, when the adapter has one
 
@@ -108,8 +111,9 @@ def inspect_adapter(path: Path, max_rank: int, max_bytes: int) -> AdapterSpec:
             shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
     except Exception as exc:  # a truncated or foreign file
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
-    module_shapes, ranks, scalings = kinds.SERVED[kind].inspect(path, config, shapes, max_rank)
-    return AdapterSpec(path, kind, max(ranks.values(), default=0), module_shapes, ranks, scalings, nbytes, meta)
+    module_shapes, ranks, scalings, *extra = kinds.SERVED[kind].inspect(path, config, shapes, max_rank)
+    return AdapterSpec(path, kind, max(ranks.values(), default=0), module_shapes, ranks, scalings,
+                       **(extra[0] if extra else {}), nbytes=nbytes, meta=meta)
 
 
 def _read_json(path: Path) -> dict:
@@ -130,6 +134,12 @@ def check_fits_base(spec: AdapterSpec, base: BaseShape) -> None:
         raise AdapterError(f"{spec.path}: trained on base {spec.meta.get('base_model', '?')} "
                            f"(fingerprint {trained_on}), which is not the served base (fingerprint "
                            f"{base.fingerprint})")
+    if spec.embedding_dim is not None and base.embedding_dim is not None and spec.embedding_dim != base.embedding_dim:
+        raise AdapterError(f"{spec.path}: its virtual tokens are {spec.embedding_dim} wide, the served base's "
+                           f"embeddings {base.embedding_dim}")
+    if spec.virtual_tokens and base.context_tokens is not None and spec.virtual_tokens >= base.context_tokens:
+        raise AdapterError(f"{spec.path}: {spec.virtual_tokens} virtual tokens fill the served base's context of "
+                           f"{base.context_tokens}")
     for module, shape in spec.shapes.items():
         if module not in base.linear_shapes:
             raise AdapterError(f"{spec.path}: targets {module}, which is not a linear layer of the served base")

@@ -7,7 +7,9 @@ per-row form that the wrapped linear layers apply (serve/lora.py):
 - lora.py: plain LoRA (rsLoRA, LoRA+, PiSSA/OLoRA and PLoRA outputs) and per-module ranks
   (AdaLoRA's rank patterns): the B A term;
 - dora.py: DoRA: the LoRA term and a per-column output scale s (and t = (1 - s) * bias);
-- ia3.py: IA3: an output scale s (keys, values; t = 0) or an input scale i (the feed-forward).
+- ia3.py: IA3: an output scale s (keys, values; t = 0) or an input scale i (the feed-forward);
+- prompt_tuning.py: prompt tuning and P-tuning v1: per-row virtual-token embeddings before the
+  prompt (the engine's prefill puts them there; no per-layer term).
 
 The kind comes from the adapter's rayft.json (`serve_kind`, written by training) or else from its
 peft config. Kinds that are not adapters of a linear layer are refused at publish, each with why.
@@ -17,13 +19,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from rayft.serve.kinds import dora, ia3, lora
+from rayft.serve.kinds import dora, ia3, lora, prompt_tuning
 
-SERVED: dict[str, ModuleType] = {"lora": lora, "lora_rank_pattern": lora, "dora": dora, "ia3": ia3}
+SERVED: dict[str, ModuleType] = {"lora": lora, "lora_rank_pattern": lora, "dora": dora, "ia3": ia3,
+                                 "prompt_tuning": prompt_tuning}
 
 # Trained by rayft but not batched by its server, and why (one line each, shown at publish).
 REFUSED = {
-    "prompt_tuning": "virtual-token embeddings before the prompt are not batched by rayft serve yet",
     "prefix_tuning": "its key/value prefixes would have to enter every row's KV cache; rayft serve does not batch them",
     "bottleneck": "bottleneck adapters (and AdapterDrop, Compacter) add modules inside each layer that rayft serve "
                   "does not batch yet",
