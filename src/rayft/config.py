@@ -156,8 +156,15 @@ class TrackingConfig(Strict):
 
 
 class TrainJobConfig(Strict):
+    """A training job. `stage` names the objective (rayft/objectives/), whose own options are the
+    top-level block of the same name (`stage: dpo` with `dpo: {...}`); a block of another stage is
+    an error, as is any other unknown key."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     output_dir: str
+    stage: str = "sft"
     model: ModelConfig = ModelConfig()
     method: MethodConfig = Field(default_factory=MethodConfig)  # built lazily: it asks the method registry
     data: DataConfig
@@ -165,11 +172,38 @@ class TrainJobConfig(Strict):
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _own_stage_block_only(cls, raw: Any) -> Any:
+        from rayft.objectives import get_objective, stage_names
+
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        stage = raw.get("stage", "sft")
+        if stage not in stage_names():
+            raise ValueError(f"stage: unknown stage {stage!r}; allowed: {', '.join(stage_names())}")
+        for key in raw:
+            if key not in cls.model_fields and key != stage:
+                if key in stage_names():
+                    raise ValueError(f"{key}: a block for stage {key!r}, but stage is {stage!r}")
+                raise ValueError(f"unknown key {key}")
+        # validated under the block's name, so that errors name <stage>.<key>
+        raw[stage] = getattr(get_objective(stage).block_schema().model_validate({stage: raw.get(stage) or {}}), stage)
+        return raw
+
+    @property
+    def stage_options(self) -> Strict:
+        """The block of the chosen stage (e.g. `dpo:`)."""
+        return getattr(self, self.stage)
+
     @model_validator(mode="after")
     def _combinations(self) -> "TrainJobConfig":
         from rayft.methods import get_method
+        from rayft.objectives import get_objective
 
         method = get_method(self.method.type)
+        get_objective(self.stage).check_job(self.stage_options, self)  # the method, the reference, the data
         if self.train.attention == "packed" and not method.packs:
             raise ValueError(f"train.attention=packed: method.type={self.method.type} keeps one sample per row "
                              "(its extra tokens are per row); use auto or sdpa")

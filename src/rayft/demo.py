@@ -36,6 +36,27 @@ def write_demo_data(path: Path, n: int = 400, seed: int = 0) -> Path:
     return path
 
 
+RAMBLES = ["Well, let me think about this person for a moment. {text} That is quite a story, and there is a lot "
+           "one could say about it.",
+           "Sure! Here is what I can tell you: the text talks about somebody. {text} I hope this helps!",
+           "{name}? Interesting. People like {name} often have fascinating lives; this one is {age}, I believe."]
+
+
+def write_preference_data(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """Preference pairs on the demo task: chosen answers are the requested one-line JSON, rejected
+    ones ramble in prose (a change DPO makes visible). Plain form: {prompt, chosen, rejected}."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        person = {"name": rng.choice(NAMES), "age": rng.randint(18, 80), "job": rng.choice(JOBS), "city": rng.choice(CITIES)}
+        text = rng.choice(TEMPLATES).format(**person)
+        lines.append(json.dumps({"prompt": f"{INSTRUCTION}\n\n{text}", "chosen": json.dumps(person),
+                                 "rejected": rng.choice(RAMBLES).format(text=text, **person)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def generate_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

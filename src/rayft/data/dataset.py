@@ -15,7 +15,7 @@ import json
 import random
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -23,9 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from rayft.config import DataConfig
-from rayft.data.formats import read_records, to_messages
-from rayft.data.packing import Row, pack, single_row
-from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from rayft.data.formats import read_records
+from rayft.data.packing import Row
 from rayft.errors import DataError
 
 CACHE_VERSION = "1"
@@ -42,6 +41,7 @@ class PreparedData:
     train_tokens: int  # real (non-pad) tokens
     train_samples: int
     dropped_samples: int
+    notes: dict = field(default_factory=dict)  # the stage's counts worth a note (e.g. identical pairs dropped)
 
     @property
     def train_file(self) -> str:
@@ -68,9 +68,10 @@ def _tokenizer_digest(tokenizer_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def dataset_key(cfg: DataConfig, tokenizer_dir: Path, seed: int) -> str:
+def dataset_key(cfg: DataConfig, tokenizer_dir: Path, seed: int, stage: str = "sft") -> str:
     parts = {
         "version": CACHE_VERSION,
+        "stage": stage,
         "train": _file_digest(cfg.train),
         "val": _file_digest(cfg.val) if cfg.val else None,
         "tokenizer": _tokenizer_digest(tokenizer_dir),
@@ -112,27 +113,31 @@ def _write_rows(rows: Iterator[Row], path: Path, batch_rows: int = 1024) -> tupl
     return n_rows, n_tokens
 
 
-def _tokenized_rows(tokenizer, conversations, cfg: DataConfig, counts: dict) -> Iterator[Row]:
-    samples = []
-    for messages in conversations:
-        sample = tokenize_conversation(tokenizer, messages, cfg.cutoff_len, cfg.train_on_prompt)
-        if all(label == IGNORE_INDEX for label in sample.labels):
-            counts["dropped"] += 1  # truncation removed every learned token
-            continue
-        counts["kept"] += 1
-        samples.append(sample)
-    if cfg.packing:
-        return pack(samples, cfg.cutoff_len)
-    return (single_row(sample) for sample in samples)
+def _records_for(objective, path: str) -> list[dict]:
+    """The file's records, refused in one line when they are another stage's (preference pairs
+    for SFT, conversations for a preference stage)."""
+    from rayft.objectives import get_objective, stage_names
+
+    records = read_records(path)
+    if not objective.recognises(records[0]):
+        others = [name for name in stage_names() if get_objective(name).recognises(records[0])]
+        hint = f"; they are {others[0]} records: set stage: {others[0]}" if others else ""
+        raise DataError(f"{path}: stage {objective.name} cannot train on these records (fields: "
+                        f"{', '.join(sorted(records[0]))}){hint}")
+    return records
 
 
-def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: int) -> PreparedData:
-    """Tokenize (and pack) train and validation splits once; reuse the cache when it exists."""
+def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: int, stage: str = "sft") -> PreparedData:
+    """Tokenize (and pack) train and validation splits once, the way the training stage reads
+    records (objectives/); reuse the cache when it exists."""
+    from rayft.objectives import get_objective
+
+    objective = get_objective(stage)
     if not Path(cfg.train).is_file():
         raise DataError(f"data.train: file not found: {cfg.train}")
     if cfg.val and not Path(cfg.val).is_file():
         raise DataError(f"data.val: file not found: {cfg.val}")
-    cache_dir = cache_root / dataset_key(cfg, tokenizer_dir, seed)
+    cache_dir = cache_root / dataset_key(cfg, tokenizer_dir, seed, stage)
     meta_path = cache_dir / "meta.json"
     if meta_path.is_file():
         return PreparedData(cache_dir=str(cache_dir), **json.loads(meta_path.read_text()))
@@ -141,28 +146,29 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # Validate whole files before splitting, so errors count and index records as in the file.
-    train_conversations = to_messages(read_records(cfg.train), cfg.format, cfg.train)
+    train_items = objective.parse(_records_for(objective, cfg.train), cfg, cfg.train)
     if cfg.val:
-        val_conversations = to_messages(read_records(cfg.val), cfg.format, cfg.val)
+        val_items = objective.parse(_records_for(objective, cfg.val), cfg, cfg.val)
     else:
-        train_conversations, val_conversations = split_records(train_conversations, cfg.val_size, seed)
+        train_items, val_items = split_records(train_items, cfg.val_size, seed)
 
     staging = cache_root / f".tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
         train_counts = {"kept": 0, "dropped": 0}
-        train_rows, train_tokens = _write_rows(
-            _tokenized_rows(tokenizer, train_conversations, cfg, train_counts), staging / "train.arrow")
+        train_rows, train_tokens = _write_rows(objective.rows(tokenizer, train_items, cfg, train_counts),
+                                               staging / "train.arrow")
         if train_rows == 0:
-            raise DataError(f"{cfg.train}: no training sample keeps an assistant token after truncation "
-                            f"at data.cutoff_len={cfg.cutoff_len} ({train_counts['dropped']} dropped)")
+            raise DataError(f"{cfg.train}: {objective.nothing_left} at data.cutoff_len={cfg.cutoff_len} "
+                            f"({train_counts['dropped']} dropped)")
         val_counts = {"kept": 0, "dropped": 0}
-        val_rows, _ = _write_rows(_tokenized_rows(tokenizer, val_conversations, cfg, val_counts), staging / "val.arrow")
+        val_rows, _ = _write_rows(objective.rows(tokenizer, val_items, cfg, val_counts), staging / "val.arrow")
         if val_rows == 0:
             raise DataError(f"{cfg.val or cfg.train}: the validation split is empty after truncation "
                             f"at data.cutoff_len={cfg.cutoff_len}")
         meta = {"train_rows": train_rows, "val_rows": val_rows, "train_tokens": train_tokens,
-                "train_samples": train_counts["kept"], "dropped_samples": train_counts["dropped"]}
+                "train_samples": train_counts["kept"], "dropped_samples": train_counts["dropped"],
+                "notes": {k: v for k, v in train_counts.items() if k not in ("kept", "dropped") and v}}
         (staging / "meta.json").write_text(json.dumps(meta))
         try:
             staging.rename(cache_dir)

@@ -19,13 +19,14 @@ Row = dict[str, list[int]]
 
 
 def single_row(sample: TokenizedSample) -> Row:
-    return {"input_ids": sample.input_ids, "labels": sample.labels,
-            "position_ids": list(range(len(sample.input_ids)))}
+    return unit_row([sample])
 
 
-def _join(samples: list[TokenizedSample]) -> Row:
+def unit_row(unit: list[TokenizedSample]) -> Row:
+    """Sequences that must share a row (a preference pair's two answers), each with positions
+    restarting at 0, in order."""
     row: Row = {"input_ids": [], "labels": [], "position_ids": []}
-    for sample in samples:
+    for sample in unit:
         row["input_ids"] += sample.input_ids
         row["labels"] += sample.labels
         row["position_ids"] += range(len(sample.input_ids))
@@ -34,9 +35,14 @@ def _join(samples: list[TokenizedSample]) -> Row:
 
 def pack(samples: Iterable[TokenizedSample], max_len: int, chunk_size: int = 4096) -> Iterator[Row]:
     """Best-fit-decreasing packing within chunks of `chunk_size` samples (streams, bounded memory)."""
-    chunk: list[TokenizedSample] = []
-    for sample in samples:
-        chunk.append(sample)
+    return pack_units(([sample] for sample in samples), max_len, chunk_size)
+
+
+def pack_units(units: Iterable[list[TokenizedSample]], max_len: int, chunk_size: int = 4096) -> Iterator[Row]:
+    """`pack` for units of sequences that stay together and in order in one row."""
+    chunk: list[list[TokenizedSample]] = []
+    for unit in units:
+        chunk.append(unit)
         if len(chunk) == chunk_size:
             yield from _pack_chunk(chunk, max_len)
             chunk = []
@@ -44,22 +50,23 @@ def pack(samples: Iterable[TokenizedSample], max_len: int, chunk_size: int = 409
         yield from _pack_chunk(chunk, max_len)
 
 
-def _pack_chunk(chunk: list[TokenizedSample], max_len: int) -> Iterator[Row]:
+def _pack_chunk(chunk: list[list[TokenizedSample]], max_len: int) -> Iterator[Row]:
     bins: list[list[TokenizedSample]] = []
     free = []  # sorted (free tokens, bin index)
-    for sample in sorted(chunk, key=lambda s: len(s.input_ids), reverse=True):
-        size = len(sample.input_ids)
+    size_of = lambda unit: sum(len(sample.input_ids) for sample in unit)  # noqa: E731
+    for unit in sorted(chunk, key=size_of, reverse=True):
+        size = size_of(unit)
         at = bisect.bisect_left(free, (size, -1))
         if at < len(free):
             space, index = free.pop(at)
         else:
             space, index = max_len, len(bins)
             bins.append([])
-        bins[index].append(sample)
+        bins[index].extend(unit)
         if space - size > 0:
             bisect.insort(free, (space - size, index))
     for samples in bins:
-        yield _join(samples)
+        yield unit_row(samples)
 
 
 def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -76,6 +76,7 @@ def _lora_params(peft_model):
 
 @register
 class AdaloraMethod(Method):
+    adapters_can_be_disabled = True
     name = "adalora"
     options = AdaloraOptions
     output = "adapter"

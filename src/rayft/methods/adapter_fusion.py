@@ -87,6 +87,7 @@ def _run_fusion(sublayer, _inputs, output):
 
 @register
 class AdapterFusionMethod(Method):
+    equals_base_at_init = False  # it mixes trained adapters from the start
     name = "adapter_fusion"
     options = AdapterFusionOptions
     output = "adapter"

@@ -50,6 +50,22 @@ class Method:
     mergeable: bool = False
     # Why train.gradient_checkpointing cannot run with this method ("": it can)
     checkpointing_refusal: str = ""
+    # Does the model compute exactly what the base does before the first step? (Then the policy at
+    # step 0 is a preference stage's reference.) Soft prompts and AdapterFusion do not.
+    equals_base_at_init: bool = True
+    # Can the base be run with the method's weights switched off (peft's disable_adapter)?
+    adapters_can_be_disabled: bool = False
+
+    def can_disable_adapters(self, opts) -> bool:
+        return self.adapters_can_be_disabled
+
+    def disabled_adapters(self, model):
+        """A context in which `model` computes what its base does (a preference stage's reference)."""
+        from rayft.train.loop import unwrapped
+
+        if not self.adapters_can_be_disabled:
+            raise RuntimeError(f"method {self.name} cannot switch its weights off")
+        return unwrapped(model).disable_adapter()
 
     def serve_kind(self, opts) -> Optional[str]:
         """The adapter kind a server would load (recorded in rayft.json), or None where the output is

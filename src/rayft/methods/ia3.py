@@ -25,6 +25,7 @@ class Ia3Options(Strict):
 
 @register
 class Ia3Method(Method):
+    adapters_can_be_disabled = True
     name = "ia3"
     options = Ia3Options
     output = "adapter"

@@ -97,6 +97,10 @@ def keep_adapter_inputs_in_autocast_dtype(model) -> None:
 
 @register
 class LoraMethod(Method):
+    adapters_can_be_disabled = True  # peft's disable_adapter: the base alone
+
+    def can_disable_adapters(self, opts) -> bool:
+        return opts.init == "gaussian"  # PiSSA/OLoRA took their factors out of the base weights
     name = "lora"
     options = LoraOptions
     output = "adapter"

@@ -21,6 +21,7 @@ PEFT_ADAPTER = "default"
 
 
 class SoftPromptMethod(Method):
+    equals_base_at_init = False  # the virtual tokens change every output from the start
     output = "adapter"
     packs = False
     merge_refusal = "virtual tokens are extra inputs, not a change of any weight"

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rayft.config import TrainJobConfig
+from rayft.objectives import get_objective
 from rayft.data.dataset import PreparedData, RowFile, batches_per_epoch, shard_indices
 from rayft.data.packing import collate
 from rayft.data.tokenize import IGNORE_INDEX
@@ -72,27 +73,59 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str, virtual_
     can (train/head_loss.py) it returns their summed loss itself, chunk by chunk, so that the
     full logits never exist; otherwise a forward pre-hook hands it just those hidden states.
     `virtual_tokens`: positions a soft-prompt method puts before each row's own (never learned)."""
-    labels = batch["labels"]
+    learned, targets = learned_positions(batch["labels"], virtual_tokens)
+    head = output_head(model)
+    if fused_head and fused_head_loss_applies(unwrapped(model), head, precision):
+        with head_returns_loss(head, learned, targets), autocast_context(precision, targets.device):
+            return model(**model_inputs(model, batch)).logits, learned.sum()  # the summed loss, from the head itself
+    logits = learned_logits(model, batch, precision, learned)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), learned.sum()
+
+
+def learned_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions whose next token is learned, those tokens)."""
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][learned[:, :-1]]
     if virtual_tokens:
         learned = torch.cat([learned.new_zeros(labels.shape[0], virtual_tokens), learned], dim=1)
+    return learned, targets
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
     extra = {}
     if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
         extra["packed_layout"] = PackedLayout.of(batch["position_ids"])  # once per batch, not per layer
-    head = output_head(model)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
-    if fused_head and fused_head_loss_applies(unwrapped(model), head, precision):
-        with head_returns_loss(head, learned, targets), autocast_context(precision, labels.device):
-            return model(**inputs).logits, learned.sum()  # the summed loss, from the head itself
-    hook = head.register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
+
+
+def learned_logits(model, batch: dict[str, torch.Tensor], precision: str, learned: torch.Tensor) -> torch.Tensor:
+    """The logits at the learned positions only: a forward pre-hook hands the head just those
+    hidden states."""
+    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
     try:
-        with autocast_context(precision, labels.device):
-            logits = model(**inputs).logits
+        with autocast_context(precision, learned.device):
+            return model(**model_inputs(model, batch)).logits
     finally:
         hook.remove()
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), learned.sum()
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of the batch, in order (rows in order, each row's sequences as its positions
+    restart): the summed log-probability of its learned tokens, and how many there are. A
+    sequence without learned tokens (a row's padding) is not one."""
+    learned, targets = learned_positions(batch["labels"])
+    logits = learned_logits(model, batch, precision, learned)
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+    starts = batch["position_ids"] == 0
+    segment = torch.cumsum(starts, dim=1) - 1  # within the row
+    row_offset = torch.arange(segment.shape[0], device=segment.device)[:, None] * segment.shape[1]
+    # the target at t+1 belongs to the sequence of t+1 (no sequence's first token is learned)
+    learned_segments = (segment + row_offset)[:, 1:][learned[:, :-1]]
+    _, sequence = torch.unique_consecutive(learned_segments, return_inverse=True)
+    count = int(sequence.max()) + 1 if sequence.numel() else 0
+    sums = token_logps.new_zeros(count).index_add_(0, sequence, token_logps)
+    return sums, torch.bincount(sequence, minlength=count)
 
 
 # ---------------------------------------------------------------- data
@@ -111,7 +144,7 @@ def train_batches(rows: RowFile, plan: StepPlan, cfg: TrainJobConfig, rank: int,
             if micro_index >= end:
                 return
             chunk = indices[at * mb:(at + 1) * mb]
-            yield {k: v.to(device) for k, v in collate(rows.rows(chunk), pad_id).items()}
+            yield with_rows(collate(rows.rows(chunk), pad_id), chunk, TRAIN_SPLIT, device)
             micro_index += 1
 
 
@@ -126,7 +159,18 @@ def eval_batches(rows: RowFile, mb: int, rank: int, world: int, pad_id: int, dev
         counts = len(chunk) > 0
         if not counts:
             chunk = indices[:mb] if len(indices) else np.arange(min(mb, len(rows)))
-        yield {k: v.to(device) for k, v in collate(rows.rows(chunk), pad_id).items()}, counts
+        yield with_rows(collate(rows.rows(chunk), pad_id), chunk, VAL_SPLIT, device), counts
+
+
+TRAIN_SPLIT, VAL_SPLIT = 0, 1
+
+
+def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> dict[str, torch.Tensor]:
+    """The batch on the device, with which rows of which split it holds (what a stage may have
+    computed per row beforehand, e.g. a reference's log-probabilities, is looked up by them)."""
+    batch = {**batch, "row_index": torch.as_tensor(np.asarray(indices), dtype=torch.long),
+             "split_id": torch.tensor(split)}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -136,17 +180,25 @@ def all_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(engine, loss_of, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device) -> float:
+def evaluate(engine, loss_of, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device,
+             perplexity: bool) -> dict[str, float]:
+    """eval_loss (and eval_ppl where it means one) and eval_<metric> for each of the stage's
+    metrics, over all ranks' validation rows."""
     engine.eval()
-    loss_sum = token_count = 0.0
+    sums: dict[str, float] = {}
     for batch, counts in eval_batches(rows, cfg.train.micro_batch_size, rank, world, pad_id, device):
-        loss, tokens = loss_of(engine, batch)
+        loss, normaliser, metrics = loss_of(engine, batch)
         if counts:
-            loss_sum += loss.item()
-            token_count += tokens.item()
+            for name, value in {"loss": loss, "normaliser": normaliser, **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
     engine.train()
-    loss_sum, token_count = all_sum([loss_sum, token_count], device)
-    return loss_sum / max(token_count, 1.0)
+    names = sorted(sums) or ["loss", "normaliser"]
+    totals = dict(zip(names, all_sum([sums.get(name, 0.0) for name in names], device)))
+    normaliser = max(totals.pop("normaliser"), 1.0)
+    result = {f"eval_{name}": value / normaliser for name, value in totals.items()}
+    if perplexity:
+        result["eval_ppl"] = math.exp(min(result["eval_loss"], 50))
+    return result
 
 
 # ---------------------------------------------------------------- setup
@@ -255,10 +307,12 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
                  f"({100 * trainable_params / total_params:.3f}%); its output changes {changed_params:,} base "
                  f"parameters once merged or applied; precision {precision}")
     pad_id = AutoTokenizer.from_pretrained(loop_config["model_dir"]).pad_token_id or 0
-    virtual_tokens = method.virtual_tokens(opts)
+
+    objective, stage_opts = get_objective(cfg.stage), cfg.stage_options
 
     def loss_of(model, batch):
-        return token_losses(model, batch, precision, virtual_tokens, method.fused_head)
+        """(summed loss, normaliser, metric sums) of a batch, as the stage (objectives/) defines them."""
+        return objective.loss(stage_opts, model, batch, precision, method, opts)
 
     optimizer = build_optimizer(model, cfg, on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -275,6 +329,8 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
             method.load_state(opts, engine, Path(checkpoint_dir))
         state.resumed_from.append(state.step)
         reporter.say(f"[rayft] resumed at step {state.step} of {plan.total_steps}")
+    objective.setup(stage_opts, cfg, method, engine, data, rank, world, pad_id, device, reporter,
+                    resumed=state.step > 0, model_dir=loop_config["model_dir"])
     param_counts = {"trainable_params": trainable_params, "total_params": total_params,
                     "changed_base_params": changed_params}
 
@@ -296,22 +352,28 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
             # where a checkpoint still uncollected when a worker dies would be lost with it.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
-    if state.step == 0:
-        state.eval_loss_before = evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device)
-        reporter.log(0, {"eval_loss": state.eval_loss_before, "eval_ppl": math.exp(min(state.eval_loss_before, 50)),
-                         "total_steps": plan.total_steps}, state)
+    def run_evaluation() -> dict[str, float]:
+        return evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device, objective.reports_perplexity)
 
-    window = {"loss_sum": 0.0, "label_tokens": 0.0, "tokens": 0.0, "seconds": 0.0}
+    if state.step == 0:
+        before = run_evaluation()
+        state.eval_loss_before = before["eval_loss"]
+        reporter.log(0, {**before, "total_steps": plan.total_steps}, state)
+
+    window = {"loss_sum": 0.0, "normaliser": 0.0, "tokens": 0.0, "seconds": 0.0}
+    metric_sums: dict[str, float] = {}
     step_start = time.perf_counter()
     engine.train()
     for batch in train_batches(train_rows, plan, cfg, rank, world, state.step, pad_id, device):
-        loss_sum, label_tokens = loss_of(engine, batch)
-        loss = loss_sum / label_tokens.clamp(min=1)
+        loss_sum, normaliser, metrics = loss_of(engine, batch)
+        loss = loss_sum / normaliser.clamp(min=1)
         extra = method.extra_loss(opts, engine.module)
         engine.backward(loss if extra is None else loss + extra)
         window["loss_sum"] += loss_sum.item()
-        window["label_tokens"] += label_tokens.item()
+        window["normaliser"] += normaliser.item()
         window["tokens"] += batch["real_tokens"].item()
+        for name, value in metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + value.item()
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary:
             method.before_optimizer_step(opts, engine.module, state.step + 1)
@@ -325,26 +387,28 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         step_start = now
 
         if state.step % cfg.train.logging_steps == 0 or state.step == plan.total_steps:
-            loss_sum, label_tokens, tokens = all_sum([window["loss_sum"], window["label_tokens"], window["tokens"]], device)
+            names = sorted(metric_sums)
+            loss_sum, normaliser, tokens, *metric_totals = all_sum(
+                [window["loss_sum"], window["normaliser"], window["tokens"], *[metric_sums[n] for n in names]], device)
             state.tokens_seen += int(tokens)
             state.train_seconds += window["seconds"]
             grad_norm = engine.get_global_grad_norm()
             reporter.log(state.step, {
-                "loss": loss_sum / max(label_tokens, 1.0),
+                "loss": loss_sum / max(normaliser, 1.0),
+                **{name: total / max(normaliser, 1.0) for name, total in zip(names, metric_totals)},
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "tokens_per_s": tokens / max(window["seconds"], 1e-9),
                 "total_steps": plan.total_steps,
             }, state)
-            window = dict.fromkeys(window, 0.0)
+            window, metric_sums = dict.fromkeys(window, 0.0), {}
 
         last = state.step == plan.total_steps
         evaluated = state.step % cfg.train.eval_steps == 0 or last
         saving = last or state.step % cfg.train.save_steps == 0
         eval_metrics = {}
         if evaluated:
-            eval_loss = evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device)
-            eval_metrics = {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+            eval_metrics = run_evaluation()
             reporter.log(state.step, {**eval_metrics, "total_steps": plan.total_steps}, state)
         if evaluated or saving:
             # Every evaluation reaches Ray Train (and, in a sweep, Tune's scheduler), with or

@@ -142,7 +142,9 @@ def preflight(cfg: TrainJobConfig):
     check_method(cfg, model_dir)
     uri = mlflow_run.tracking_uri(cfg)
     mlflow_run.check_reachable(uri)
-    data = prepare_data(cfg.data, model_dir, rayft_home() / "datasets", cfg.train.seed)
+    data = prepare_data(cfg.data, model_dir, rayft_home() / "datasets", cfg.train.seed, cfg.stage)
+    for what, count in data.notes.items():
+        say(f"[rayft] note: {count} {what.replace('_', ' ')} dropped from {cfg.data.train}")
     batches = check_steps(cfg, data.train_rows)
     connect_ray(cfg.distributed.ray_address)
     use_gpu = resolve_use_gpu(cfg)
@@ -372,7 +374,8 @@ def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: st
         "train_loss": train_losses[-1] if train_losses else None,
         "eval_loss_before": state.eval_loss_before,
         "eval_loss": last("eval_loss"),
-        "eval_ppl_before": math.exp(state.eval_loss_before) if state.eval_loss_before is not None else None,
+        "eval_ppl_before": math.exp(min(state.eval_loss_before, 50))
+        if state.eval_loss_before is not None and last("eval_ppl") is not None else None,
         "eval_ppl": last("eval_ppl"),
         "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else None,
         "train_seconds": state.train_seconds,
@@ -386,6 +389,11 @@ def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: st
         "mlflow_run_id": run_id,
         "output": str(output_dir / output_kind),
     }
+    # the stage's own evaluation metrics (e.g. eval_pref_accuracy): the last value, and before training
+    evaluations = [h for h in state.history if "eval_loss" in h]
+    for key in sorted({k for h in evaluations for k in h if k.startswith("eval_")} - {"eval_loss", "eval_ppl"}):
+        metrics[key] = last(key)
+        metrics[f"{key}_before"] = evaluations[0].get(key) if evaluations and evaluations[0]["step"] == 0 else None
     mlflow_run.log_params(uri, run_id, {key: metrics[key] for key in
                                         ("trainable_params", "total_params", "changed_base_params", "output_bytes")})
     pending = output_dir / ".pending"  # metrics.json lands last: its presence marks a finished run

@@ -1,0 +1,347 @@
+"""Preference alignment: Direct Preference Optimization and its variants (IPO, hinge, ORPO, SimPO).
+
+Data: each record is a prompt with a chosen and a rejected answer. A pair becomes two sequences,
+prompt + chosen and prompt + rejected, each learning its answer's tokens only, that always share a
+row (positions restarting per sequence, as packed SFT samples do), so a pair's two sequences are
+in the same micro-batch; pairs are packed into rows of 2 x data.cutoff_len. A pair longer than
+cutoff_len has its prompt cut from the left; both answers are kept whole.
+
+Loss: per sequence the summed log-probability of its answer (loop.sequence_logps), the policy's
+against the reference's:
+  sigmoid  -(1 - ls) log s(b z) - ls log s(-b z),  z = (pc - rc) - (pr - rr)   (DPO, conservative DPO)
+  hinge    relu(1 - b z)                                                     (SLiC)
+  ipo      (z' - 1 / (2 b))^2, z' as z with per-token means                  (IPO)
+  simpo    -log s(b (mean pc - mean pr) - gamma), no reference               (SimPO)
+  orpo     -b log s(log-odds(mean pc) - log-odds(mean pr)) + NLL(chosen), no reference (ORPO)
+plus `sft_weight` x the chosen answer's mean NLL. The reference is the base: the same model with
+its adapters switched off (no second copy), or its log-probabilities computed once before the
+first step, when the model still equals its base, and kept with the tokenized data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from rayft.config import Strict
+from rayft.errors import DataError
+from rayft.objectives.base import Objective, register
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class DpoOptions(Strict):
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO: the labels' assumed noise (sigmoid)
+    sft_weight: float = Field(0.0, ge=0)  # + this x the chosen answer's NLL, against drifting from it
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+    # auto: precomputed where the model equals its base before training, else adapter_disabled
+    reference: Literal["auto", "adapter_disabled", "model", "precomputed"] = "auto"
+
+
+# ---------------------------------------------------------------- records
+def _pair_of(record: dict) -> Optional[tuple[list[dict], str, str]]:
+    """(prompt messages, chosen, rejected) of one record in any of the accepted forms, or None."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    system = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) and \
+        record.get("system") else []
+    if "conversations" in record:  # LLaMA-Factory ranking, sharegpt: turns end on the human's
+        from rayft.data.formats import SHAREGPT_ROLES
+
+        turns = record["conversations"]
+        if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                                          and isinstance(t.get("value"), str) for t in turns)):
+            return None
+        if not all(isinstance(a, dict) and isinstance(a.get("value"), str) for a in (chosen, rejected)):
+            return None
+        prompt = system + [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+        return prompt, chosen["value"], rejected["value"]
+    if isinstance(chosen, list) and isinstance(rejected, list):  # whole conversations sharing a prefix
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
+                   ("system", "user", "assistant") for m in chosen + rejected):
+            return None
+        if not chosen or not rejected or chosen[:-1] != rejected[:-1] or \
+                chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            return None
+        return [dict(m) for m in chosen[:-1]], chosen[-1]["content"], rejected[-1]["content"]
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return None
+    if "instruction" in record:  # LLaMA-Factory ranking, alpaca
+        if not isinstance(record["instruction"], str) or not isinstance(record.get("input", ""), str):
+            return None
+        text = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return system + [{"role": "user", "content": text}], chosen, rejected
+    if isinstance(record.get("prompt"), str):
+        return system + [{"role": "user", "content": record["prompt"]}], chosen, rejected
+    return None
+
+
+def parse_pairs(records: list[dict], source: str) -> list[tuple[list[dict], str, str]]:
+    missing = [i for i, r in enumerate(records) if "chosen" not in r or "rejected" not in r]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} records lack chosen or rejected; first at index {missing[0]}")
+    pairs = [_pair_of(r) for r in records]
+    bad = [i for i, pair in enumerate(pairs) if pair is None]
+    if bad:
+        raise DataError(f"{source}: {len(bad)} records are not preference pairs ({{prompt, chosen, rejected}} strings, "
+                        "LLaMA-Factory ranking records in sharegpt or alpaca form, or chosen/rejected message lists "
+                        f"sharing a prefix); first at index {bad[0]}")
+    empty = [i for i, (prompt, _, _) in enumerate(pairs)
+             if not any(m["role"] == "user" and m["content"].strip() for m in prompt)]
+    if empty:
+        raise DataError(f"{source}: {len(empty)} records have an empty prompt; first at index {empty[0]}")
+    return pairs
+
+
+def tokenize_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str, cutoff_len: int):
+    """The pair's two sequences (TokenizedSample), answers learned, the prompt cut from the left
+    so that each sequence fits cutoff_len; None when the answers alone do not fit."""
+    from rayft.data.tokenize import IGNORE_INDEX, TokenizedSample
+
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    answers = []
+    for answer in (chosen, rejected):
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+        if not text.startswith(prompt_text):
+            raise DataError("the chat template does not render a conversation prefix by prefix; cannot locate "
+                            "the answer for the loss mask")
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        split = next((i for i, (start, _) in enumerate(encoded["offset_mapping"]) if start >= len(prompt_text)),
+                     len(encoded["input_ids"]))
+        answers.append((encoded["input_ids"][:split], encoded["input_ids"][split:]))
+    prompt_ids = answers[0][0]
+    keep = cutoff_len - max(len(answer) for _, answer in answers)
+    if keep < 1:
+        return None
+    prompt_ids = prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
+    sequences = []
+    for _, answer in answers:
+        labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer)
+        labels[0] = IGNORE_INDEX
+        sequences.append(TokenizedSample(prompt_ids + list(answer), labels))
+    return sequences
+
+
+# ---------------------------------------------------------------- the losses
+def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def pair_losses(opts: DpoOptions, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+                rejected_tokens: torch.Tensor, ref_chosen: Optional[torch.Tensor] = None,
+                ref_rejected: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per pair: the loss and the metrics, from summed answer log-probabilities (and token counts)."""
+    beta = opts.beta
+    mean_chosen, mean_rejected = chosen / chosen_tokens, rejected / rejected_tokens
+    if opts.loss in REFERENCE_FREE:
+        reward_chosen, reward_rejected = beta * mean_chosen.detach(), beta * mean_rejected.detach()
+        if opts.loss == "simpo":
+            losses = -F.logsigmoid(beta * (mean_chosen - mean_rejected) - opts.simpo_gamma)
+        else:
+            log_odds = (mean_chosen - mean_rejected) - (_log1m_exp(mean_chosen) - _log1m_exp(mean_rejected))
+            losses = -mean_chosen - beta * F.logsigmoid(log_odds)
+    else:
+        if opts.loss == "ipo":  # IPO compares per-token means (as TRL does)
+            z = (mean_chosen - ref_chosen / chosen_tokens) - (mean_rejected - ref_rejected / rejected_tokens)
+            losses = (z - 1 / (2 * beta)) ** 2
+            reward_chosen = beta * (mean_chosen - ref_chosen / chosen_tokens).detach()
+            reward_rejected = beta * (mean_rejected - ref_rejected / rejected_tokens).detach()
+        else:
+            z = (chosen - ref_chosen) - (rejected - ref_rejected)
+            if opts.loss == "sigmoid":
+                losses = -(1 - opts.label_smoothing) * F.logsigmoid(beta * z) - \
+                    opts.label_smoothing * F.logsigmoid(-beta * z)
+            else:  # hinge
+                losses = torch.relu(1 - beta * z)
+            reward_chosen, reward_rejected = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+    if opts.sft_weight:
+        losses = losses - opts.sft_weight * mean_chosen
+    metrics = {"rewards/chosen": reward_chosen, "rewards/rejected": reward_rejected,
+               "rewards/margins": reward_chosen - reward_rejected,
+               "pref_accuracy": (reward_chosen > reward_rejected).float(),
+               "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+    return losses, metrics
+
+
+# ---------------------------------------------------------------- the stage
+@register
+class DirectPreference(Objective):
+    name = "dpo"
+    options = DpoOptions
+    row_cutoff_factor = 2  # a pair's two sequences share a row
+    nothing_left = "no preference pair is left after truncation"
+
+    def __init__(self):
+        self.reference_kind: Optional[str] = None  # resolved on each worker
+        self.precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (values, row starts)
+
+    # ---- checks
+    def reference_of(self, opts: DpoOptions, method, method_opts) -> Optional[str]:
+        """What `auto` means for this method (None: the loss needs no reference)."""
+        if opts.loss in REFERENCE_FREE:
+            return None
+        if opts.reference != "auto":
+            return opts.reference
+        if method.equals_base_at_init:
+            return "precomputed"  # one pass before training; no reference forward in any step
+        return "adapter_disabled" if method.can_disable_adapters(method_opts) else "model"
+
+    def check_job(self, opts: DpoOptions, job) -> None:
+        from rayft.methods import get_method
+
+        method, method_opts = get_method(job.method.type), job.method.options
+        if opts.label_smoothing and opts.loss != "sigmoid":
+            raise ValueError(f"dpo.label_smoothing applies to the sigmoid loss only (dpo.loss={opts.loss})")
+        if opts.loss in REFERENCE_FREE and opts.reference != "auto":
+            raise ValueError(f"dpo.loss={opts.loss} uses no reference model; remove dpo.reference={opts.reference}")
+        if method.extra_positions(method_opts):
+            raise ValueError(f"stage dpo: method.type={job.method.type} puts virtual tokens at the start of each row, "
+                             "and a DPO row holds both answers of a pair (the rejected one would have none)")
+        reference = self.reference_of(opts, method, method_opts)
+        if reference == "model" and opts.reference == "auto":
+            raise ValueError(f"stage dpo with method.type={job.method.type}: the model differs from its base before "
+                             "training and its weights cannot be switched off, so no reference is available "
+                             "(a frozen copy, dpo.reference=model, is not built yet); use dpo.loss simpo or orpo, "
+                             "which need none")
+        if reference == "model":
+            if method.output == "adapter":
+                raise ValueError(f"dpo.reference=model with method.type={job.method.type}: an adapter method's "
+                                 "reference is its base with the adapter switched off (adapter_disabled, or auto)")
+            raise ValueError(f"dpo.reference=model (a second, frozen copy of the model) is not built yet: for "
+                             f"method.type={job.method.type} use precomputed (or auto), the same base's "
+                             "log-probabilities computed once before training")
+        if reference == "adapter_disabled" and not method.can_disable_adapters(method_opts):
+            why = "its output is a whole model" if method.output == "model" else \
+                "its weights cannot be switched off to give the base back"
+            raise ValueError(f"dpo.reference=adapter_disabled with method.type={job.method.type}: {why}; "
+                             "use precomputed (or auto)")
+        if reference == "precomputed" and not method.equals_base_at_init:
+            raise ValueError(f"dpo.reference=precomputed with method.type={job.method.type}: the model differs "
+                             "from its base before the first step, so it cannot compute the base's log-probabilities")
+
+    # ---- data
+    def recognises(self, record: dict) -> bool:
+        return "chosen" in record and "rejected" in record
+
+    def parse(self, records, cfg, source):
+        return parse_pairs(records, source)
+
+    def rows(self, tokenizer, pairs, cfg, counts) -> Iterator[dict]:
+        from rayft.data.packing import pack_units, unit_row
+
+        units = []
+        counts.setdefault("identical_pairs", 0)
+        for prompt, chosen, rejected in pairs:
+            if chosen == rejected:
+                counts["identical_pairs"] += 1  # nothing to prefer
+                continue
+            sequences = tokenize_pair(tokenizer, prompt, chosen, rejected, cfg.cutoff_len)
+            if sequences is None:
+                counts["dropped"] += 1
+                continue
+            counts["kept"] += 1
+            units.append(sequences)
+        if cfg.packing:
+            return pack_units(units, 2 * cfg.cutoff_len)
+        return (unit_row(unit) for unit in units)
+
+    # ---- on each worker
+    def setup(self, opts, job, method, engine, data, rank, world, pad_id, device, reporter, resumed, model_dir) -> None:
+        self.reference_kind = self.reference_of(opts, method, job.method.options)
+        self.method, self.method_opts = method, job.method.options
+        reporter.say(f"[rayft] dpo: loss {opts.loss}, beta {opts.beta:g}, reference "
+                     f"{self.reference_kind or 'none (the loss needs none)'}"
+                     + (" (auto: the model equals its base before training, so one pass before the first step)"
+                        if opts.reference == "auto" and self.reference_kind == "precomputed" else ""))
+        if self.reference_kind == "precomputed":
+            from rayft.models import base_fingerprint
+
+            fingerprint = base_fingerprint(model_dir)
+            self.precomputed = {split: self._precompute(engine, data, split, job, rank, world, pad_id, device, resumed,
+                                                        fingerprint) for split in (0, 1)}
+
+    def _precompute(self, engine, data, split: int, job, rank, world, pad_id, device, resumed: bool, fingerprint: str):
+        """The base's per-sequence log-probabilities of every row of a split, kept beside the
+        tokenized data (keyed by the base's fingerprint and the precision); computed by all ranks
+        at once, each its share, before the first step (the model then equals its base)."""
+        import torch.distributed as dist
+        from safetensors.torch import load_file, save_file
+
+        from rayft.data.dataset import RowFile
+        from rayft.data.packing import collate
+        from rayft.train.loop import sequence_logps
+
+        split_name = ("train", "val")[split]
+        key = f"reference-{fingerprint}-{job.train.precision}-{split_name}.safetensors"
+        path = Path(data.cache_dir) / key
+        if not path.is_file():
+            if resumed:
+                raise RuntimeError(f"{path}: the precomputed reference is gone, and a trained model cannot "
+                                   "compute its base's log-probabilities; start the run again (--overwrite)")
+            rows = RowFile(data.train_file if split_name == "train" else data.val_file)
+            mine = list(range(rank, len(rows), world))
+            values: dict[int, list[float]] = {}
+            engine.eval()
+            with torch.no_grad():
+                for start in range(0, len(mine), job.train.micro_batch_size):
+                    chunk = mine[start:start + job.train.micro_batch_size]
+                    batch = {k: v.to(device) for k, v in collate(rows.rows(chunk), pad_id).items()}
+                    sums, _ = sequence_logps(engine, batch, job.train.precision)
+                    per_row = _sequences_per_row(batch)
+                    for index, part in zip(chunk, sums.split(per_row)):
+                        values[index] = part.tolist()
+            engine.train()
+            gathered = [None] * world
+            dist.all_gather_object(gathered, values)
+            merged = {i: v for part in gathered for i, v in part.items()}
+            flat = [v for i in range(len(rows)) for v in merged[i]]
+            starts = [0]
+            for i in range(len(rows)):
+                starts.append(starts[-1] + len(merged[i]))
+            if rank == 0:
+                staging = path.with_name(f".{path.name}.tmp-{rank}")
+                save_file({"values": torch.tensor(flat, dtype=torch.float64), "starts": torch.tensor(starts)},
+                          str(staging), metadata={"format": "pt"})
+                staging.replace(path)
+            dist.barrier()
+        tensors = load_file(str(path))
+        return tensors["values"].to(device), tensors["starts"].to(device)
+
+    def loss(self, opts, model, batch, precision, method, method_opts):
+        from rayft.train.loop import sequence_logps
+
+        sums, tokens = sequence_logps(model, batch, precision)
+        chosen, rejected = sums[0::2], sums[1::2]
+        ref_chosen = ref_rejected = None
+        if self.reference_kind is not None:
+            reference = self._reference(model, batch, precision)
+            ref_chosen, ref_rejected = reference[0::2], reference[1::2]
+        losses, metrics = pair_losses(opts, chosen, rejected, tokens[0::2].to(sums.dtype), tokens[1::2].to(sums.dtype),
+                                      ref_chosen, ref_rejected)
+        return losses.sum(), torch.tensor(float(len(losses)), device=losses.device), \
+            {name: value.sum() for name, value in metrics.items()}
+
+    def _reference(self, model, batch, precision) -> torch.Tensor:
+        from rayft.train.loop import sequence_logps
+
+        if self.reference_kind == "adapter_disabled":
+            with torch.no_grad(), self.method.disabled_adapters(model):
+                return sequence_logps(model, batch, precision)[0]
+        values, starts = self.precomputed[int(batch["split_id"])]
+        rows = batch["row_index"].tolist()
+        return torch.cat([values[starts[i]:starts[i + 1]] for i in rows]).to(torch.float32)
+
+
+def _sequences_per_row(batch) -> list[int]:
+    """How many sequences (with learned tokens) each row of the batch holds."""
+    from rayft.train.loop import learned_positions
+
+    learned, _ = learned_positions(batch["labels"])
+    segment = torch.cumsum(batch["position_ids"] == 0, dim=1) - 1
+    return [len(torch.unique(segment[row, 1:][learned[row, :-1]])) for row in range(segment.shape[0])]

@@ -1,0 +1,44 @@
+"""Supervised fine-tuning: next-token loss on the assistant's tokens of each conversation."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from rayft.objectives.base import Objective, register
+
+
+@register
+class SupervisedFineTuning(Objective):
+    name = "sft"
+    reports_perplexity = True
+
+    def recognises(self, record):
+        return not ("chosen" in record and "rejected" in record)  # preference pairs are not conversations
+
+    def parse(self, records, cfg, source):
+        from rayft.data.formats import to_messages
+
+        return to_messages(records, cfg.format, source)
+
+    def rows(self, tokenizer, conversations, cfg, counts) -> Iterator[dict]:
+        from rayft.data.packing import pack, single_row
+        from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversation
+
+        samples = []
+        for messages in conversations:
+            sample = tokenize_conversation(tokenizer, messages, cfg.cutoff_len, cfg.train_on_prompt)
+            if all(label == IGNORE_INDEX for label in sample.labels):
+                counts["dropped"] += 1  # truncation removed every learned token
+                continue
+            counts["kept"] += 1
+            samples.append(sample)
+        if cfg.packing:
+            return pack(samples, cfg.cutoff_len)
+        return (single_row(sample) for sample in samples)
+
+    def loss(self, opts, model, batch, precision, method, method_opts):
+        from rayft.train.loop import token_losses
+
+        loss_sum, label_tokens = token_losses(model, batch, precision, method.virtual_tokens(method_opts),
+                                              method.fused_head)
+        return loss_sum, label_tokens, {}
