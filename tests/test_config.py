@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rayft.config import apply_overrides, dump_config, flatten, load_config, parse_config
@@ -92,3 +94,17 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
     assert flatten(cfg.to_dict())["method.lora.r"] == 16
+
+
+def test_every_shipped_training_pipeline_parses():
+    """Each pipelines/*.yaml training config is valid as shipped (sweep and serve configs have
+    their own tests)."""
+    from rayft.config import load_config, read_yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    shipped = [p for p in sorted((repo / "pipelines").glob("*.yaml"))
+               if "search" not in read_yaml(p) and "base_model" not in read_yaml(p)]
+    assert {p.name for p in shipped} >= {"demo_lora.yaml", "dpo_lora.yaml", "qlora_sft.yaml"}
+    for path in shipped:
+        cfg = load_config(path)
+        assert read_yaml(path).get("stage", "sft") == cfg.stage

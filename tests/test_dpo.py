@@ -266,3 +266,32 @@ def test_dpo_run_raises_the_preference_accuracy(tmp_path, tiny_model, preference
         from rayft.models import rayft_home
 
         assert list((rayft_home() / "datasets").glob("*/reference-*-fp32-train.safetensors"))
+
+
+@pytest.mark.usefixtures("ray_address")
+def test_a_sweep_over_beta_and_loss_picks_by_preference_accuracy(tmp_path, tiny_model, preference_file):
+    """rayft sweep searches dpo.beta and dpo.loss like any key and picks the trial with the best
+    eval_pref_accuracy (mode max); a metric the stage does not report is refused up front."""
+    import csv
+
+    import yaml
+
+    base = _dpo_config(tmp_path, tiny_model, preference_file, train={"max_steps": 4, "lr": 2e-2, "eval_steps": 2,
+                                                                      "save_steps": 4},
+                       distributed={"num_workers": 1, "zero_stage": 0})
+    search = {"space": {"dpo.beta": {"choice": [0.5]}, "dpo.loss": {"choice": ["sigmoid", "hinge"]}},
+              "algorithm": "grid", "scheduler": "none", "metric": "eval_pref_accuracy", "mode": "max"}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "name": "dpo-sweep", "output_dir": str(tmp_path / "sweep"),
+                                    "search": {**search, "metric": "eval_ppl"}}))
+    refused = run_cli("sweep", str(path))
+    assert refused.returncode == 2 and "search.metric=eval_ppl: stage dpo reports eval_loss, eval_pref_accuracy" in refused.stderr
+    path.write_text(yaml.safe_dump({"base": base, "name": "dpo-sweep", "output_dir": str(tmp_path / "sweep"),
+                                    "search": search}))
+    done = run_cli("sweep", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert sorted(r["dpo.loss"] for r in rows) == ["hinge", "sigmoid"] and all(r["status"] == "completed" for r in rows)
+    best = max(rows, key=lambda r: float(r["final_eval_pref_accuracy"]))
+    chosen = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
+    assert chosen["stage"] == "dpo" and chosen["dpo"]["loss"] == best["dpo.loss"]

@@ -171,13 +171,17 @@ def models_prepare(alias: str = typer.Argument("smollm2-135m-instruct")):
 @user_errors
 def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), help="Where the demo writes its data and run."),
-    data_only: bool = typer.Option(False, "--data-only", help="Only write the demo data set (for the sweep pipeline)."),
+    data_only: bool = typer.Option(False, "--data-only", help="Only write the demo data sets (people.jsonl for the "
+                                   "sweep pipeline, preferences.jsonl for pipelines/dpo_lora.yaml)."),
 ):
     """Fine-tune SmolLM2-135M with LoRA on 2 workers (ZeRO-2) and show before/after."""
     from rayft.demo import run_demo, write_demo_data
 
     if data_only:
+        from rayft.demo import write_preference_data
+
         typer.echo(str(write_demo_data(output_dir / "data" / "people.jsonl")))
+        typer.echo(str(write_preference_data(output_dir / "data" / "preferences.jsonl")))
         return
     run_demo(output_dir)
 

@@ -243,7 +243,9 @@ class SearchConfig(Strict):
     # None: as many as the cluster's CPUs/GPUs hold
     max_concurrent_trials: Optional[int] = Field(None, gt=0)
     scheduler: SchedulerConfig = SchedulerConfig()
-    metric: Literal["eval_loss", "eval_ppl"] = "eval_loss"
+    # an evaluation metric the base config's stage reports (sft: eval_loss, eval_ppl; dpo also
+    # eval_pref_accuracy, eval_rewards/margins, ...); checked against the stage when the sweep is read
+    metric: str = Field("eval_loss", pattern=r"^eval_[A-Za-z0-9_/]+$")
     mode: Literal["min", "max"] = "min"
 
     @field_validator("scheduler", mode="before")

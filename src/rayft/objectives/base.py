@@ -29,6 +29,8 @@ class Objective:
     row_cutoff_factor: int = 1
     # does exp(eval_loss) mean a perplexity?
     reports_perplexity: bool = False
+    # what an evaluation reports (a sweep's search.metric is one of these)
+    eval_metrics: tuple[str, ...] = ("eval_loss",)
     # the data error when truncation leaves nothing to train on
     nothing_left = "no training sample keeps an assistant token after truncation"
 

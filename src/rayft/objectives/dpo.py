@@ -176,6 +176,8 @@ class DirectPreference(Objective):
     options = DpoOptions
     row_cutoff_factor = 2  # a pair's two sequences share a row
     nothing_left = "no preference pair is left after truncation"
+    eval_metrics = ("eval_loss", "eval_pref_accuracy", "eval_rewards/margins", "eval_rewards/chosen",
+                    "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
 
     def __init__(self):
         self.reference_kind: Optional[str] = None  # resolved on each worker

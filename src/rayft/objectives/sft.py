@@ -11,6 +11,7 @@ from rayft.objectives.base import Objective, register
 class SupervisedFineTuning(Objective):
     name = "sft"
     reports_perplexity = True
+    eval_metrics = ("eval_loss", "eval_ppl")
 
     def recognises(self, record):
         return not ("chosen" in record and "rejected" in record)  # preference pairs are not conversations

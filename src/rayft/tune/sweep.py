@@ -60,6 +60,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base_raw["name"], base_raw["output_dir"] = cfg.name, str(Path(cfg.output_dir) / "trials")
     base = parse_config(base_raw, source=source)
     search = cfg.search
+    from rayft.objectives import get_objective
+
+    reported = get_objective(base.stage).eval_metrics
+    if search.metric not in reported:
+        raise ConfigError(f"{path}: search.metric={search.metric}: stage {base.stage} reports {', '.join(reported)}")
     space = parse_space(search.space, base_raw, base, search.algorithm)
     if search.scheduler.type == "asha":
         for key in STEP_KEYS:
@@ -281,9 +286,13 @@ def summarize(sweep: Sweep, grid, output_dir: Path) -> dict[str, Any]:
             status = "stopped_early"
         final = json.loads(metrics_file.read_text()) if status == "completed" else {}
         values = sweep.space.resolve(result.config, sweep.base)
+        metric = sweep.cfg.search.metric
+        metric_history = [] if history is None or metric not in history else [float(v) for v in history[metric].dropna()]
+        extra = {} if metric in ("eval_loss", "eval_ppl") else \
+            {f"final_{metric}": final.get(metric, metric_history[-1] if metric_history else None)}
         rows.append({
             "trial_id": trial_id, "status": status, **values,
-            "final_eval_loss": final.get("eval_loss", evals[-1] if evals else None),
+            "final_eval_loss": final.get("eval_loss", evals[-1] if evals else None), **extra,
             "best_eval_loss": min(evals) if evals else None,
             "steps": int((result.metrics or {}).get("step") or 0),
             "stopped_early": status == "stopped_early",
@@ -292,10 +301,13 @@ def summarize(sweep: Sweep, grid, output_dir: Path) -> dict[str, Any]:
             "error": (str(result.error).strip().splitlines() or [""])[0][:200] if result.error else "",
         })
     rows.sort(key=lambda r: r["trial_id"] or "")
-    completed = [r for r in rows if r["status"] == "completed" and r["final_eval_loss"] is not None]
     metric, sign = sweep.cfg.search.metric, (1 if sweep.cfg.search.mode == "min" else -1)
-    score = (lambda r: sign * r["final_eval_loss"]) if metric == "eval_loss" else \
-        (lambda r: sign * math.exp(min(r["final_eval_loss"], 50)))
+    column = "final_eval_loss" if metric in ("eval_loss", "eval_ppl") else f"final_{metric}"
+    completed = [r for r in rows if r["status"] == "completed" and r[column] is not None]
+    if metric == "eval_ppl":
+        score = lambda r: sign * math.exp(min(r["final_eval_loss"], 50))  # noqa: E731
+    else:
+        score = lambda r: sign * r[column]  # noqa: E731
     best = min(completed, key=score) if completed else None
     best_cfg = None
     if best:
@@ -367,6 +379,8 @@ def write_outputs(sweep: Sweep, summary: dict[str, Any], output_dir: Path, uri: 
     _copy_atomic(trial_dir / output_kind, output_dir / f"best_{output_kind}")
     mlflow_run.log_params(uri, parent_run_id, {key: best[key] for key in sweep.space.keys})
     best_metrics = {"eval_loss": best["final_eval_loss"], "best_trial_steps": best["steps"],
+                    **{key.removeprefix("final_"): value for key, value in best.items()
+                       if key.startswith("final_eval_") and key != "final_eval_loss" and value is not None},
                     "trials_completed": sum(r["status"] == "completed" for r in rows),
                     "trials_stopped_early": sum(r["stopped_early"] for r in rows),
                     "total_steps": summary["total_steps"]}

@@ -38,8 +38,10 @@ def trial_config(sweep: dict[str, Any], sampled: dict[str, Any], trial_id: str) 
 
 
 def final_result(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {"eval_loss": metrics["eval_loss"], "eval_ppl": metrics["eval_ppl"], "step": metrics["steps"],
-            "total_steps": metrics["steps"], "completed": True}
+    """The run's last evaluation (every eval_* metric its stage reports) for Tune."""
+    evaluation = {key: value for key, value in metrics.items()
+                  if key.startswith("eval_") and not key.endswith("_before") and value is not None}
+    return {**evaluation, "step": metrics["steps"], "total_steps": metrics["steps"], "completed": True}
 
 
 def run_trial(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
