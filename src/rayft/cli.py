@@ -173,8 +173,10 @@ def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), help="Where the demo writes its data and run."),
     data_only: bool = typer.Option(False, "--data-only", help="Only write the demo data sets (people.jsonl for the "
                                    "sweep pipeline, preferences.jsonl for pipelines/dpo_lora.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Another demo pipeline, e.g. pipelines/dpo_lora.yaml."),
 ):
-    """Fine-tune SmolLM2-135M with LoRA on 2 workers (ZeRO-2) and show before/after."""
+    """Fine-tune SmolLM2-135M with LoRA on 2 workers (ZeRO-2) and show before/after
+    (--config pipelines/dpo_lora.yaml: preference alignment instead)."""
     from rayft.demo import run_demo, write_demo_data
 
     if data_only:
@@ -183,7 +185,7 @@ def demo(
         typer.echo(str(write_demo_data(output_dir / "data" / "people.jsonl")))
         typer.echo(str(write_preference_data(output_dir / "data" / "preferences.jsonl")))
         return
-    run_demo(output_dir)
+    run_demo(output_dir, config) if config else run_demo(output_dir)
 
 
 @app.command()

@@ -78,19 +78,28 @@ def generate_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[st
     return answers
 
 
-def run_demo(output_dir: Path) -> dict:
+def run_demo(output_dir: Path, config: Path = DEMO_CONFIG) -> dict:
+    """Write the demo data sets, train `config` (the SFT demo by default; pipelines/dpo_lora.yaml
+    aligns with preference pairs) and show the held-out answers and evaluations before and after."""
     from rich.console import Console
     from rich.table import Table
 
+    from rayft.config import read_yaml
     from rayft.models import resolve_model_path
     from rayft.train.runner import run_training
 
     console = Console()
-    data_path = write_demo_data(Path(output_dir) / "data" / "people.jsonl")
-    cfg = load_config(DEMO_CONFIG, [f"data.train={data_path}", f"output_dir={Path(output_dir) / 'run'}"])
+    data_dir = Path(output_dir) / "data"
+    written = {path.name: path for path in (write_demo_data(data_dir / "people.jsonl"),
+                                            write_preference_data(data_dir / "preferences.jsonl"))}
+    data_name = Path(read_yaml(config)["data"]["train"]).name
+    overrides = [f"data.train={written.get(data_name, data_dir / data_name)}"]
+    if Path(config) == DEMO_CONFIG:
+        overrides.append(f"output_dir={Path(output_dir) / 'run'}")
+    cfg = load_config(config, overrides)
     model_dir = resolve_model_path(cfg.model.name_or_path)
-    console.print(f"[bold]rayft demo[/]: LoRA on {cfg.model.name_or_path}, {cfg.distributed.num_workers} Ray Train "
-                  f"workers, ZeRO-{cfg.distributed.zero_stage}, data {data_path}")
+    console.print(f"[bold]rayft demo[/]: {Path(config).name} ({cfg.stage}, {cfg.method.type}) on {cfg.model.name_or_path}, "
+                  f"{cfg.distributed.num_workers} Ray Train workers, ZeRO-{cfg.distributed.zero_stage}, data {cfg.data.train}")
     before = generate_answers(model_dir, None, HELD_OUT)
     metrics = run_training(cfg, overwrite=True, console=console)
     after = generate_answers(model_dir, Path(metrics["output"]), HELD_OUT)
@@ -100,6 +109,9 @@ def run_demo(output_dir: Path) -> dict:
     table.add_column("before")
     table.add_column("after")
     table.add_row("eval loss", f"{metrics['eval_loss_before']:.3f}", f"{metrics['eval_loss']:.3f}")
+    for key in sorted(k for k in metrics if k.startswith("eval_") and f"{k}_before" in metrics):
+        if metrics[key] is not None and metrics[f"{key}_before"] is not None:
+            table.add_row(key.removeprefix("eval_").replace("_", " "), f"{metrics[f'{key}_before']:.3f}", f"{metrics[key]:.3f}")
     for prompt, old, new in zip(HELD_OUT, before, after):
         table.add_row(prompt, old, new)
     console.print(table)
