@@ -276,8 +276,7 @@ class DirectPreference(Objective):
         from safetensors.torch import load_file, save_file
 
         from rayft.data.dataset import RowFile
-        from rayft.data.packing import collate
-        from rayft.train.loop import sequence_logps
+        from rayft.train.loop import eval_batches, sequence_logps
 
         split_name = ("train", "val")[split]
         key = f"reference-{fingerprint}-{job.train.precision}-{split_name}.safetensors"
@@ -287,17 +286,14 @@ class DirectPreference(Objective):
                 raise RuntimeError(f"{path}: the precomputed reference is gone, and a trained model cannot "
                                    "compute its base's log-probabilities; start the run again (--overwrite)")
             rows = RowFile(data.train_file if split_name == "train" else data.val_file)
-            mine = list(range(rank, len(rows), world))
             values: dict[int, list[float]] = {}
             engine.eval()
-            with torch.no_grad():
-                for start in range(0, len(mine), job.train.micro_batch_size):
-                    chunk = mine[start:start + job.train.micro_batch_size]
-                    batch = {k: v.to(device) for k, v in collate(rows.rows(chunk), pad_id).items()}
+            with torch.no_grad():  # every rank runs as many passes (ZeRO-3 gathers collectively)
+                for batch, counts in eval_batches(rows, job.train.micro_batch_size, rank, world, pad_id, device):
                     sums, _ = sequence_logps(engine, batch, job.train.precision)
-                    per_row = _sequences_per_row(batch)
-                    for index, part in zip(chunk, sums.split(per_row)):
-                        values[index] = part.tolist()
+                    if counts:
+                        for index, part in zip(batch["row_index"].tolist(), sums.split(_sequences_per_row(batch))):
+                            values[index] = part.tolist()
             engine.train()
             gathered = [None] * world
             dist.all_gather_object(gathered, values)

@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rayft.config import TrainJobConfig
-from rayft.objectives import get_objective
 from rayft.data.dataset import PreparedData, RowFile, batches_per_epoch, shard_indices
 from rayft.data.packing import collate
 from rayft.data.tokenize import IGNORE_INDEX
+from rayft.objectives import get_objective
 from rayft.train.attention import ATTENTION_NAME, PackedLayout
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
 from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss
@@ -188,12 +188,12 @@ def evaluate(engine, loss_of, rows: RowFile, cfg: TrainJobConfig, rank: int, wor
     sums: dict[str, float] = {}
     for batch, counts in eval_batches(rows, cfg.train.micro_batch_size, rank, world, pad_id, device):
         loss, normaliser, metrics = loss_of(engine, batch)
-        if counts:
-            for name, value in {"loss": loss, "normaliser": normaliser, **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
+        for name, value in {"loss": loss, "normaliser": normaliser, **metrics}.items():
+            # a repeated batch adds zeros: every rank all-reduces the same names
+            sums[name] = sums.get(name, 0.0) + (value.item() if counts else 0.0)
     engine.train()
-    names = sorted(sums) or ["loss", "normaliser"]
-    totals = dict(zip(names, all_sum([sums.get(name, 0.0) for name in names], device)))
+    names = sorted(sums)
+    totals = dict(zip(names, all_sum([sums[name] for name in names], device)))
     normaliser = max(totals.pop("normaliser"), 1.0)
     result = {f"eval_{name}": value / normaliser for name, value in totals.items()}
     if perplexity:
