@@ -52,7 +52,7 @@ def write_output(model_dir: Path, block: dict, target: Path, seed: int) -> Path:
     cfg = MethodConfig.model_validate(block)
     method = get_method(cfg.type)
     torch.manual_seed(seed)
-    model = load_for_training(model_dir, cfg, CPU)
+    model = load_for_training(model_dir, cfg, CPU, run=Run(total_steps=10))  # AdaLoRA's schedule needs steps
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:

@@ -295,3 +295,16 @@ def test_a_sweep_over_beta_and_loss_picks_by_preference_accuracy(tmp_path, tiny_
     best = max(rows, key=lambda r: float(r["final_eval_pref_accuracy"]))
     chosen = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
     assert chosen["stage"] == "dpo" and chosen["dpo"]["loss"] == best["dpo.loss"]
+
+
+def test_rayft_submit_and_the_service_take_a_dpo_config(tmp_path, tiny_model, preference_file):
+    """The job path resolves a DPO config as rayft train reads it (and refuses a bad one before
+    any cluster: exit 2)."""
+    from rayft.jobs.client import resolve_job
+
+    raw = _dpo_config(tmp_path, tiny_model, preference_file)
+    kind, resolved = resolve_job(write_config(tmp_path, raw), [])
+    assert kind == "train" and resolved["stage"] == "dpo" and resolved["dpo"]["beta"] == 0.5
+    raw["dpo"] = {"beta": 0.5, "loss": "simpo", "reference": "precomputed"}
+    refused = run_cli("submit", str(write_config(tmp_path, raw)), "--address", "http://127.0.0.1:9")
+    assert refused.returncode == 2 and "dpo.loss=simpo uses no reference" in refused.stderr

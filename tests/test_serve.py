@@ -186,6 +186,39 @@ def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tm
         assert not torch.allclose(first_logits[kind], first_logits[None], atol=1e-3), kind
 
 
+@pytest.mark.parametrize("block", [
+    {"type": "adalora", "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1}},
+    {"type": "p_tuning", "p_tuning": {"num_virtual_tokens": 6, "encoder_hidden": 32}},
+    {"type": "lora", "lora": {"r": 4, "init": "pissa", "dropout": 0.0}},
+], ids=["adalora", "p_tuning", "pissa"])
+def test_rayft_trained_outputs_serve_like_peft_loads_them(tiny_model, tmp_path, block):
+    """Outputs as rayft's training exports them (AdaLoRA as a LoRA with a rank pattern, P-tuning as
+    its encoder's embeddings, PiSSA as a plain LoRA of the unmodified base; each with rayft.json
+    naming its kind) publish and serve with the logits of the method's own reload."""
+    from test_catalogue import write_output
+
+    from rayft.config import MethodConfig
+    from rayft.methods import get_method
+    from rayft.serve.engine import GenerationRequest
+
+    out = write_output(tiny_model, block, tmp_path / "out", seed=3)
+    cfg = MethodConfig.model_validate(block)
+    meta = json.loads((out / "rayft.json").read_text())
+    meta["serve_kind"] = get_method(cfg.type).serve_kind(cfg.options)
+    (out / "rayft.json").write_text(json.dumps(meta))
+    engine, tokenizer, base, _ = _engine(tiny_model, _kernel_available())
+    adapter = _load(out, base, "t/out@1", engine)
+    assert adapter.kind == meta["serve_kind"]
+    from transformers import AutoModelForCausalLM
+
+    reference = get_method(cfg.type).load_output(out, AutoModelForCausalLM.from_pretrained(tiny_model)).eval()
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(_prefill_logits(engine, GenerationRequest(ids, 4, "m", adapter)), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
 def _prefill_logits(engine, request) -> torch.Tensor:
     """The engine's next-token logits for one request after its prefill (its adapter's rows set up
     as the batching loop does)."""
