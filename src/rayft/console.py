@@ -13,6 +13,7 @@ worker points its own descriptors at output_dir/logs/worker-<rank>.log the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -52,6 +53,27 @@ def redirect_descriptors(path: Path) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+@contextlib.contextmanager
+def output_into(path: Path, verbose: bool = False):
+    """While open, this process's descriptors 1 and 2 append to `path` (the libraries' output of a
+    step outside any run, such as the demo's generations); `verbose` leaves them alone."""
+    if verbose:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = (os.dup(1), os.dup(2))
+    redirect_descriptors(path)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 class RunConsole:

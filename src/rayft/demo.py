@@ -85,6 +85,7 @@ def run_demo(output_dir: Path, config: Path = DEMO_CONFIG) -> dict:
     from rich.table import Table
 
     from rayft.config import read_yaml
+    from rayft.console import LOG_DIR, output_into, verbose_from_env
     from rayft.models import resolve_model_path
     from rayft.train.runner import run_training
 
@@ -97,25 +98,31 @@ def run_demo(output_dir: Path, config: Path = DEMO_CONFIG) -> dict:
     if Path(config) == DEMO_CONFIG:
         overrides.append(f"output_dir={Path(output_dir) / 'run'}")
     cfg = load_config(config, overrides)
-    model_dir = resolve_model_path(cfg.model.name_or_path)
+    log = Path(output_dir) / LOG_DIR / "demo.log"
+    with output_into(log, verbose_from_env()):  # the base's one-time conversion reports its progress there
+        model_dir = resolve_model_path(cfg.model.name_or_path)
     console.print(f"[bold]rayft demo[/]: {Path(config).name} ({cfg.stage}, {cfg.method.type}) on {cfg.model.name_or_path}, "
                   f"{cfg.distributed.num_workers} Ray Train workers, ZeRO-{cfg.distributed.zero_stage}, data {cfg.data.train}")
-    before = generate_answers(model_dir, None, HELD_OUT)
-    metrics = run_training(cfg, overwrite=True, console=console)
-    after = generate_answers(model_dir, Path(metrics["output"]), HELD_OUT)
+    # the generations' library output (weights loading, warnings) goes to the demo's log too
+    with output_into(log, verbose_from_env()):
+        before = generate_answers(model_dir, None, HELD_OUT)
+    metrics = run_training(cfg, overwrite=True)  # its progress bar on the console, the rest in its logs
+    with output_into(log, verbose_from_env()):
+        after = generate_answers(model_dir, Path(metrics["output"]), HELD_OUT)
 
     table = Table(title="before / after fine-tuning", show_lines=True)
     table.add_column("")
     table.add_column("before")
     table.add_column("after")
     table.add_row("eval loss", f"{metrics['eval_loss_before']:.3f}", f"{metrics['eval_loss']:.3f}")
-    for key in sorted(k for k in metrics if k.startswith("eval_") and f"{k}_before" in metrics):
+    for key in sorted(k for k in metrics if k.startswith("eval_") and f"{k}_before" in metrics and k != "eval_loss"):
         if metrics[key] is not None and metrics[f"{key}_before"] is not None:
             table.add_row(key.removeprefix("eval_").replace("_", " "), f"{metrics[f'{key}_before']:.3f}", f"{metrics[key]:.3f}")
     for prompt, old, new in zip(HELD_OUT, before, after):
         table.add_row(prompt, old, new)
     console.print(table)
-    console.print(f"adapter: {metrics['output']}\nMLflow run: {metrics['mlflow_run_id']} "
+    console.print(f"adapter: {metrics['output']}\nlogs: {Path(metrics['output']).parent / LOG_DIR}/ and {log}\n"
+                  f"MLflow run: {metrics['mlflow_run_id']} "
                   f"(store {Path('mlflow.db').resolve()}; `mlflow ui --backend-store-uri sqlite:///mlflow.db`)\n"
                   f"throughput: {metrics['tokens_per_s']:.0f} tokens/s over {metrics['steps']} steps")
     return metrics
