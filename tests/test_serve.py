@@ -38,6 +38,24 @@ class Batches(EngineMetrics):
         self.seen.append((rows, adapters))
 
 
+class Pausing(Batches):
+    """Metrics whose hook, once armed, holds the engine's worker thread where it is called until
+    the test sets `resume` (and tells the test's event loop through `paused`)."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.armed, self.loop = False, None
+        self.paused, self.resume = asyncio.Event(), threading.Event()
+
+    def pause_once(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.loop.call_soon_threadsafe(self.paused.set)
+            assert self.resume.wait(timeout=120)
+
+
 def _kernel_available() -> bool:
     from rayft.serve.kernel import c_compiler
 
@@ -613,22 +631,12 @@ def test_hot_swap_while_requests_run(tiny_model, tmp_path):
     adapter is replaced, and the cache drops version 1 for version 2 under it. The swap happens
     mid-stream for sure: a 3-token request in the same batch ends at step 3, and the worker waits
     there (a metrics hook) until the swap is done, with 17 of the long request's 20 tokens to go."""
-    import threading
-
     adapters = {name: make_lora_adapter(tiny_model, tmp_path / name, r=r, seed=seed)
                 for name, r, seed in [("v1", 8, 2), ("v2", 8, 4)]}
 
-    class PauseAtFirstEnd(Batches):
-        def __init__(self):
-            super().__init__()
-            self.armed, self.loop = False, None
-            self.paused, self.resume = asyncio.Event(), threading.Event()
-
+    class PauseAtFirstEnd(Pausing):
         def tokens(self, model, count):  # worker thread: a row ended
-            if self.armed:
-                self.armed = False
-                self.loop.call_soon_threadsafe(self.paused.set)
-                assert self.resume.wait(timeout=120)
+            self.pause_once()
 
     metrics = PauseAtFirstEnd()
     app, engine, frontend, cache, _ = _local_api(tiny_model, tmp_path, metrics, max_batch_size=2)
@@ -677,20 +685,10 @@ def test_prompts_beyond_the_in_flight_limit_get_429_at_once(tiny_model, tmp_path
     """max_concurrent_requests=10 counts prompts in flight: a batch of 6 (held in the engine: its
     worker waits at the batch's start) and a queued batch of 4 fill it, so one more prompt gets 429
     at once; when they have ended, a request is admitted again."""
-    import threading
-
-    class PauseAtFirstBatch(Batches):
-        def __init__(self):
-            super().__init__()
-            self.armed, self.loop = False, None
-            self.paused, self.resume = asyncio.Event(), threading.Event()
-
+    class PauseAtFirstBatch(Pausing):
         def batch(self, rows, adapters):  # worker thread: a batch starts
             super().batch(rows, adapters)
-            if self.armed:
-                self.armed = False
-                self.loop.call_soon_threadsafe(self.paused.set)
-                assert self.resume.wait(timeout=120)
+            self.pause_once()
 
     metrics = PauseAtFirstBatch()
     app, engine, frontend, cache, _ = _local_api(tiny_model, tmp_path, metrics, max_concurrent_requests=10)

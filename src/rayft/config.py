@@ -41,6 +41,21 @@ class ModelConfig(Strict):
     name_or_path: str = DEFAULT_BASE_MODEL
 
 
+def own_block_only(raw: dict, chosen: str, registered: list[str], block_schema, fields: tuple, prefix: str,
+                   chooser: str) -> dict:
+    """`raw` with the chosen method's (or stage's) block validated by its module's schema, under
+    the block's name so that errors name <prefix><name>.<key>; a block of another registered one,
+    or any key that is neither a field nor the chosen block, is an error."""
+    raw = dict(raw)
+    for key in raw:
+        if key not in fields and key != chosen:
+            if key in registered:
+                raise ValueError(f"{prefix}{key}: a block for {chooser.split('.')[0]} {key!r}, but {chooser} is {chosen!r}")
+            raise ValueError(f"unknown key {prefix}{key}")
+    raw[chosen] = getattr(block_schema.model_validate({chosen: raw.get(chosen) or {}}), chosen)
+    return raw
+
+
 class MethodConfig(Strict):
     """`method.type` and that method's own block, `method.<type>`, whose schema the method's module
     owns (rayft/methods/). A block for another method is an error, as is an unknown key in the block."""
@@ -56,18 +71,11 @@ class MethodConfig(Strict):
 
         if not isinstance(raw, dict):
             return raw
-        raw = dict(raw)
         name = raw.get("type", "lora")
         if name not in method_names():
             return raw  # the field validator below names the unknown type
-        for key in raw:
-            if key not in ("type", name):
-                if key in method_names():
-                    raise ValueError(f"method.{key}: a block for method {key!r}, but method.type is {name!r}")
-                raise ValueError(f"unknown key method.{key}")
-        # validated under the block's name, so that errors name method.<type>.<key>
-        raw[name] = getattr(get_method(name).block_schema().model_validate({name: raw.get(name) or {}}), name)
-        return raw
+        return own_block_only(raw, name, method_names(), get_method(name).block_schema(), ("type",), "method.",
+                              "method.type")
 
     @field_validator("type")
     @classmethod
@@ -179,18 +187,11 @@ class TrainJobConfig(Strict):
 
         if not isinstance(raw, dict):
             return raw
-        raw = dict(raw)
         stage = raw.get("stage", "sft")
         if stage not in stage_names():
             raise ValueError(f"stage: unknown stage {stage!r}; allowed: {', '.join(stage_names())}")
-        for key in raw:
-            if key not in cls.model_fields and key != stage:
-                if key in stage_names():
-                    raise ValueError(f"{key}: a block for stage {key!r}, but stage is {stage!r}")
-                raise ValueError(f"unknown key {key}")
-        # validated under the block's name, so that errors name <stage>.<key>
-        raw[stage] = getattr(get_objective(stage).block_schema().model_validate({stage: raw.get(stage) or {}}), stage)
-        return raw
+        return own_block_only(raw, stage, stage_names(), get_objective(stage).block_schema(), tuple(cls.model_fields),
+                              "", "stage")
 
     @property
     def stage_options(self) -> Strict:
