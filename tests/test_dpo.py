@@ -265,7 +265,7 @@ def test_dpo_run_raises_the_preference_accuracy(tmp_path, tiny_model, preference
     if reference == "auto":  # kept beside the tokenized data, for the next run on it
         from rayft.models import rayft_home
 
-        assert list((rayft_home() / "datasets").glob("*/reference-*-fp32-train.safetensors"))
+        assert list((rayft_home() / "datasets").glob("*/reference-*-fp32-*-train.safetensors"))
 
 
 @pytest.mark.usefixtures("ray_address")

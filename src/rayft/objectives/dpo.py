@@ -278,10 +278,18 @@ class DirectPreference(Objective):
         from rayft.data.dataset import RowFile
         from rayft.train.loop import eval_batches, sequence_logps
 
+        import hashlib
+        import json
+
         split_name = ("train", "val")[split]
-        key = f"reference-{fingerprint}-{job.train.precision}-{split_name}.safetensors"
+        # the model the reference comes from: the base as this method loads it (QLoRA's is 4-bit)
+        loaded = hashlib.sha256(json.dumps({"method": job.method.type, "options": job.method.options.model_dump(
+            mode="json")}, sort_keys=True).encode()).hexdigest()[:12]
+        key = f"reference-{fingerprint}-{job.train.precision}-{loaded}-{split_name}.safetensors"
         path = Path(data.cache_dir) / key
-        if not path.is_file():
+        present = [path.is_file()]
+        dist.broadcast_object_list(present, src=0)  # rank 0 decides: another run may be writing it meanwhile
+        if not present[0]:
             if resumed:
                 raise RuntimeError(f"{path}: the precomputed reference is gone, and a trained model cannot "
                                    "compute its base's log-probabilities; start the run again (--overwrite)")
