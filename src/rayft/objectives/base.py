@@ -25,8 +25,6 @@ class NoOptions(Strict):
 class Objective:
     name: str = ""
     options: type[Strict] = NoOptions
-    # the width of a token row, in units of data.cutoff_len (a preference pair's two sequences share a row)
-    row_cutoff_factor: int = 1
     # does exp(eval_loss) mean a perplexity?
     reports_perplexity: bool = False
     # what an evaluation reports (a sweep's search.metric is one of these)

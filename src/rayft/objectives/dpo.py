@@ -174,7 +174,6 @@ def pair_losses(opts: DpoOptions, chosen: torch.Tensor, rejected: torch.Tensor, 
 class DirectPreference(Objective):
     name = "dpo"
     options = DpoOptions
-    row_cutoff_factor = 2  # a pair's two sequences share a row
     nothing_left = "no preference pair is left after truncation"
     eval_metrics = ("eval_loss", "eval_pref_accuracy", "eval_rewards/margins", "eval_rewards/chosen",
                     "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
@@ -256,7 +255,7 @@ class DirectPreference(Objective):
     # ---- on each worker
     def setup(self, opts, job, method, engine, data, rank, world, pad_id, device, reporter, resumed, model_dir) -> None:
         self.reference_kind = self.reference_of(opts, method, job.method.options)
-        self.method, self.method_opts = method, job.method.options
+        self.method = method  # its adapters are switched off for the reference
         reporter.say(f"[rayft] dpo: loss {opts.loss}, beta {opts.beta:g}, reference "
                      f"{self.reference_kind or 'none (the loss needs none)'}"
                      + (" (auto: the model equals its base before training, so one pass before the first step)"

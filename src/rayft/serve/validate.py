@@ -64,9 +64,8 @@ class BaseShape:
 class AdapterSpec:
     path: Path
     kind: str  # serve/kinds/: lora, lora_rank_pattern, dora, ia3
-    rank: int  # the largest module rank (0: no LoRA term)
     shapes: dict[str, tuple[Optional[int], Optional[int]]] = field(repr=False)  # module -> (in, out); None: unknown
-    ranks: dict[str, int] = field(default_factory=dict, repr=False)  # module -> rank
+    rank: int = 0  # the largest module rank (0: no LoRA term)
     scalings: dict[str, float] = field(default_factory=dict, repr=False)  # module -> alpha / r (or / sqrt(r))
     virtual_tokens: int = 0  # positions put before the prompt (prompt tuning)
     embedding_dim: Optional[int] = None  # the width of those positions' embeddings
@@ -111,9 +110,9 @@ def inspect_adapter(path: Path, max_rank: int, max_bytes: int) -> AdapterSpec:
             shapes = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
     except Exception as exc:  # a truncated or foreign file
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
-    module_shapes, ranks, scalings, *extra = kinds.SERVED[kind].inspect(path, config, shapes, max_rank)
-    return AdapterSpec(path, kind, max(ranks.values(), default=0), module_shapes, ranks, scalings,
-                       **(extra[0] if extra else {}), nbytes=nbytes, meta=meta)
+    # each kind checks its own tensors and fills the spec fields it knows
+    return AdapterSpec(path, kind, **kinds.SERVED[kind].inspect(path, config, shapes, max_rank), nbytes=nbytes,
+                       meta=meta)
 
 
 def _read_json(path: Path) -> dict:

@@ -1,5 +1,6 @@
 """Adapter kinds that `rayft serve` batches, one module each: how an adapter of the kind is
-inspected (its files against its config, before any weight is loaded) and loaded into the
+inspected (its files against its config, before any weight is loaded, giving the AdapterSpec
+fields it knows) and loaded into the
 per-row form that the wrapped linear layers apply (serve/lora.py):
 
     y_row = s_row * (W (x * i_row) + B_row A_row x) + t_row

@@ -19,12 +19,12 @@ MAGNITUDE = ".lora_magnitude_vector"
 def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_rank: int):
     from rayft.serve.validate import AdapterError, WEIGHTS_FILE
 
-    shapes, ranks, scalings = lora.inspect(path, config, tensors, max_rank, extra_keys=(MAGNITUDE,))
-    for module, (_, out) in shapes.items():
+    fields = lora.inspect(path, config, tensors, max_rank, extra_keys=(MAGNITUDE,))
+    for module, (_, out) in fields["shapes"].items():
         magnitude = tensors.get(f"base_model.model.{module}{MAGNITUDE}")
         if magnitude != (out,):
             raise AdapterError(f"{path / WEIGHTS_FILE}: {module} has DoRA magnitude shape {magnitude}, expected ({out},)")
-    return shapes, ranks, scalings
+    return fields
 
 
 def load(spec, tensors: dict[str, torch.Tensor], dtype, device, base_layers):

@@ -28,7 +28,7 @@ def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_r
         shapes[match["module"]] = (None, shape[0]) if shape[1] == 1 else (shape[1], None)
     if not shapes:
         raise AdapterError(f"{path / WEIGHTS_FILE}: holds no IA3 vectors")
-    return shapes, {module: 0 for module in shapes}, {module: 1.0 for module in shapes}
+    return {"shapes": shapes}
 
 
 def load(spec, tensors: dict[str, torch.Tensor], dtype, device, base_layers):

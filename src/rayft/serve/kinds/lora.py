@@ -20,7 +20,7 @@ def pattern_value(patterns: dict, module: str, default):
 
 
 def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_rank: int, extra_keys=()):
-    """(module -> (in, out), module -> rank, module -> scaling) of a LoRA adapter's files; refuses
+    """The spec fields of a LoRA adapter's files (shapes, rank, scalings per module); refuses
     unknown tensors, shapes that disagree with the config, ranks above max_rank."""
     from rayft.serve.validate import AdapterError, WEIGHTS_FILE
 
@@ -30,10 +30,9 @@ def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_r
         raise AdapterError(f"{where}: r={default_rank!r} is not a positive integer")
     if not isinstance(alpha, (int, float)):
         raise AdapterError(f"{where}: lora_alpha={alpha!r} is not a number")
-    for key in ("modules_to_save",):
-        if config.get(key):
-            raise AdapterError(f"{where}: {key}={config[key]!r} cannot be served in a mixed batch; "
-                               "merge the adapter into a model instead (rayft merge)")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{where}: modules_to_save={config['modules_to_save']!r} cannot be served in a mixed "
+                           "batch; merge the adapter into a model instead (rayft merge)")
     if config.get("bias") not in (None, "none"):
         raise AdapterError(f"{where}: bias={config['bias']!r} cannot be served in a mixed batch; merge it (rayft merge)")
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -47,7 +46,7 @@ def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_r
         parts.setdefault(match["module"], {})[match["part"]] = shape
     if not parts:
         raise AdapterError(f"{path / WEIGHTS_FILE}: holds no LoRA weights")
-    shapes, ranks, scalings = {}, {}, {}
+    shapes, scalings, top_rank = {}, {}, 0
     for module, found in parts.items():
         rank = pattern_value(config.get("rank_pattern"), module, default_rank)
         a, b = found.get("A"), found.get("B")
@@ -57,9 +56,9 @@ def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_r
         if rank > max_rank:
             raise AdapterError(f"{where}: rank r={rank} of {module} is above the served limit of {max_rank}")
         module_alpha = pattern_value(config.get("alpha_pattern"), module, alpha)
-        shapes[module], ranks[module] = (a[1], b[0]), rank
+        shapes[module], top_rank = (a[1], b[0]), max(top_rank, rank)
         scalings[module] = float(module_alpha) / (rank ** 0.5 if config.get("use_rslora") else rank)
-    return shapes, ranks, scalings
+    return {"shapes": shapes, "rank": top_rank, "scalings": scalings}
 
 
 def load_pairs(spec, tensors: dict[str, torch.Tensor], dtype, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

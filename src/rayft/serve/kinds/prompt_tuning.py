@@ -23,7 +23,7 @@ def inspect(path: Path, config: dict, tensors: dict[str, tuple[int, ...]], max_r
     if set(tensors) != {KEY} or shape is None or len(shape) != 2 or shape[0] != virtual:
         raise AdapterError(f"{path / WEIGHTS_FILE}: expected one tensor {KEY!r} of shape ({virtual}, hidden), found "
                            f"{ {k: v for k, v in tensors.items()} } (train a prompt encoder's output with rayft train)")
-    return {}, {}, {}, {"virtual_tokens": virtual, "embedding_dim": shape[1]}
+    return {"shapes": {}, "virtual_tokens": virtual, "embedding_dim": shape[1]}
 
 
 def load(spec, tensors: dict[str, torch.Tensor], dtype, device, base_layers):
