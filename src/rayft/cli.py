@@ -80,9 +80,10 @@ def _runtime_failure(what: str, exc: Exception, verbose: bool, log: Path):
         import traceback
 
         traceback.print_exc()
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    from rayft.errors import one_line
+
     where = "" if verbose else f" (traceback in {log})"
-    typer.echo(f"error: {what} failed: {type(exc).__name__}: {first_line}{where}", err=True)
+    typer.echo(f"error: {what} failed: {one_line(exc)}{where}", err=True)
     raise typer.Exit(1)
 
 

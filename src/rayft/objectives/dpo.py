@@ -297,9 +297,10 @@ class DirectPreference(Objective):
             engine.eval()
             with torch.no_grad():  # every rank runs as many passes (ZeRO-3 gathers collectively)
                 for batch, counts in eval_batches(rows, job.train.micro_batch_size, rank, world, pad_id, device):
-                    sums, _ = sequence_logps(engine, batch, job.train.precision)
+                    sums, _, row_of = sequence_logps(engine, batch, job.train.precision)
                     if counts:
-                        for index, part in zip(batch["row_index"].tolist(), sums.split(_sequences_per_row(batch))):
+                        per_row = torch.bincount(row_of, minlength=len(batch["row_index"])).tolist()
+                        for index, part in zip(batch["row_index"].tolist(), sums.split(per_row)):
                             values[index] = part.tolist()
             engine.train()
             gathered = [None] * world
@@ -321,7 +322,7 @@ class DirectPreference(Objective):
     def loss(self, opts, model, batch, precision, method, method_opts):
         from rayft.train.loop import sequence_logps
 
-        sums, tokens = sequence_logps(model, batch, precision)
+        sums, tokens, _ = sequence_logps(model, batch, precision)
         chosen, rejected = sums[0::2], sums[1::2]
         ref_chosen = ref_rejected = None
         if self.reference_kind is not None:
@@ -341,12 +342,3 @@ class DirectPreference(Objective):
         values, starts = self.precomputed[int(batch["split_id"])]
         rows = batch["row_index"].tolist()
         return torch.cat([values[starts[i]:starts[i + 1]] for i in rows]).to(torch.float32)
-
-
-def _sequences_per_row(batch) -> list[int]:
-    """How many sequences (with learned tokens) each row of the batch holds."""
-    from rayft.train.loop import learned_positions
-
-    learned, _ = learned_positions(batch["labels"])
-    segment = torch.cumsum(batch["position_ids"] == 0, dim=1) - 1
-    return [len(torch.unique(segment[row, 1:][learned[row, :-1]])) for row in range(segment.shape[0])]

@@ -110,10 +110,11 @@ def learned_logits(model, batch: dict[str, torch.Tensor], precision: str, learne
         hook.remove()
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence of the batch, in order (rows in order, each row's sequences as its positions
-    restart): the summed log-probability of its learned tokens, and how many there are. A
-    sequence without learned tokens (a row's padding) is not one."""
+    restart): the summed log-probability of its learned tokens, how many there are, and the row
+    it sits in. A sequence without learned tokens (a row's padding) is not one."""
     learned, targets = learned_positions(batch["labels"])
     logits = learned_logits(model, batch, precision, learned)
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
@@ -122,10 +123,9 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str) -> tup
     row_offset = torch.arange(segment.shape[0], device=segment.device)[:, None] * segment.shape[1]
     # the target at t+1 belongs to the sequence of t+1 (no sequence's first token is learned)
     learned_segments = (segment + row_offset)[:, 1:][learned[:, :-1]]
-    _, sequence = torch.unique_consecutive(learned_segments, return_inverse=True)
-    count = int(sequence.max()) + 1 if sequence.numel() else 0
-    sums = token_logps.new_zeros(count).index_add_(0, sequence, token_logps)
-    return sums, torch.bincount(sequence, minlength=count)
+    segments, sequence = torch.unique_consecutive(learned_segments, return_inverse=True)
+    sums = token_logps.new_zeros(len(segments)).index_add_(0, sequence, token_logps)
+    return sums, torch.bincount(sequence, minlength=len(segments)), segments // segment.shape[1]
 
 
 # ---------------------------------------------------------------- data

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from rayft.config import TrainJobConfig, dump_config
 from rayft.console import LOG_DIR, RunConsole, say, verbose_from_env, worker_log
-from rayft.errors import ConfigError, RayftError, TrainingFailed
+from rayft.errors import ConfigError, RayftError, TrainingFailed, one_line
 from rayft.raycluster import connect_ray
 
 FINISHED_MARKER = "metrics.json"
@@ -350,11 +350,8 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
 def worker_failure_line(exc, log_dir: Optional[Path]) -> str:
     """The first failed rank's exception as one line, with where its traceback is."""
     rank = min(exc.worker_failures)
-    error = exc.worker_failures[rank]
-    error = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's own exception
-    message = (str(error).strip().splitlines() or [""])[0]
     where = f"; traceback in {worker_log(log_dir, rank)}" if log_dir else ""
-    return f"rank {rank}: {type(error).__name__}: {message}{where}"
+    return f"rank {rank}: {one_line(exc.worker_failures[rank])}{where}"
 
 
 def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: str, output_kind: str) -> dict[str, Any]:

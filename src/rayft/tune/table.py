@@ -98,10 +98,10 @@ def failure_line(trial, trial_dir: Path) -> str:
             error = cloudpickle.load(pickled)
     except Exception:  # no error file (a lost actor): the logs still say it all
         error = None
-    error = getattr(error, "cause", None) or error  # a RayTaskError wraps the trial's own exception
-    from rayft.errors import TrainingFailed
+    from rayft.errors import TrainingFailed, one_line
 
-    message = f": {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}" if error else ""
+    error = getattr(error, "cause", None) or error  # a RayTaskError wraps the trial's own exception
+    message = f": {one_line(error)}" if error else ""
     where = "" if isinstance(error, TrainingFailed) else f"; logs in {trial_dir / LOG_DIR}/"  # it names its log
     return f"error: trial {trial.trial_id} failed{message}{where}"
 
