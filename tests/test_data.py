@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,16 +68,20 @@ def test_truncation_and_empty_after_truncation(tmp_path, tokenizer, tiny_model):
         prepare_data(DataConfig(train=str(path), cutoff_len=32), tiny_model, tmp_path / "cache", seed=1)
 
 
-def test_packing_fills_rows_and_resets_positions(tokenizer):
+def test_packing_keeps_every_sample_once_intact_with_its_own_positions(tokenizer):
     samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": f"q{i}" * (i + 1)},
-                                                 {"role": "assistant", "content": "a"}], 256, False) for i in range(12)]
+                                                 {"role": "assistant", "content": "a" * (i % 3 + 1)}], 256, False)
+               for i in range(12)]
     rows = list(pack(samples, max_len=256))
     assert len(rows) < len(samples)
-    assert sorted(sum(len(s.input_ids) for s in samples) for _ in [0]) == [sum(len(r["input_ids"]) for r in rows)]
+    found = []
     for row in rows:
         assert len(row["input_ids"]) <= 256
-        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
-        assert all(row["labels"][i] == IGNORE_INDEX for i in starts)  # no sample learns its neighbour's start
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for start, end in zip(starts, starts[1:]):  # each sample: positions 0..n-1, its tokens and labels as made
+            assert row["position_ids"][start:end] == list(range(end - start))
+            found.append((tuple(row["input_ids"][start:end]), tuple(row["labels"][start:end])))
+    assert sorted(found) == sorted((tuple(s.input_ids), tuple(s.labels)) for s in samples)  # each exactly once
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "packed"])
@@ -126,13 +131,21 @@ def test_padding_does_not_change_losses(tokenizer, tiny_model):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_tokenized_once_and_cached(tmp_path, tiny_model, alpaca_file):
+def test_tokenized_once_and_cached(tmp_path, tiny_model, alpaca_file, monkeypatch):
+    import rayft.data.dataset as dataset
+
     cfg = DataConfig(train=str(alpaca_file), cutoff_len=128)
     first = prepare_data(cfg, tiny_model, tmp_path / "cache", seed=3)
-    stamp = (tmp_path / "cache").stat().st_mtime_ns, RowFile(first.train_file).table.num_rows
+    written = (tmp_path / "cache" / Path(first.cache_dir).name / "train.arrow").stat().st_mtime_ns
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(dataset, "_write_rows", no_tokenizing)
     second = prepare_data(cfg, tiny_model, tmp_path / "cache", seed=3)
     assert second == first and len(list((tmp_path / "cache").iterdir())) == 1
-    assert RowFile(second.train_file).table.num_rows == stamp[1]
+    assert Path(second.train_file).stat().st_mtime_ns == written
+    monkeypatch.undo()
     changed = prepare_data(DataConfig(train=str(alpaca_file), cutoff_len=96), tiny_model, tmp_path / "cache", seed=3)
     assert changed.cache_dir != first.cache_dir
 

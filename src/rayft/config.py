@@ -92,11 +92,59 @@ class MethodConfig(Strict):
         return getattr(self, self.type)
 
 
+FORMATS = Literal["auto", "alpaca", "sharegpt", "messages"]
+# a name that becomes part of metric names (eval_<set>_loss, eval_task_<task>_loss)
+METRIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class SourceConfig(Strict):
+    """One data source of a mixture (data.train as a list)."""
+
+    path: str  # a JSON/JSONL file, or a directory of them
+    format: FORMATS = "auto"
+    # concat: how many times the source is taken (0.5: a seeded half, 2: twice); interleave: its
+    # share of the draws
+    weight: float = Field(1.0, ge=0)
+    task: Optional[str] = Field(None, pattern=METRIC_NAME)  # the task of records that name none
+    max_samples: Optional[int] = Field(None, gt=0)  # the first N records (before the validation split)
+    # rayft's field -> the record's field: instruction, input, output, history, system, tools,
+    # conversations, messages, chosen, rejected, prompt, task (and LLaMA-Factory's query and
+    # response for input and output)
+    columns: dict[str, str] = {}
+    # sharegpt role names: role_tag, content_tag, user_tag, assistant_tag, observation_tag,
+    # function_tag, system_tag (LLaMA-Factory's `tags`)
+    tags: dict[str, str] = {}
+    val: Optional[str] = None  # this source's validation file (else val_size of its records)
+    val_size: Optional[float] = None  # None: data.val_size
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not 0 <= value < 1:
+            raise ValueError(f"must be inside [0, 1), got {value}")
+        return value
+
+
 class DataConfig(Strict):
-    train: str
+    # one file, or sources to mix; absent when dataset_info + datasets name them
+    train: Union[str, list[SourceConfig], None] = None
     val: Optional[str] = None
-    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    format: FORMATS = "auto"
     val_size: float = 0.1
+    # LLaMA-Factory's dataset_info.json and the names of its datasets to train on
+    dataset_info: Optional[str] = None
+    datasets: list[str] = []
+    # concat: the sources one after another (each taken `weight` times); interleave: records drawn
+    # from the sources at random in proportion to their weights (seeded), until the first source
+    # is exhausted or (all_seen) until every record of every source has been drawn once
+    mix: Literal["concat", "interleave"] = "concat"
+    interleave_until: Literal["first_exhausted", "all_seen"] = "first_exhausted"
+    # evaluated before, every eval_steps and after training, each as eval_<name>_loss: general
+    # data whose loss shows forgetting
+    eval_sets: dict[str, str] = {}
+    # multi-task records: how a record's task becomes part of its prompt, and static loss weights
+    task_template: str = "[{task}] {prompt}"
+    task_weights: dict[str, float] = {}
     cutoff_len: int = Field(512, ge=16)
     packing: bool = True
     train_on_prompt: bool = False
@@ -107,6 +155,78 @@ class DataConfig(Strict):
         if not 0 < value < 1:
             raise ValueError(f"must be inside (0, 1), got {value}")
         return value
+
+    @field_validator("eval_sets", "task_weights")
+    @classmethod
+    def _metric_names(cls, value: dict) -> dict:
+        for name in value:
+            if not re.match(METRIC_NAME, name):
+                raise ValueError(f"{name!r} cannot be part of a metric name (letters, digits, _ . -)")
+        return value
+
+    @field_validator("task_weights")
+    @classmethod
+    def _task_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        if value and not any(value.values()):
+            raise ValueError("all weights are zero")
+        return value
+
+    @field_validator("task_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError(f"{value!r} must contain {{prompt}}")
+        try:
+            value.format(task="t", prompt="p")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{value!r}: only {{task}} and {{prompt}} may be filled in ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        if self.dataset_info is None and self.datasets:
+            raise ValueError("datasets: names datasets of a dataset_info file; set data.dataset_info")
+        if self.dataset_info is not None:
+            if self.train is not None:
+                raise ValueError("train: set either data.train or data.dataset_info with data.datasets, not both")
+            if not self.datasets:
+                raise ValueError("datasets: name the datasets of data.dataset_info to train on")
+        elif self.train is None:
+            raise ValueError("train: missing (a file, a list of sources, or data.dataset_info with data.datasets)")
+        if isinstance(self.train, list):
+            if not self.train:
+                raise ValueError("train: an empty list of sources")
+            if not any(source.weight for source in self.train):
+                raise ValueError("train: every source has weight 0")
+        n_sources = len(self.train) if isinstance(self.train, list) else len(self.datasets) or 1
+        if self.mix == "interleave" and n_sources < 2:
+            raise ValueError("mix: interleave needs at least two sources; use concat for one")
+        return self
+
+
+def map_data_paths(raw_data: dict, change) -> dict:
+    """A raw `data:` block with every file path in it (sources, validation, eval sets,
+    dataset_info) replaced by change(key path, path): for trials and jobs that run in another
+    working directory, and for checks that the files exist."""
+    data = copy.deepcopy(raw_data)
+    for key in ("val", "dataset_info"):
+        if isinstance(data.get(key), str):
+            data[key] = change(key, data[key])
+    if isinstance(data.get("train"), str):
+        data["train"] = change("train", data["train"])
+    elif isinstance(data.get("train"), list):
+        for i, source in enumerate(data["train"]):
+            if isinstance(source, dict):
+                for key in ("path", "val"):
+                    if isinstance(source.get(key), str):
+                        source[key] = change(f"train.{i}.{key}", source[key])
+    if isinstance(data.get("eval_sets"), dict):
+        data["eval_sets"] = {name: change(f"eval_sets.{name}", path) if isinstance(path, str) else path
+                             for name, path in data["eval_sets"].items()}
+    return data
 
 
 class TrainConfig(Strict):

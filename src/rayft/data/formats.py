@@ -1,17 +1,42 @@
-"""Read records (JSON array or JSONL) and normalise alpaca / sharegpt / messages to chat messages."""
+"""Read records (JSON array or JSONL) and normalise alpaca / sharegpt / messages to conversations.
+
+A conversation is chat messages in OpenAI's shape, and the tools the record offers:
+  {"role": "system" | "user" | "assistant", "content": str}
+  {"role": "assistant", "content": str, "tool_calls": [{"type": "function", "function": {"name", "arguments": dict}}]}
+  {"role": "tool", "content": str}  (a tool's result: read, never learned)
+sharegpt's `function_call` turns become assistant tool calls and its `observation` turns tool
+results (LLaMA-Factory's glaive_toolcall form); messages records may carry `tool_calls` and the
+`tool` role directly. data/tools.py renders them.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from rayft.errors import DataError
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "function_call": "tool_call", "observation": "tool", "tool": "tool"}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Conversation:
+    messages: Messages
+    tools: Optional[list[dict]] = None  # function schemas, [{"type": "function", "function": {...}}]
+
+
+class BadRecord(Exception):
+    """Why one record cannot be read; to_conversations counts them per reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -50,49 +75,115 @@ def _text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _alpaca_ok(r: dict) -> bool:
-    return _text(r.get("instruction")) and _text(r.get("output")) and _text(r.get("input", "")) and (
-        isinstance(r.get("history", []), list))
+def _json_value(value: Any, reason: str) -> Any:
+    """A value that may be given as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise BadRecord(reason) from None
+    return value
 
 
-def _alpaca(r: dict) -> Messages:
-    messages: Messages = []
-    if r.get("system"):
-        messages.append({"role": "system", "content": r["system"]})
-    for turn in r.get("history") or []:
-        messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
-    prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]
+def _tool_call(call: Any) -> dict:
+    """One call as {"type": "function", "function": {"name", "arguments": dict}}, from OpenAI's
+    form or the bare {"name", "arguments"} of sharegpt function_call turns."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not (isinstance(function, dict) and _text(function.get("name"))):
+        raise BadRecord("tool_call")
+    arguments = _json_value(function.get("arguments", {}), "tool_arguments")
+    if not isinstance(arguments, dict):
+        raise BadRecord("tool_arguments")
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _tools(record: dict) -> Optional[list[dict]]:
+    if record.get("tools") in (None, "", []):
+        return None
+    tools = _json_value(record["tools"], "tools")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise BadRecord("tools")
+    wrapped = [t if t.get("type") == "function" and isinstance(t.get("function"), dict) else
+               {"type": "function", "function": t} for t in tools]
+    if not all(_text(t["function"].get("name")) for t in wrapped):
+        raise BadRecord("tools")
+    return wrapped
+
+
+def _check_order(messages: Messages) -> Messages:
+    turns = [m for m in messages if m["role"] != "system"]
+    if turns and turns[0]["role"] == "tool":
+        raise BadRecord("observation_first")
     return messages
 
 
-def _sharegpt_ok(r: dict) -> bool:
-    turns = r.get("conversations")
-    return isinstance(turns, list) and bool(turns) and all(
-        isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and _text(t.get("value")) for t in turns)
+def _alpaca(r: dict) -> Conversation:
+    if not (_text(r.get("instruction")) and _text(r.get("output")) and _text(r.get("input", "") or "")
+            and isinstance(r.get("history") or [], list)):
+        raise BadRecord("fields")
+    messages: Messages = []
+    if r.get("system"):
+        messages.append({"role": "system", "content": str(r["system"])})
+    for turn in r.get("history") or []:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise BadRecord("fields")
+        messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]
+    return Conversation(messages, _tools(r))
 
 
-def _sharegpt(r: dict) -> Messages:
+def sharegpt_turns(turns: Any) -> Messages:
+    """sharegpt turns ({from, value}) as messages; function_call turns as assistant tool calls."""
+    if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and _text(t.get("value")) for t in turns)):
+        raise BadRecord("fields")
+    messages: Messages = []
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise BadRecord("role", repr(turn.get("from")))
+        if role == "tool_call":
+            calls = _json_value(turn["value"], "tool_arguments")
+            calls = [_tool_call(call) for call in (calls if isinstance(calls, list) else [calls])]
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
+    return _check_order(messages)
+
+
+def _sharegpt(r: dict) -> Conversation:
     messages = [{"role": "system", "content": r["system"]}] if r.get("system") else []
-    return messages + [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in r["conversations"]]
+    return Conversation(messages + sharegpt_turns(r.get("conversations")), _tools(r))
 
 
-def _messages_ok(r: dict) -> bool:
+def _messages(r: dict) -> Conversation:
     turns = r.get("messages")
-    return isinstance(turns, list) and bool(turns) and all(
-        isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and _text(t.get("content"))
-        for t in turns)
+    if not (isinstance(turns, list) and turns and all(isinstance(t, dict) for t in turns)):
+        raise BadRecord("fields")
+    messages: Messages = []
+    for turn in turns:
+        if turn.get("role") not in MESSAGE_ROLES:
+            raise BadRecord("role", repr(turn.get("role")))
+        content = turn.get("content")
+        if turn.get("tool_calls") and turn["role"] == "assistant":
+            if not (content is None or _text(content)) or not isinstance(turn["tool_calls"], list):
+                raise BadRecord("fields")
+            messages.append({"role": "assistant", "content": content or "",
+                             "tool_calls": [_tool_call(call) for call in turn["tool_calls"]]})
+            continue
+        if not _text(content):
+            raise BadRecord("fields")
+        messages.append({"role": turn["role"], "content": content})
+    return Conversation(_check_order(messages), _tools(r))
 
 
-def _messages(r: dict) -> Messages:
-    return [{"role": t["role"], "content": t["content"]} for t in r["messages"]]
-
-
-# format name -> (record is valid, record -> messages, fields named in errors)
-FORMATS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], Messages], str]] = {
-    "alpaca": (_alpaca_ok, _alpaca, "instruction, output (strings)"),
-    "sharegpt": (_sharegpt_ok, _sharegpt, "conversations: [{from, value}]"),
-    "messages": (_messages_ok, _messages, "messages: [{role, content}]"),
+# format name -> (record -> conversation, fields named in errors)
+FORMATS: dict[str, tuple[Callable[[dict], Conversation], str]] = {
+    "alpaca": (_alpaca, "instruction, output (strings)"),
+    "sharegpt": (_sharegpt, "conversations: [{from, value}]"),
+    "messages": (_messages, "messages: [{role, content}]"),
 }
 
 
@@ -106,16 +197,68 @@ def detect_format(record: dict[str, Any]) -> str:
     raise DataError(f"cannot detect the data format from keys {sorted(record)}; set data.format")
 
 
-def to_messages(records: list[dict[str, Any]], fmt: str, source: str) -> list[Messages]:
-    """All records as chat messages; one error counting every invalid record."""
+def _reason_line(reason: str, fmt: str, count: int, first: int, detail: str) -> str:
+    where = f"first at index {first}"
+    return {
+        "fields": f"{count} records lack the {fmt} fields ({FORMATS[fmt][1]}); {where}",
+        "role": f"{count} records have a turn whose role is not one of "
+                f"{', '.join(sorted(SHAREGPT_ROLES) if fmt == 'sharegpt' else MESSAGE_ROLES)}; {where} (role {detail})",
+        "tool_arguments": f"{count} records have a tool call whose arguments are not a JSON object; {where}",
+        "tool_call": f"{count} records have a tool call without a function name; {where}",
+        "tools": f"{count} records have a tools field that is not a JSON list of functions with names; {where}",
+        "observation_first": f"{count} records start with an observation (a tool result) before any call; {where}",
+    }[reason]
+
+
+def to_conversations(records: list[dict[str, Any]], fmt: str, source: str) -> list[Conversation]:
+    """All records as conversations; one error counting every record that fails for the first
+    reason found, with the first one's index."""
     if fmt == "auto":
         fmt = detect_format(records[0])
-    is_valid, convert, fields = FORMATS[fmt]
-    bad = [i for i, record in enumerate(records) if not is_valid(record)]
+    convert = FORMATS[fmt][0]
+    conversations: list[Conversation] = []
+    bad: dict[str, list] = {}
+    for i, record in enumerate(records):
+        try:
+            conversations.append(convert(record))
+        except BadRecord as exc:
+            bad.setdefault(exc.reason, []).append((i, exc.detail))
     if bad:
-        raise DataError(f"{source}: {len(bad)} records lack the {fmt} fields ({fields}); first at index {bad[0]}")
-    conversations = [convert(record) for record in records]
-    no_answer = [i for i, c in enumerate(conversations) if not any(m["role"] == "assistant" for m in c)]
+        reason, cases = min(bad.items(), key=lambda item: item[1][0][0])
+        raise DataError(f"{source}: {_reason_line(reason, fmt, len(cases), cases[0][0], cases[0][1])}")
+    no_answer = [i for i, c in enumerate(conversations) if not any(m["role"] == "assistant" for m in c.messages)]
     if no_answer:
         raise DataError(f"{source}: {len(no_answer)} records have no assistant turn; first at index {no_answer[0]}")
     return conversations
+
+
+def to_messages(records: list[dict[str, Any]], fmt: str, source: str) -> list[Messages]:
+    """to_conversations without the tools."""
+    return [conversation.messages for conversation in to_conversations(records, fmt, source)]
+
+
+def with_task_prompt(record: dict, template: str, task: str) -> dict:
+    """The record with its task written into its first user prompt (data.task_template)."""
+    record = dict(record)
+
+    def fill(text: str) -> str:
+        return template.format(task=task, prompt=text)
+
+    if _text(record.get("instruction")):
+        record["instruction"] = fill(record["instruction"])
+    elif _text(record.get("prompt")):
+        record["prompt"] = fill(record["prompt"])
+    else:
+        for key, role_key, content_key, user in (("conversations", "from", "value", ("human", "user")),
+                                                 ("messages", "role", "content", ("user",)),
+                                                 ("chosen", "role", "content", ("user",)),
+                                                 ("rejected", "role", "content", ("user",))):
+            turns = record.get(key)
+            if isinstance(turns, list):
+                turns = [dict(t) if isinstance(t, dict) else t for t in turns]
+                first = next((t for t in turns if isinstance(t, dict) and t.get(role_key) in user
+                              and _text(t.get(content_key))), None)
+                if first is not None:
+                    first[content_key] = fill(first[content_key])
+                record[key] = turns
+    return record

@@ -83,4 +83,7 @@ def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
         position_ids[i, :n] = torch.tensor(row["position_ids"])
         position_ids[i, n:] = torch.arange(width - n)
     real_tokens = torch.tensor(sum(len(row["input_ids"]) for row in rows))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": real_tokens}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": real_tokens}
+    if "task" in rows[0]:
+        batch["task"] = torch.tensor([row["task"] for row in rows], dtype=torch.long)
+    return batch

@@ -1,10 +1,13 @@
-"""Chat-template rendering with a loss mask: only assistant tokens are learned from."""
+"""Chat-template rendering with a loss mask: only assistant tokens (answers and tool calls) are
+learned from; prompts and tool results are read, never learned."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from rayft.data.formats import Messages
+from rayft.data.tools import render
 from rayft.errors import DataError
 
 IGNORE_INDEX = -100
@@ -16,20 +19,20 @@ class TokenizedSample:
     labels: list[int]  # IGNORE_INDEX where no loss is taken
 
 
-def _render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_char_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(tokenizer, messages: Messages, tools: Optional[list[dict]] = None
+                         ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant reply (with its
     end-of-turn marker), found by rendering growing prefixes of the conversation."""
-    full_text = _render(tokenizer, messages)
+    def _render(part: Messages, add_generation_prompt: bool = False) -> str:
+        return render(tokenizer, part, tools, add_generation_prompt)
+
+    full_text = _render(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_text = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn_text = _render(tokenizer, messages[: i + 1])
+        prompt_text = _render(messages[:i], add_generation_prompt=True)
+        turn_text = _render(messages[: i + 1])
         if not (turn_text.startswith(prompt_text) and full_text.startswith(turn_text)):
             raise DataError("the chat template does not render conversations prefix by prefix; "
                             "cannot locate assistant turns for the loss mask")
@@ -37,8 +40,9 @@ def assistant_char_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple
     return full_text, spans
 
 
-def tokenize_conversation(tokenizer, messages: Messages, cutoff_len: int, train_on_prompt: bool) -> TokenizedSample:
-    text, spans = assistant_char_spans(tokenizer, messages)
+def tokenize_conversation(tokenizer, messages: Messages, cutoff_len: int, train_on_prompt: bool,
+                          tools: Optional[list[dict]] = None) -> TokenizedSample:
+    text, spans = assistant_char_spans(tokenizer, messages, tools)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoded["input_ids"][:cutoff_len]
     labels = []

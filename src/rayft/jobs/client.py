@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from rayft.config import map_data_paths
 from rayft.errors import RayftError
 
 JOB_FILE = "rayft-job.yaml"
@@ -33,10 +34,8 @@ def _train_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     from rayft.tracking.mlflow_run import DEFAULT_DB
 
     raw["output_dir"] = _absolute(raw.get("output_dir"), base)
-    data = raw.get("data", {})
-    for key in ("train", "val"):
-        if data.get(key):
-            data[key] = _absolute(data[key], base)
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = map_data_paths(raw["data"], lambda _key, path: _absolute(path, base))
     model = raw.get("model", {})
     if model.get("name_or_path") and (base / Path(model["name_or_path"]).expanduser()).is_dir():
         model["name_or_path"] = _absolute(model["name_or_path"], base)

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
-from rayft.config import load_yaml
+from rayft.config import load_yaml, map_data_paths
 from rayft.errors import ConfigError, RayftError
 from rayft.jobs import client as jobs_client
 from rayft.jobs.store import ACTIVE, FINAL, JobRecord, JobStore
@@ -136,10 +136,14 @@ def prepare_job(raw: Any, tenant: str, settings: ServiceSettings) -> tuple[str, 
     # The service's root is storage the cluster shares: a data file missing here is missing there.
     prefix = "base.data" if kind == "sweep" else "data"
     data = (resolved["base"] if kind == "sweep" else resolved)["data"]
-    for key in ("train", "val"):
-        if data.get(key) and "://" not in data[key] and not Path(data[key]).is_file():
-            raise APIError(422, f"{prefix}.{key}={data[key]!r}: no such file under the service root", "invalid_config",
+
+    def must_exist(key: str, path: str) -> str:
+        if "://" not in path and not Path(path).exists():
+            raise APIError(422, f"{prefix}.{key}={path!r}: no such file under the service root", "invalid_config",
                            f"{prefix}.{key}")
+        return path
+
+    map_data_paths(data, must_exist)
     return kind, resolved
 
 

@@ -31,6 +31,8 @@ class Objective:
     eval_metrics: tuple[str, ...] = ("eval_loss",)
     # the data error when truncation leaves nothing to train on
     nothing_left = "no training sample keeps an assistant token after truncation"
+    # the stage whose loss on conversations measures general ability (data.eval_sets)
+    measures_general_ability: bool = False
 
     @classmethod
     @lru_cache(maxsize=None)
@@ -42,9 +44,9 @@ class Objective:
         """Raise ValueError for a job this stage cannot run (method, reference, data settings)."""
 
     # ---- data, on the driver (once per dataset version)
-    def parse(self, records: list[dict], cfg, source: str) -> list:
-        """The whole file's records checked and normalised (errors count and index them as in the
-        file), before the validation split."""
+    def parse(self, records: list[dict], fmt: str, source: str) -> list:
+        """The whole source's records (in rayft's field names) checked and normalised, in format
+        `fmt` (or auto); errors count and index them as in the file, before the validation split."""
         raise NotImplementedError
 
     def rows(self, tokenizer, items: list, cfg, counts: dict) -> Iterator[dict]:
@@ -84,5 +86,10 @@ def get_objective(name: str) -> Objective:
 
 def stage_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def general_objective() -> Objective:
+    """The stage that data.eval_sets are read and measured with."""
+    return next(o for o in _REGISTRY.values() if o.measures_general_ability)
 
 

@@ -230,7 +230,7 @@ class DirectPreference(Objective):
     def recognises(self, record: dict) -> bool:
         return "chosen" in record and "rejected" in record
 
-    def parse(self, records, cfg, source):
+    def parse(self, records, fmt, source):
         return parse_pairs(records, source)
 
     def rows(self, tokenizer, pairs, cfg, counts) -> Iterator[dict]:
@@ -322,7 +322,7 @@ class DirectPreference(Objective):
     def loss(self, opts, model, batch, precision, method, method_opts):
         from rayft.train.loop import sequence_logps
 
-        sums, tokens, _ = sequence_logps(model, batch, precision)
+        sums, tokens, row_of = sequence_logps(model, batch, precision)
         chosen, rejected = sums[0::2], sums[1::2]
         ref_chosen = ref_rejected = None
         if self.reference_kind is not None:
@@ -330,6 +330,8 @@ class DirectPreference(Objective):
             ref_chosen, ref_rejected = reference[0::2], reference[1::2]
         losses, metrics = pair_losses(opts, chosen, rejected, tokens[0::2].to(sums.dtype), tokens[1::2].to(sums.dtype),
                                       ref_chosen, ref_rejected)
+        if "row_weight" in batch:  # data.task_weights: each pair weighted by its row's task
+            losses = losses * batch["row_weight"][row_of[0::2]]
         return losses.sum(), torch.tensor(float(len(losses)), device=losses.device), \
             {name: value.sum() for name, value in metrics.items()}
 

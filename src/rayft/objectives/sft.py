@@ -11,23 +11,25 @@ from rayft.objectives.base import Objective, register
 class SupervisedFineTuning(Objective):
     name = "sft"
     reports_perplexity = True
+    measures_general_ability = True
     eval_metrics = ("eval_loss", "eval_ppl")
 
     def recognises(self, record):
         return not ("chosen" in record and "rejected" in record)  # preference pairs are not conversations
 
-    def parse(self, records, cfg, source):
-        from rayft.data.formats import to_messages
+    def parse(self, records, fmt, source):
+        from rayft.data.formats import to_conversations
 
-        return to_messages(records, cfg.format, source)
+        return to_conversations(records, fmt, source)
 
     def rows(self, tokenizer, conversations, cfg, counts) -> Iterator[dict]:
         from rayft.data.packing import pack, single_row
         from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversation
 
         samples = []
-        for messages in conversations:
-            sample = tokenize_conversation(tokenizer, messages, cfg.cutoff_len, cfg.train_on_prompt)
+        for conversation in conversations:
+            sample = tokenize_conversation(tokenizer, conversation.messages, cfg.cutoff_len, cfg.train_on_prompt,
+                                           conversation.tools)
             if all(label == IGNORE_INDEX for label in sample.labels):
                 counts["dropped"] += 1  # truncation removed every learned token
                 continue

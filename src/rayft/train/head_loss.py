@@ -18,7 +18,7 @@ the matmuls (before its scaling by the incoming gradient, where the plain step r
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -30,9 +30,10 @@ HEAD_IS_LAST = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
-def _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden: bool, need_logits: bool):
-    """The summed loss, and (if asked) the gradient for `hidden` and every row's logits gradient,
-    both for an incoming gradient of 1."""
+def _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden: bool, need_logits: bool,
+                  row_weights=None):
+    """The summed loss (each row's weighted by `row_weights`, if given), and (if asked) the
+    gradient for `hidden` and every row's logits gradient, both for an incoming gradient of 1."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):  # the casts below are autocast's own
         h = hidden.to(compute_dtype)
@@ -49,11 +50,15 @@ def _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden: boo
             logits = logits.float()
             target = targets[start:stop, None]
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += (log_norm - logits.gather(1, target)).sum()
+            row_losses = log_norm - logits.gather(1, target)
+            chunk_weights = row_weights[start:stop, None] if row_weights is not None else None
+            loss += (row_losses * chunk_weights).sum() if chunk_weights is not None else row_losses.sum()
             if not (need_hidden or need_logits):
                 continue
             probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
             probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))  # minus one-hot
+            if chunk_weights is not None:
+                probs.mul_(chunk_weights)
             g = probs.to(compute_dtype)
             if need_hidden:
                 torch.mm(g, w, out=grad_hidden[start:stop])
@@ -66,10 +71,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross_entropy(hidden @ weight.T + bias, targets) over the rows of `hidden`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype, row_weights):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         loss, h, grad_hidden, grad_logits = _chunked_loss(hidden, weight, bias, targets, compute_dtype,
-                                                          need_hidden, need_weight or need_bias)
+                                                          need_hidden, need_weight or need_bias, row_weights)
         grad_weight = grad_logits.t() @ h if need_weight else None
         grad_bias = grad_logits.float().sum(0) if need_bias else None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -83,18 +88,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         # scaled in fp32 (the incoming gradient is 1 / learned tokens, or a loss scale)
         scale = lambda g, dtype: None if g is None else (g.float() * grad_loss).to(dtype)  # noqa: E731
         return (scale(grad_hidden, ctx.hidden_dtype), scale(grad_weight, ctx.weight_dtype),
-                scale(grad_bias, ctx.bias_dtype), None, None)
+                scale(grad_bias, ctx.bias_dtype), None, None, None)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """The head's summed loss over `hidden` (rows x features) against `targets` (rows,)."""
+def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                         row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The head's summed loss over `hidden` (rows x features) against `targets` (rows,), each
+    row's loss weighted by `row_weights` (rows,) if given."""
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
     else:
         compute_dtype = head.weight.dtype
     if not torch.is_grad_enabled():  # evaluation: a Function would still see a trainable weight's requires_grad
-        return _chunked_loss(hidden, head.weight, head.bias, targets, compute_dtype, False, False)[0]
-    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, compute_dtype)
+        return _chunked_loss(hidden, head.weight, head.bias, targets, compute_dtype, False, False, row_weights)[0]
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, compute_dtype, row_weights)
 
 
 def fused_head_loss_applies(model, head: torch.nn.Module, precision: str) -> bool:
@@ -107,12 +114,13 @@ def fused_head_loss_applies(model, head: torch.nn.Module, precision: str) -> boo
 
 
 @contextmanager
-def head_returns_loss(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
+def head_returns_loss(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor,
+                      target_weights: Optional[torch.Tensor] = None) -> Iterator[None]:
     """Within the block the head takes the hidden states at the `learned` positions and returns
-    their summed loss against `targets` in place of logits. It is still called as a module (the
-    instance's forward is replaced, not the call), so hooks around it, such as ZeRO-3 gathering
-    its weight, run as before."""
-    head.forward = lambda hidden: linear_cross_entropy(hidden[learned], head, targets)
+    their summed (weighted) loss against `targets` in place of logits. It is still called as a
+    module (the instance's forward is replaced, not the call), so hooks around it, such as ZeRO-3
+    gathering its weight, run as before."""
+    head.forward = lambda hidden: linear_cross_entropy(hidden[learned], head, targets, target_weights)
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ setup (model, optimizer, DeepSpeed engine, resume) -> evaluate before -> train s
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rayft.config import TrainJobConfig
-from rayft.data.dataset import PreparedData, RowFile, batches_per_epoch, shard_indices
+from rayft.data.dataset import NO_TASK, PreparedData, RowFile, batches_per_epoch, shard_indices
 from rayft.data.packing import collate
 from rayft.data.tokenize import IGNORE_INDEX
 from rayft.objectives import get_objective
@@ -72,14 +73,18 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str, virtual_
     the biggest of the model) runs only at positions whose next token is learned, and where it
     can (train/head_loss.py) it returns their summed loss itself, chunk by chunk, so that the
     full logits never exist; otherwise a forward pre-hook hands it just those hidden states.
-    `virtual_tokens`: positions a soft-prompt method puts before each row's own (never learned)."""
+    `virtual_tokens`: positions a soft-prompt method puts before each row's own (never learned).
+    A batch with `row_weight` (its rows' task weights, data.task_weights) weights each token's
+    loss by its row's; the normaliser stays the token count."""
     learned, targets = learned_positions(batch["labels"], virtual_tokens)
+    weights = batch["row_weight"][:, None].expand(learned.shape)[learned] if "row_weight" in batch else None
     head = output_head(model)
     if fused_head and fused_head_loss_applies(unwrapped(model), head, precision):
-        with head_returns_loss(head, learned, targets), autocast_context(precision, targets.device):
+        with head_returns_loss(head, learned, targets, weights), autocast_context(precision, targets.device):
             return model(**model_inputs(model, batch)).logits, learned.sum()  # the summed loss, from the head itself
     logits = learned_logits(model, batch, precision, learned)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), learned.sum()
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (losses * weights if weights is not None else losses).sum(), learned.sum()
 
 
 def learned_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,17 +153,19 @@ def train_batches(rows: RowFile, plan: StepPlan, cfg: TrainJobConfig, rank: int,
             micro_index += 1
 
 
-def eval_batches(rows: RowFile, mb: int, rank: int, world: int, pad_id: int, device):
-    """(batch, counts) pairs of this rank's part of the validation rows. Every rank runs the same
-    number of forward passes (ZeRO-3 gathers weights collectively); a rank out of rows repeats
-    its first batch with counts=False."""
-    indices = np.arange(rank, len(rows), world)
-    n_batches = math.ceil(math.ceil(len(rows) / world) / mb)
+def eval_batches(rows: RowFile, mb: int, rank: int, world: int, pad_id: int, device,
+                 subset: Optional[np.ndarray] = None):
+    """(batch, counts) pairs of this rank's part of the validation rows (or of `subset` of them).
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); a
+    rank out of rows repeats its first batch with counts=False."""
+    subset = np.arange(len(rows)) if subset is None else subset
+    indices = subset[rank::world]
+    n_batches = math.ceil(math.ceil(len(subset) / world) / mb)
     for b in range(n_batches):
         chunk = indices[b * mb:(b + 1) * mb]
         counts = len(chunk) > 0
         if not counts:
-            chunk = indices[:mb] if len(indices) else np.arange(min(mb, len(rows)))
+            chunk = indices[:mb] if len(indices) else subset[:mb]
         yield with_rows(collate(rows.rows(chunk), pad_id), chunk, VAL_SPLIT, device), counts
 
 
@@ -179,25 +186,55 @@ def all_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
+def metric_part(name: str) -> str:
+    """A task's or an eval set's name as part of a metric name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 @torch.no_grad()
 def evaluate(engine, loss_of, rows: RowFile, cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device,
-             perplexity: bool) -> dict[str, float]:
+             perplexity: bool, tasks: list[str] = ()) -> dict[str, float]:
     """eval_loss (and eval_ppl where it means one) and eval_<metric> for each of the stage's
-    metrics, over all ranks' validation rows."""
+    metrics, over all ranks' validation rows; with tasks, each task's loss as
+    eval_task_<task>_loss (a packed row holds one task's samples)."""
     engine.eval()
     sums: dict[str, float] = {}
-    for batch, counts in eval_batches(rows, cfg.train.micro_batch_size, rank, world, pad_id, device):
-        loss, normaliser, metrics = loss_of(engine, batch)
-        for name, value in {"loss": loss, "normaliser": normaliser, **metrics}.items():
-            # a repeated batch adds zeros: every rank all-reduces the same names
-            sums[name] = sums.get(name, 0.0) + (value.item() if counts else 0.0)
+    task_sums = np.zeros((len(tasks), 2))  # per task: summed loss, normaliser
+    row_tasks = rows.tasks() if tasks else np.full(len(rows), NO_TASK)
+    for task in np.unique(row_tasks):  # the same on every rank: all read the same file
+        for batch, counts in eval_batches(rows, cfg.train.micro_batch_size, rank, world, pad_id, device,
+                                          np.flatnonzero(row_tasks == task)):
+            loss, normaliser, metrics = loss_of(engine, batch)
+            for name, value in {"loss": loss, "normaliser": normaliser, **metrics}.items():
+                # a repeated batch adds zeros: every rank all-reduces the same names
+                sums[name] = sums.get(name, 0.0) + (value.item() if counts else 0.0)
+            if counts and task != NO_TASK:
+                task_sums[task] += (loss.item(), normaliser.item())
     engine.train()
     names = sorted(sums)
-    totals = dict(zip(names, all_sum([sums[name] for name in names], device)))
+    reduced = all_sum([sums[name] for name in names] + task_sums.ravel().tolist(), device)
+    totals = dict(zip(names, reduced[:len(names)]))
     normaliser = max(totals.pop("normaliser"), 1.0)
     result = {f"eval_{name}": value / normaliser for name, value in totals.items()}
+    for task, (loss, task_normaliser) in zip(tasks, np.reshape(reduced[len(names):], (-1, 2))):
+        if task_normaliser > 0:  # a task with validation rows
+            result[f"eval_task_{metric_part(task)}_loss"] = loss / task_normaliser
     if perplexity:
         result["eval_ppl"] = math.exp(min(result["eval_loss"], 50))
+    return result
+
+
+def evaluate_sets(engine, sets: dict[str, RowFile], cfg: TrainJobConfig, rank: int, world: int, pad_id: int, device,
+                  virtual_tokens: int, fused_head: bool) -> dict[str, float]:
+    """eval_<name>_loss of each of data.eval_sets: the next-token loss on general conversations,
+    whatever the stage, so that a drop in general ability (forgetting) shows."""
+    def token_loss(model, batch):
+        return (*token_losses(model, batch, cfg.train.precision, virtual_tokens, fused_head), {})
+
+    result = {}
+    for name, rows in sets.items():
+        loss = evaluate(engine, token_loss, rows, cfg, rank, world, pad_id, device, False)["eval_loss"]
+        result[f"eval_{metric_part(name)}_loss"] = loss
     return result
 
 
@@ -352,8 +389,13 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
             # where a checkpoint still uncollected when a worker dies would be lost with it.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
+    eval_sets = {name: RowFile(data.eval_set_file(name)) for name in data.eval_sets}
+
     def run_evaluation() -> dict[str, float]:
-        return evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device, objective.reports_perplexity)
+        return {**evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device, objective.reports_perplexity,
+                           data.tasks),
+                **evaluate_sets(engine, eval_sets, cfg, rank, world, pad_id, device, method.virtual_tokens(opts),
+                                method.fused_head)}
 
     if state.step == 0:
         before = run_evaluation()
@@ -364,7 +406,12 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
     metric_sums: dict[str, float] = {}
     step_start = time.perf_counter()
     engine.train()
+    # each task's loss weight (data.task_weights, else 1), and 1 at the end for rows of no task (index -1)
+    task_weights = torch.tensor([cfg.data.task_weights.get(task, 1.0) for task in data.tasks] + [1.0],
+                                device=device) if cfg.data.task_weights else None
     for batch in train_batches(train_rows, plan, cfg, rank, world, state.step, pad_id, device):
+        if task_weights is not None:
+            batch["row_weight"] = task_weights[batch["task"]]
         loss_sum, normaliser, metrics = loss_of(engine, batch)
         loss = loss_sum / normaliser.clamp(min=1)
         extra = method.extra_loss(opts, engine.module)

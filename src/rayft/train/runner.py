@@ -143,8 +143,13 @@ def preflight(cfg: TrainJobConfig):
     uri = mlflow_run.tracking_uri(cfg)
     mlflow_run.check_reachable(uri)
     data = prepare_data(cfg.data, model_dir, rayft_home() / "datasets", cfg.train.seed, cfg.stage)
+    names = ", ".join(source["name"] for source in data.sources)
     for what, count in data.notes.items():
-        say(f"[rayft] note: {count} {what.replace('_', ' ')} dropped from {cfg.data.train}")
+        say(f"[rayft] note: {count} {what.replace('_', ' ')} dropped from {names}")
+    if len(data.sources) > 1:
+        say(f"[rayft] data ({cfg.data.mix}): " + ", ".join(
+            f"{s['name']} {s['train']} train / {s['val']} val records" for s in data.sources)
+            + f" -> {data.train_samples} training samples")
     batches = check_steps(cfg, data.train_rows)
     connect_ray(cfg.distributed.ray_address)
     use_gpu = resolve_use_gpu(cfg)
@@ -179,7 +184,11 @@ class Progress:
                 self.bar.console.print(item["message"], markup=False, highlight=False, soft_wrap=True)
                 continue
             self.latest.update(item)
-            info = "  ".join(f"{k} {self.latest[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_s") if k in self.latest)
+            # the eval sets' losses (data.eval_sets) beside the validation loss: forgetting shows as it happens
+            sets = sorted(k for k in self.latest if k.startswith("eval_") and k.endswith("_loss")
+                          and k != "eval_loss" and not k.startswith("eval_task_"))
+            info = "  ".join(f"{k} {self.latest[k]:.4g}" for k in ("loss", "eval_loss", *sets, "tokens_per_s")
+                             if k in self.latest)
             self.bar.update(self.task, completed=item["step"], total=item.get("total_steps"), info=info)
 
     def __enter__(self):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from rayft.config import (SweepConfig, TrainJobConfig, apply_overrides, dump_config, parse_config, parse_sweep,
-                          read_yaml, split_sweep_overrides)
+from rayft.config import (SweepConfig, TrainJobConfig, apply_overrides, dump_config, map_data_paths, parse_config,
+                          parse_sweep, read_yaml, split_sweep_overrides)
 from rayft.errors import ConfigError, RayftError
 from rayft.train.runner import FINISHED_MARKER, write_atomic
 from rayft.tune.space import SearchSpace, apply_values, parse_space
@@ -62,8 +62,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     search = cfg.search
     from rayft.objectives import get_objective
 
-    reported = get_objective(base.stage).eval_metrics
-    if search.metric not in reported:
+    # the stage's own, and each eval set's loss; a task's loss (eval_task_<task>_loss) depends on
+    # the records, which are read later
+    reported = (*get_objective(base.stage).eval_metrics, *(f"eval_{name}_loss" for name in base.data.eval_sets))
+    if search.metric not in reported and not search.metric.startswith("eval_task_"):
         raise ConfigError(f"{path}: search.metric={search.metric}: stage {base.stage} reports {', '.join(reported)}")
     space = parse_space(search.space, base_raw, base, search.algorithm)
     if search.scheduler.type == "asha":
@@ -102,9 +104,8 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def absolute_paths(base_raw: dict[str, Any], base: TrainJobConfig, uri: str) -> dict[str, Any]:
     """Trials run in other working directories: give them absolute paths and the resolved URI."""
-    values = {"data.train": str(Path(base.data.train).resolve()), "tracking.mlflow_uri": uri}
-    if base.data.val:
-        values["data.val"] = str(Path(base.data.val).resolve())
+    values = {"data": map_data_paths(base_raw.get("data") or {}, lambda _key, path: str(Path(path).resolve())),
+              "tracking.mlflow_uri": uri}
     if Path(base.model.name_or_path).exists():
         values["model.name_or_path"] = str(Path(base.model.name_or_path).resolve())
     return apply_values(base_raw, values)
