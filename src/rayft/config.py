@@ -9,10 +9,11 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from rayft.errors import ConfigError
 
@@ -93,6 +94,8 @@ class MethodConfig(Strict):
 
 
 FORMATS = Literal["auto", "alpaca", "sharegpt", "messages"]
+# the two forms of data.train; errors leave these names out of the key path they print
+ONE_FILE, SOURCES = "one file", "a list of sources"
 # a name that becomes part of metric names (eval_<set>_loss, eval_task_<task>_loss)
 METRIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -127,7 +130,8 @@ class SourceConfig(Strict):
 
 class DataConfig(Strict):
     # one file, or sources to mix; absent when dataset_info + datasets name them
-    train: Union[str, list[SourceConfig], None] = None
+    train: Annotated[Union[Annotated[str, Tag(ONE_FILE)], Annotated[list[SourceConfig], Tag(SOURCES)]],
+                     Discriminator(lambda v: SOURCES if isinstance(v, list) else ONE_FILE)] | None = None
     val: Optional[str] = None
     format: FORMATS = "auto"
     val_size: float = 0.1
@@ -488,8 +492,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _error_key(error: dict[str, Any]) -> str:
+    return ".".join(str(part) for part in error["loc"] if part not in (ONE_FILE, SOURCES))
+
+
 def _describe_error(error: dict[str, Any], source: str) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    where = _error_key(error) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error" and isinstance(error.get("input"), dict):
         return f"{source}: {message}"  # a check over a whole section: its message names the keys
@@ -508,7 +516,7 @@ def _validate(schema: type[Strict], raw: Any, source: str):
         return schema.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(_describe_error(first, source), key=".".join(str(part) for part in first["loc"]) or None) from None
+        raise ConfigError(_describe_error(first, source), key=_error_key(first) or None) from None
 
 
 def parse_config(raw: Any, source: str = "config") -> TrainJobConfig:
