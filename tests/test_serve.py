@@ -539,6 +539,89 @@ def _chat_body():
     return ChatBody.model_validate({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
 
 
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city now",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+TOOL_CHAT = [{"role": "user", "content": "What is the weather in Oslo?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 3}'}]
+
+
+def _trained_prompt_ids(tokenizer, tools=TOOLS) -> list[int]:
+    """TOOL_CHAT's prompt as training renders it: the record through data/formats.py, then data/tools.py."""
+    from rayft.data.formats import to_conversations
+    from rayft.data.tools import render
+
+    (conversation,) = to_conversations([{"messages": TOOL_CHAT, **({"tools": tools} if tools else {})}], "messages",
+                                       "request")
+    text = render(tokenizer, conversation.messages, conversation.tools, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_tools_render_as_trained_and_replies_parse_as_calls(tiny_model):
+    """A chat with tools, an assistant's call and the tool's result is the prompt training renders
+    for that record (the fallback, and a template with tool support, whose call arguments arrive
+    as an object); tool_choice "none" renders no tools. A reply holding a <tool_call> comes back
+    as OpenAI tool_calls with finish_reason "tool_calls", whole or streamed in the delta form."""
+    from transformers import AutoTokenizer
+
+    from rayft.config import ServeConfig
+    from rayft.serve.api import ChatBody, Frontend, _sse, chat_choice
+    from rayft.serve.validate import BaseShape
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    frontend = Frontend(ServeConfig.model_validate({"base_model": str(tiny_model), "registry": "unused"}), tokenizer,
+                        "tiny", BaseShape("f", {}, 1024), engine=None)
+
+    def prompt(**extra):
+        body = ChatBody.model_validate({"model": "tiny", "messages": TOOL_CHAT, "tools": TOOLS, **extra})
+        return frontend.prompts(body)[0]
+
+    served = prompt()
+    assert served == _trained_prompt_ids(tokenizer)
+    assert "<tools>" in tokenizer.decode(served) and '"arguments": {"city": "Oslo"}' in tokenizer.decode(served)
+    assert prompt(tool_choice="none") == _trained_prompt_ids(tokenizer, tools=None) != served
+    tokenizer.chat_template = (  # a template with tool support of its own
+        "{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}{% for m in messages %}<{{ m.role }}>"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.arguments | tojson }}{% endfor %}{{ m.content }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    native = tokenizer.decode(prompt())
+    assert native == 'TOOL weather\n<user>What is the weather in Oslo?\n<assistant>CALL {"city": "Oslo"}\n' \
+        '<tool>{"temp_c": 3}\n<assistant>' and prompt() == _trained_prompt_ids(tokenizer)
+
+    reply = 'Checking.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    choice = chat_choice(reply, "stop", tools_offered=True)
+    (call,) = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    only_call = chat_choice(reply.removeprefix("Checking.\n"), "stop", tools_offered=True)
+    assert only_call["message"]["content"] is None and only_call["finish_reason"] == "tool_calls"
+    assert chat_choice(reply, "stop", tools_offered=False)["message"] == {"role": "assistant", "content": reply}
+    broken = reply.replace('"Oslo"}}', '"Oslo"')  # not JSON: the reply stays text
+    assert chat_choice(broken, "length", tools_offered=True) == {
+        "index": 0, "message": {"role": "assistant", "content": broken}, "finish_reason": "length"}
+
+    async def streamed():
+        async def events():
+            for token in tokenizer(reply, add_special_tokens=False)["input_ids"]:
+                yield ("token", token, 0)
+            yield ("end", "stop", 0)
+
+        frontend.in_flight = 1
+        return [json.loads(line[6:]) for line in "".join([c async for c in _sse(
+            frontend, events(), [], 1, True, "chatcmpl-x", 0, "tiny", tools_offered=True)]).splitlines()
+            if line.startswith("data: {")]
+
+    chunks = asyncio.run(streamed())
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[1] == {"content": "Checking."}
+    (streamed_call,) = deltas[2]["tool_calls"]
+    assert streamed_call["index"] == 0 and streamed_call["function"] == call["function"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and frontend.in_flight == 0
+
+
 def test_streamed_text_is_decoded_incrementally(tiny_model, tmp_path):
     """A 512-token answer streams the text of one full decode of its tokens, while the tokenizer
     decodes a bounded number of ids per token (re-decoding the output at each token would be
@@ -767,7 +850,7 @@ def server(ray_address, tiny_model, tmp_path_factory):
     config = {"base_model": str(tiny_model), "registry": str(registry), "adapters": ["acme/support-bot"],
               "max_resident_adapters": 3, "max_batch_size": 8, "batch_wait_ms": 30, "port": port,
               "auth": {"keys_file": str(keys_file)}, "log_dir": str(root / "logs"),
-              "limits": {"max_prompt_tokens": 64, "max_new_tokens": 40, "max_concurrent_requests": 10,
+              "limits": {"max_prompt_tokens": 256, "max_new_tokens": 40, "max_concurrent_requests": 10,
                          "max_body_bytes": 20000, "max_lora_rank": 32}}
     config_path = root / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -800,7 +883,7 @@ def _complete(client, model: str, prompt: str = PROMPTS[0], max_tokens: int = 12
     return response.json()["choices"][0]["text"]
 
 
-def test_openai_client_completions_chat_and_streaming(server):
+def test_openai_client_completions_chat_and_streaming(server, tiny_model):
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key=server.keys["acme"], max_retries=0)
@@ -823,6 +906,25 @@ def test_openai_client_completions_chat_and_streaming(server):
 
     base = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert base.choices[0].text != completion.choices[0].text  # the adapter changes the output
+
+    # tools, a call and its result: the prompt is the one training renders for them (whether the
+    # tiny model's reply parses as a call is chance: test_chat_tools_render_as_trained_... shows that)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tooled = client.chat.completions.create(model="summarizer", messages=TOOL_CHAT, tools=TOOLS, max_tokens=8,
+                                            temperature=0)
+    assert tooled.usage.prompt_tokens == len(_trained_prompt_ids(tokenizer))
+    untooled = client.chat.completions.create(model="summarizer", messages=TOOL_CHAT, tools=TOOLS, tool_choice="none",
+                                              max_tokens=8, temperature=0)
+    assert untooled.usage.prompt_tokens == len(_trained_prompt_ids(tokenizer, tools=None)) < tooled.usage.prompt_tokens
+    reply = tooled.choices[0]
+    assert reply.finish_reason in ("length", "stop", "tool_calls") and (reply.finish_reason == "tool_calls") == bool(
+        reply.message.tool_calls)
+    chunks = list(client.chat.completions.create(model="summarizer", messages=TOOL_CHAT, tools=TOOLS, max_tokens=8,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (reply.message.content or "")
+    assert chunks[-1].choices[0].finish_reason == reply.finish_reason
 
 
 def test_concurrent_mixed_requests_equal_solo(server):
@@ -948,7 +1050,7 @@ def test_hot_swap_over_http(server):
 
 def test_limits(server):
     with server.client("acme") as acme:
-        too_long = acme.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 200})
+        too_long = acme.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 300})
         assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
         too_many = acme.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 41})
         assert too_many.status_code == 400 and "max_tokens" in too_many.json()["error"]["message"]
@@ -969,6 +1071,26 @@ def test_limits(server):
         assert long_cut["finish_reason"] == "stop" and long_cut["text"] == known[:known.index(tail)]
         over = acme.post("/v1/completions", json={"model": "tiny", "prompt": [PROMPTS[0]] * 11, "max_tokens": 2})
         assert over.status_code == 400 and "batch of 11 prompts" in over.json()["error"]["message"]
+        call = TOOL_CHAT[1]["tool_calls"][0]
+        for param, extra, says in [
+                ("tools.0.function.name", {"tools": [{"type": "function", "function": {"description": "no name"}}]},
+                 "Field required"),
+                ("tools", {"tools": {"weather": {}}}, "valid list"),
+                ("messages.2.content", {"messages": TOOL_CHAT[:2] + [{"role": "tool", "tool_call_id": "c1"}]},
+                 "a tool message needs content"),
+                ("messages.1.tool_calls.0.function.arguments",
+                 {"messages": [TOOL_CHAT[0], {"role": "assistant", "tool_calls": [
+                     {**call, "function": {"name": "weather", "arguments": '"Oslo"'}}]}, TOOL_CHAT[2]]},
+                 "not a JSON object"),
+                ("tool_choice", {"tool_choice": "required"}, "not supported"),
+                ("tool_choice", {"tool_choice": {"type": "function", "function": {"name": "weather"}}},
+                 "not supported")]:
+            refused = acme.post("/v1/chat/completions", json={"model": "tiny", "messages": TOOL_CHAT, "tools": TOOLS,
+                                                              "max_tokens": 2, **extra})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["param"] == param, (param, refused.text)
+            message = error["message"]
+            assert message.startswith(param + ":") and says in message and "\n" not in message
 
 
 def _resident(ray_address: str) -> list[str]:

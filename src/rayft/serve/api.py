@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP API: auth, limits, adapter resolution, tokenizing, responses.
 
+Chats with tools are rendered by data/tools.py, as training renders them, and replies that parse
+as calls are returned as OpenAI tool_calls.
+
 Every error is an OpenAI-style JSON body {"error": {"message", "type", "param", "code"}} with a 4xx
 status that says what is wrong: 400 bad request, 401 unknown key, 403 not an admin, 404 unknown
 model (another tenant's adapter answers exactly the same), 413 body too large, 429 too many
@@ -18,10 +21,11 @@ from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import models_json_schema
 
 from rayft.config import ServeConfig
+from rayft.data.tools import parse_tool_calls, render
 from rayft.errors import RayftError
 from rayft.serve.keys import Caller, KeyStore
 from rayft.serve.registry import SHARED_TENANT, AdapterRef, AdapterRegistry, adapter_dir_of, publish_adapter
@@ -72,15 +76,54 @@ class ContentPart(BaseModel):
     text: Optional[str] = None  # parts of other types (images...) carry no text and are left out
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: Union[str, dict[str, Any]] = "{}"  # OpenAI sends a JSON string; an object is taken too
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant turns: the calls it made
+    tool_call_id: Optional[str] = None  # tool turns: which call this answers (the rendering, as training's, ignores it)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, gt=0)
+    tools: Optional[list[Tool]] = None
+    # "auto" (the default) and "none" are served; "required" and a named function are refused (400)
+    tool_choice: Union[str, dict[str, Any], None] = None
+    _raw_tools: Optional[list[dict]] = None  # the tools as sent: rendered as they are, key order included
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw_tools(cls, data: Any, handler):
+        body = handler(data)
+        body._raw_tools = data.get("tools") if isinstance(data, dict) and body.tools else None
+        return body
 
 
 class AdapterBody(BaseModel):
@@ -157,8 +200,7 @@ class Frontend:
     def prompts(self, body: Union[CompletionBody, ChatBody]) -> list[list[int]]:
         """The token ids of each prompt: one for chat, one or a batch for completions."""
         if isinstance(body, ChatBody):
-            messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.chat_text(body)
             return [self._checked(self.tokenizer(text, add_special_tokens=False)["input_ids"], "prompt")]
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
@@ -171,6 +213,17 @@ class Frontend:
         where = (lambda i: "prompt") if len(prompt) == 1 else (lambda i: f"prompt[{i}]")
         return [self._checked(self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p), where(i))
                 for i, p in enumerate(prompt)]
+
+    def chat_text(self, body: ChatBody) -> str:
+        """The chat as the prompt text, rendered by data/tools.py as training renders it: through
+        the template's own tool support where it has it, else rayft's Hermes-style fallback."""
+        from jinja2 import TemplateError
+
+        try:
+            return render(self.tokenizer, chat_messages(body), offered_tools(body), add_generation_prompt=True)
+        except TemplateError as exc:  # e.g. a template that raises on the order of roles
+            raise APIError(400, f"messages: the model's chat template cannot render them ({exc})",
+                           param="messages") from None
 
     def _checked(self, ids: list[int], where: str) -> list[int]:
         if not ids:
@@ -335,6 +388,71 @@ def adapter_json(ref: AdapterRef) -> dict:
             "mlflow_run_id": meta.get("mlflow_run_id"), "created": int(meta.get("published_at", 0))}
 
 
+def offered_tools(body: ChatBody) -> Optional[list[dict]]:
+    """The tools to render and to parse replies for: None without tools or with tool_choice "none".
+    Forcing a call ("required", a named function) is refused: nothing here can make the model call."""
+    choice = body.tool_choice
+    if choice == "required" or isinstance(choice, dict):
+        shown = '"required"' if choice == "required" else "a named function"
+        raise APIError(400, f'tool_choice: {shown} is not supported (only "auto" and "none"): rayft serve cannot '
+                       "force the model to call a tool", param="tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, f'tool_choice: {choice!r} is not one of "auto", "none", "required" or a named function',
+                       param="tool_choice")
+    if not body.tools or choice == "none":
+        return None
+    return body._raw_tools or [tool.model_dump(exclude_unset=True) for tool in body.tools]
+
+
+def chat_messages(body: ChatBody) -> list[dict]:
+    """The request's messages in data/formats.py's canonical form, as training has them: text
+    content; an assistant's tool_calls as {"type": "function", "function": {"name", "arguments":
+    dict}}; a tool turn as its result text (its tool_call_id is not rendered)."""
+    messages = []
+    for i, message in enumerate(body.messages):
+        content = _text_of(message.content)
+        if message.role == "tool" and not content:
+            raise APIError(400, f"messages.{i}.content: a tool message needs content (the tool's result)",
+                           param=f"messages.{i}.content")
+        if not message.tool_calls:
+            messages.append({"role": message.role, "content": content})
+            continue
+        if message.role != "assistant":
+            raise APIError(400, f"messages.{i}.tool_calls: only assistant messages carry tool calls",
+                           param=f"messages.{i}.tool_calls")
+        calls = [{"type": "function", "function": {"name": call.function.name,
+                                                   "arguments": _arguments(call.function.arguments,
+                                                                           f"messages.{i}.tool_calls.{j}")}}
+                 for j, call in enumerate(message.tool_calls)]
+        messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+    return messages
+
+
+def _arguments(arguments: Union[str, dict], where: str) -> dict:
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}.function.arguments: not a JSON object (a string holding one, in "
+                       "OpenAI's form)", param=f"{where}.function.arguments")
+    return arguments
+
+
+def chat_choice(text: str, finish_reason: str, tools_offered: bool) -> dict:
+    """The chat choice of a generated reply: where tools were offered and the reply parses as
+    calls (data/tools.py's parse_tool_calls), the calls as OpenAI tool_calls, the text around them
+    as content (null when empty), and finish_reason "tool_calls"."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tools_offered:
+        content, calls = parse_tool_calls(text)
+        if calls:
+            message, finish_reason = {"role": "assistant", "content": content or None, "tool_calls": calls}, \
+                "tool_calls"
+    return {"index": 0, "message": message, "finish_reason": finish_reason}
+
+
 def _text_of(content) -> str:
     if content is None or isinstance(content, str):
         return content or ""
@@ -411,6 +529,7 @@ def create_app(frontend: Frontend):
         created = int(time.time())
         ref = frontend.resolve(caller, body.model)
         prompts = frontend.prompts(body)
+        tools_offered = chat and offered_tools(body) is not None
         max_new_tokens = frontend.max_new_tokens(body, prompts, ref)
         rows = len(prompts)
         frontend.admit(rows)
@@ -419,8 +538,8 @@ def create_app(frontend: Frontend):
             events = await frontend.generate(ref, body, prompts, max_new_tokens)
             if body.stream:
                 streaming = True  # the stream releases its admission when it ends
-                return StreamingResponse(_sse(frontend, events, stop, rows, chat, request_id, created, body.model),
-                                         media_type="text/event-stream")
+                return StreamingResponse(_sse(frontend, events, stop, rows, chat, request_id, created, body.model,
+                                              tools_offered), media_type="text/event-stream")
             pieces, finish, produced = [[] for _ in prompts], ["length"] * rows, [0] * rows
             async for row, text, reason, row_tokens in frontend.texts(events, stop, rows):
                 pieces[row].append(text)
@@ -429,7 +548,7 @@ def create_app(frontend: Frontend):
             if not streaming:
                 frontend.release(rows)
         texts = ["".join(row_pieces) for row_pieces in pieces]
-        choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "finish_reason": finish[0]}] \
+        choices = [chat_choice(texts[0], finish[0], tools_offered)] \
             if chat else [{"index": row, "text": text, "logprobs": None, "finish_reason": finish[row]}
                           for row, text in enumerate(texts)]
         prompt_tokens, completion_tokens = sum(len(ids) for ids in prompts), sum(produced)
@@ -487,14 +606,16 @@ def create_app(frontend: Frontend):
     return app
 
 
-async def _sse(frontend: Frontend, events, stop, rows: int, chat: bool, request_id: str, created: int, model: str):
-    """Server-sent events in OpenAI's chunk format (choice index = prompt index), ending with `data: [DONE]`."""
+async def _sse(frontend: Frontend, events, stop, rows: int, chat: bool, request_id: str, created: int, model: str,
+               tools_offered: bool = False):
+    """Server-sent events in OpenAI's chunk format (choice index = prompt index), ending with `data: [DONE]`.
+    A chat with tools offered is sent once its reply is whole (whether it is a call is known only
+    then): its content, then its tool_calls in OpenAI's delta form, each call whole in one delta."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(row: int, text: Optional[str], finish: Optional[str], first: bool = False) -> str:
+    def chunk(row: int, text: Optional[str], finish: Optional[str], delta: Optional[dict] = None) -> str:
         if chat:
-            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-            choice = {"index": row, "delta": delta, "finish_reason": finish}
+            choice = {"index": row, "delta": delta or ({"content": text} if text else {}), "finish_reason": finish}
         else:
             choice = {"index": row, "text": text or "", "logprobs": None, "finish_reason": finish}
         body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
@@ -502,10 +623,24 @@ async def _sse(frontend: Frontend, events, stop, rows: int, chat: bool, request_
 
     try:
         if chat:
-            yield chunk(0, None, None, first=True)
-        async for row, text, reason, _ in frontend.texts(events, stop, rows):
-            if text or reason:
-                yield chunk(row, text, reason)
+            yield chunk(0, None, None, {"role": "assistant", "content": ""})
+        if tools_offered:
+            pieces, finish = [], "length"
+            async for _, text, reason, _ in frontend.texts(events, stop, rows):
+                pieces.append(text)
+                finish = reason or finish
+            choice = chat_choice("".join(pieces), finish, tools_offered)
+            message = choice["message"]
+            if message["content"]:
+                yield chunk(0, message["content"], None)
+            if message.get("tool_calls"):
+                yield chunk(0, None, None, {"tool_calls": [{"index": i, **call}
+                                                           for i, call in enumerate(message["tool_calls"])]})
+            yield chunk(0, None, choice["finish_reason"])
+        else:
+            async for row, text, reason, _ in frontend.texts(events, stop, rows):
+                if text or reason:
+                    yield chunk(row, text, reason)
         yield "data: [DONE]\n\n"
     finally:
         frontend.release(rows)
