@@ -591,17 +591,19 @@ def test_chat_tools_render_as_trained_and_replies_parse_as_calls(tiny_model):
         '<tool>{"temp_c": 3}\n<assistant>' and prompt() == _trained_prompt_ids(tokenizer)
 
     reply = 'Checking.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    choice = chat_choice(reply, "stop", tools_offered=True)
+    choice = chat_choice(reply, "stop", TOOLS)
     (call,) = choice["message"]["tool_calls"]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
     assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
-    only_call = chat_choice(reply.removeprefix("Checking.\n"), "stop", tools_offered=True)
+    only_call = chat_choice(reply.removeprefix("Checking.\n"), "stop", TOOLS)
     assert only_call["message"]["content"] is None and only_call["finish_reason"] == "tool_calls"
-    assert chat_choice(reply, "stop", tools_offered=False)["message"] == {"role": "assistant", "content": reply}
+    assert chat_choice(reply, "stop", None)["message"] == {"role": "assistant", "content": reply}
     broken = reply.replace('"Oslo"}}', '"Oslo"')  # not JSON: the reply stays text
-    assert chat_choice(broken, "length", tools_offered=True) == {
-        "index": 0, "message": {"role": "assistant", "content": broken}, "finish_reason": "length"}
+    answer = '{"name": "Alice", "age": 30}'  # a JSON answer, no call of an offered tool: text
+    for text in (broken, answer):
+        assert chat_choice(text, "length", TOOLS) == {
+            "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
 
     async def streamed():
         async def events():
@@ -611,7 +613,7 @@ def test_chat_tools_render_as_trained_and_replies_parse_as_calls(tiny_model):
 
         frontend.in_flight = 1
         return [json.loads(line[6:]) for line in "".join([c async for c in _sse(
-            frontend, events(), [], 1, True, "chatcmpl-x", 0, "tiny", tools_offered=True)]).splitlines()
+            frontend, events(), [], 1, True, "chatcmpl-x", 0, "tiny", TOOLS)]).splitlines()
             if line.startswith("data: {")]
 
     chunks = asyncio.run(streamed())

@@ -440,14 +440,16 @@ def _arguments(arguments: Union[str, dict], where: str) -> dict:
     return arguments
 
 
-def chat_choice(text: str, finish_reason: str, tools_offered: bool) -> dict:
+def chat_choice(text: str, finish_reason: str, tools: Optional[list[dict]]) -> dict:
     """The chat choice of a generated reply: where tools were offered and the reply parses as
-    calls (data/tools.py's parse_tool_calls), the calls as OpenAI tool_calls, the text around them
-    as content (null when empty), and finish_reason "tool_calls"."""
+    calls (data/tools.py's parse_tool_calls) of offered tools, the calls as OpenAI tool_calls, the
+    text around them as content (null when empty), and finish_reason "tool_calls". A call of a
+    function not offered leaves the reply text: a JSON answer with a "name" key is no call."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if tools_offered:
+    if tools:
         content, calls = parse_tool_calls(text)
-        if calls:
+        offered = {tool["function"]["name"] for tool in tools}
+        if calls and all(call["function"]["name"] in offered for call in calls):
             message, finish_reason = {"role": "assistant", "content": content or None, "tool_calls": calls}, \
                 "tool_calls"
     return {"index": 0, "message": message, "finish_reason": finish_reason}
@@ -529,7 +531,7 @@ def create_app(frontend: Frontend):
         created = int(time.time())
         ref = frontend.resolve(caller, body.model)
         prompts = frontend.prompts(body)
-        tools_offered = chat and offered_tools(body) is not None
+        tools = offered_tools(body) if chat else None
         max_new_tokens = frontend.max_new_tokens(body, prompts, ref)
         rows = len(prompts)
         frontend.admit(rows)
@@ -539,7 +541,7 @@ def create_app(frontend: Frontend):
             if body.stream:
                 streaming = True  # the stream releases its admission when it ends
                 return StreamingResponse(_sse(frontend, events, stop, rows, chat, request_id, created, body.model,
-                                              tools_offered), media_type="text/event-stream")
+                                              tools), media_type="text/event-stream")
             pieces, finish, produced = [[] for _ in prompts], ["length"] * rows, [0] * rows
             async for row, text, reason, row_tokens in frontend.texts(events, stop, rows):
                 pieces[row].append(text)
@@ -548,7 +550,7 @@ def create_app(frontend: Frontend):
             if not streaming:
                 frontend.release(rows)
         texts = ["".join(row_pieces) for row_pieces in pieces]
-        choices = [chat_choice(texts[0], finish[0], tools_offered)] \
+        choices = [chat_choice(texts[0], finish[0], tools)] \
             if chat else [{"index": row, "text": text, "logprobs": None, "finish_reason": finish[row]}
                           for row, text in enumerate(texts)]
         prompt_tokens, completion_tokens = sum(len(ids) for ids in prompts), sum(produced)
@@ -607,7 +609,7 @@ def create_app(frontend: Frontend):
 
 
 async def _sse(frontend: Frontend, events, stop, rows: int, chat: bool, request_id: str, created: int, model: str,
-               tools_offered: bool = False):
+               tools: Optional[list[dict]] = None):
     """Server-sent events in OpenAI's chunk format (choice index = prompt index), ending with `data: [DONE]`.
     A chat with tools offered is sent once its reply is whole (whether it is a call is known only
     then): its content, then its tool_calls in OpenAI's delta form, each call whole in one delta."""
@@ -624,12 +626,12 @@ async def _sse(frontend: Frontend, events, stop, rows: int, chat: bool, request_
     try:
         if chat:
             yield chunk(0, None, None, {"role": "assistant", "content": ""})
-        if tools_offered:
+        if tools:
             pieces, finish = [], "length"
             async for _, text, reason, _ in frontend.texts(events, stop, rows):
                 pieces.append(text)
                 finish = reason or finish
-            choice = chat_choice("".join(pieces), finish, tools_offered)
+            choice = chat_choice("".join(pieces), finish, tools)
             message = choice["message"]
             if message["content"]:
                 yield chunk(0, message["content"], None)
