@@ -195,6 +195,8 @@ def test_fallback_and_parse_round_trip():
     assert content == "" and calls[0]["function"]["name"] == "weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
     assert parse_tool_calls("no call here") == ("no call here", [])
+    assert parse_tool_calls('{"name": "Alice", "age": 30}') == ('{"name": "Alice", "age": 30}', [])  # an answer
+    assert parse_tool_calls('{"name": "weather", "arguments": {"city": "Oslo"}}')[1][0]["function"]["name"] == "weather"
     assert parse_tool_calls("<tool_call>{not json}</tool_call>") == ("<tool_call>{not json}</tool_call>", [])
 
 

@@ -4,6 +4,7 @@ loss must equal the one measured inside the distributed run."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -79,8 +80,23 @@ def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny
     assert reloaded == pytest.approx(metrics["eval_loss"], rel=2e-4)
 
 
+def mixture(tmp_path, alpaca_file) -> dict:
+    """Two weighted sources of two tasks (one weighted in the loss) and a general eval set."""
+    greet = tmp_path / "greet.jsonl"
+    greet.write_text("\n".join(json.dumps({"instruction": f"Greet {name}.", "output": f"Hello, {name}!"})
+                               for name in ["Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"] * 5) + "\n")
+    general = tmp_path / "general.jsonl"
+    general.write_text("\n".join(json.dumps({"instruction": f"What is {a} plus {a}?", "output": str(2 * a)})
+                                 for a in range(8)) + "\n")
+    return {"train": [{"path": str(alpaca_file), "task": "extract"}, {"path": str(greet), "task": "greet", "weight": 0.5}],
+            "eval_sets": {"general": str(general)}, "task_weights": {"greet": 2.0}}
+
+
 def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file):
-    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8}))
+    """Two sources of two tasks and a general eval set (data issue) through the whole CLI run."""
+    raw = base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8})
+    raw["data"].update(mixture(tmp_path, alpaca_file))
+    config = write_config(tmp_path, raw)
     done = run_cli("train", str(config), "--set", "method.lora.r=4", "--set", "distributed.zero_stage=3",
                    "--set", "distributed.zero3_persistence_threshold=0", cwd=tmp_path)  # partition every tensor
     assert done.returncode == 0, done.stderr[-3000:]
@@ -90,6 +106,10 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
                 "trainable_params", "total_params", "mlflow_run_id"):
         assert metrics[key] is not None, key
     assert metrics["steps"] == 8 and metrics["eval_loss"] < metrics["eval_loss_before"] and metrics["tokens_per_s"] > 0
+    for key in ("eval_general_loss", "eval_task_extract_loss", "eval_task_greet_loss"):  # before, and after
+        assert metrics[key] > 0 and metrics[f"{key}_before"] > 0 and metrics[key] != metrics[f"{key}_before"], key
+    assert re.search(r"8/8 loss [\d.]+  eval [\d.]+  general [\d.]+", done.stderr)  # the progress line
+    assert "data (concat): " in done.stderr and "-> 162 training samples" in done.stderr  # 144 + 36 x 0.5
     adapter = out / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
     tensors = load_file(adapter / "adapter_model.safetensors")  # ZeRO-3 must not save empty shards
@@ -107,7 +127,7 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     assert run.info.status == "FINISHED"
     assert run.data.params["method.lora.r"] == "4" and run.data.tags["rayft.method"] == "lora"
     assert run.data.params["trainable_params"] == str(metrics["trainable_params"])
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_general_loss", "eval_task_greet_loss"):
         assert client.get_metric_history(run.info.run_id, key), key
     assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")][-1] == pytest.approx(metrics["eval_loss"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -128,7 +148,7 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8}))
+    cfg = parse_config(raw)
     assert eval_loss_of(model, cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
     assert eval_loss_of(reload_output(cfg, out), cfg) == pytest.approx(metrics["eval_loss"], rel=2e-4)
 
@@ -208,6 +228,17 @@ def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 3
+    # the same run uninterrupted ends with the same adapter: the data order, optimizer and schedule
+    # all resume exactly (LoRA dropout is off)
+    (tmp_path / "whole").mkdir()
+    _, whole = train_in_process(tmp_path / "whole", tiny_model, alpaca_file,
+                                train={"max_steps": 12, "save_steps": 3, "eval_steps": 6})
+    resumed_weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    whole_weights = load_file(tmp_path / "whole" / "out" / "adapter" / "adapter_model.safetensors")
+    assert resumed_weights.keys() == whole_weights.keys()
+    for name, tensor in resumed_weights.items():
+        torch.testing.assert_close(tensor, whole_weights[name], rtol=0, atol=1e-6, msg=name)
+    assert whole["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
 
 
 def test_gradient_checkpointing_under_zero3_trains_to_the_same_numbers(tmp_path, tiny_model, alpaca_file):

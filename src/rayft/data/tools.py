@@ -90,17 +90,19 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
         calls.append(call)
     if calls:
         return _CALL.sub("", text).strip(), calls
-    bare = _as_call(text.strip())
+    bare = _as_call(text.strip(), bare=True)
     return ("", [bare]) if bare is not None else (text, [])
 
 
-def _as_call(body: str) -> Optional[dict[str, Any]]:
+def _as_call(body: str, bare: bool = False) -> Optional[dict[str, Any]]:
     try:
         value = json.loads(body)
     except json.JSONDecodeError:
         return None
     if not (isinstance(value, dict) and isinstance(value.get("name"), str)):
         return None
+    if bare and not ("arguments" in value or "parameters" in value):
+        return None  # a JSON answer that happens to have a name, such as {"name": "Alice", "age": 30}
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):
         try:

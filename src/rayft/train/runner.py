@@ -164,11 +164,14 @@ class Progress:
     def __init__(self, queue, console=None):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from rich.table import Column
 
         self.queue = queue
-        self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=console or Console(stderr=True), transient=False)
+        # the metrics shrink (with an ellipsis) before the step count does, on a narrow console
+        info = TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1))
+        self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), info,
+                                TimeRemainingColumn(), console=console or Console(stderr=True), transient=False,
+                                expand=True)
         self.task = self.bar.add_task("train", total=None, info="")
         self.latest: dict[str, float] = {}
         self.stop = threading.Event()
@@ -184,11 +187,12 @@ class Progress:
                 self.bar.console.print(item["message"], markup=False, highlight=False, soft_wrap=True)
                 continue
             self.latest.update(item)
-            # the eval sets' losses (data.eval_sets) beside the validation loss: forgetting shows as it happens
-            sets = sorted(k for k in self.latest if k.startswith("eval_") and k.endswith("_loss")
-                          and k != "eval_loss" and not k.startswith("eval_task_"))
-            info = "  ".join(f"{k} {self.latest[k]:.4g}" for k in ("loss", "eval_loss", *sets, "tokens_per_s")
-                             if k in self.latest)
+            # the eval sets' losses (data.eval_sets, by name) beside the validation loss: forgetting
+            # shows as it happens
+            sets = {k: k.removeprefix("eval_").removesuffix("_loss") for k in sorted(self.latest)
+                    if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss" and not k.startswith("eval_task_")}
+            labels = {"loss": "loss", "eval_loss": "eval", **sets, "tokens_per_s": "tok/s"}
+            info = "  ".join(f"{label} {self.latest[k]:.4g}" for k, label in labels.items() if k in self.latest)
             self.bar.update(self.task, completed=item["step"], total=item.get("total_steps"), info=info)
 
     def __enter__(self):
