@@ -38,25 +38,28 @@ def learned_text(tokenizer, sample) -> str:
 # ---------------------------------------------------------------- mixing
 def test_concat_takes_each_source_weight_times():
     a, b = [(f"a{i}", None) for i in range(10)], [(f"b{i}", None) for i in range(10)]
-    mixed = mix([a, b], [0.5, 2.0], "concat", "first_exhausted", seed=0)
+    mixed = list(mix(lambda i: iter([a, b][i]), [10, 10], [0.5, 2.0], "concat", "first_exhausted", seed=0))
     counts = Counter(item[0] for item, _ in mixed)
     assert counts == {"a": 5, "b": 20}
     assert len({item for item, _ in mixed if item.startswith("a")}) == 5  # a seeded half, no repeats
-    assert mixed == mix([a, b], [0.5, 2.0], "concat", "first_exhausted", seed=0)
+    assert mixed == list(mix(lambda i: iter([a, b][i]), [10, 10], [0.5, 2.0], "concat", "first_exhausted", seed=0))
 
 
 def test_interleave_draws_by_weight_until_first_exhausted_or_all_seen():
     a, b = [(f"a{i}", None) for i in range(300)], [(f"b{i}", None) for i in range(100)]
-    first = mix([a, b], [3.0, 1.0], "interleave", "first_exhausted", seed=1)
+    def interleaved(weights, until, seed):
+        return list(mix(lambda i: iter([a, b][i]), [300, 100], weights, "interleave", until, seed))
+
+    first = interleaved([3.0, 1.0], "first_exhausted", 1)
     counts = Counter(item[0] for item, _ in first)
     assert min(counts["a"], counts["b"]) < 300 and (counts["a"] == 300 or counts["b"] == 100)
     assert 0.6 < counts["a"] / len(first) < 0.9  # ~3:1
     ordered = [item for item, _ in first if item.startswith("b")]
     assert ordered == [f"b{i}" for i in range(len(ordered))]  # each source in its own order
-    seen = mix([a, b], [1.0, 1.0], "interleave", "all_seen", seed=1)
+    seen = interleaved([1.0, 1.0], "all_seen", 1)
     assert {item for item, _ in seen} == {item for item, _ in a + b}  # every record at least once
-    assert mix([a, b], [1.0, 1.0], "interleave", "all_seen", seed=1) == seen
-    assert mix([a, b], [1.0, 1.0], "interleave", "all_seen", seed=2) != seen
+    assert interleaved([1.0, 1.0], "all_seen", 1) == seen
+    assert interleaved([1.0, 1.0], "all_seen", 2) != seen
 
 
 def test_sources_with_tasks_per_source_validation_and_eval_sets(tmp_path, tiny_model):
@@ -275,10 +278,27 @@ def test_bad_data_is_one_line_naming_source_and_record(tmp_path, tiny_model):
     args = write_jsonl(tmp_path / "args.jsonl", [GLAIVE, bad_args, GLAIVE, bad_args])
     fails(r"args.jsonl: 2 records have a tool call whose arguments are not a JSON object; first at index 1",
           train=str(args))
-    first = write_jsonl(tmp_path / "first.jsonl", [dict(GLAIVE, conversations=GLAIVE["conversations"][2:])])
+    first = write_jsonl(tmp_path / "first.jsonl", [dict(GLAIVE, conversations=GLAIVE["conversations"][2:]), GLAIVE, GLAIVE])
     fails(r"first.jsonl: 1 records start with an observation .*first at index 0", train=str(first))
     fails(r"data.eval_sets.general: file not found: .*missing.jsonl", train=str(good),
           eval_sets={"general": str(tmp_path / "missing.jsonl")})
     fails(r"data.task_weights: no record has task 'mathh' \(tasks: extract\)",
           train=[{"path": str(good), "task": "extract"}, {"path": str(good)}], task_weights={"mathh": 2.0})
     fails(r"data.train.1.path: file not found", train=[{"path": str(good)}, {"path": str(tmp_path / "gone.jsonl")}])
+
+
+def test_worker_processes_write_the_same_rows_as_one_process(tmp_path, tiny_model, monkeypatch):
+    """A large corpus is tokenized in worker processes, chunk by chunk: the rows are those of the
+    one-process path, in the same order."""
+    import rayft.data.dataset as dataset
+
+    path = write_jsonl(tmp_path / "d.jsonl", qa("q", 300) + [dict(r, task="other") for r in qa("t", 100)])
+    cfg = DataConfig(train=str(path), cutoff_len=64)
+    monkeypatch.setattr(dataset, "CHUNK_RECORDS", 64)
+    alone = prepare_data(cfg, tiny_model, tmp_path / "one", seed=0)
+    monkeypatch.setattr(dataset, "POOL_MIN_RECORDS", 0)
+    monkeypatch.setattr(dataset.os, "cpu_count", lambda: 2)
+    pooled = prepare_data(cfg, tiny_model, tmp_path / "pool", seed=0)
+    assert (pooled.train_rows, pooled.train_samples, pooled.tasks) == (alone.train_rows, alone.train_samples, alone.tasks)
+    for split in ("train_file", "val_file"):
+        assert RowFile(getattr(pooled, split)).table.equals(RowFile(getattr(alone, split)).table)

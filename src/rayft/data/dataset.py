@@ -10,9 +10,10 @@ of steps) and deterministic, which lets a resumed run skip exactly the batches i
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
-import random
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from rayft.config import DataConfig
-from rayft.data.formats import with_task_prompt
-from rayft.data.packing import Row
-from rayft.data.sources import Source, read_source, resolve_sources
+from rayft.data.formats import Problems, with_task_prompt
+from rayft.data.packing import PACK_CHUNK, Row, pack_units, unit_row
+from rayft.data.sources import Source, count_records, repeats_of, resolve_sources, source_label, stream_source
 from rayft.errors import DataError
 
 CACHE_VERSION = "2"
@@ -96,15 +97,14 @@ def dataset_key(cfg: DataConfig, sources: list[Source], tokenizer_dir: Path, see
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def split_records(records: list, val_size: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(records) * val_size))
-    if n_val >= len(records):
-        raise DataError(f"data.val_size={val_size} leaves no training records out of {len(records)}")
-    val = [records[i] for i in sorted(order[:n_val])]
-    train = [records[i] for i in sorted(order[n_val:])]
-    return train, val
+def _val_positions(n: int, val_size: float, seed: int, label: str) -> np.ndarray:
+    """The seeded positions of a source's records that form its validation split."""
+    if not val_size:
+        return np.zeros(0, dtype=np.int64)
+    n_val = max(1, round(n * val_size))
+    if n_val >= n:
+        raise DataError(f"{label}: data.val_size={val_size} leaves no training records out of {n}")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
 
 
 def _write_rows(rows: Iterator[Row], path: Path, batch_rows: int = 1024) -> tuple[int, int]:
@@ -128,76 +128,156 @@ def _write_rows(rows: Iterator[Row], path: Path, batch_rows: int = 1024) -> tupl
     return n_rows, n_tokens
 
 
-def _stage_records(objective, source: Source, seed: int, label: str, path: Optional[str] = None) -> list[dict]:
-    """The source's records, refused in one line when they are another stage's (preference pairs
-    for SFT, conversations for a preference stage)."""
-    from rayft.objectives import get_objective, stage_names
-
-    records = read_source(source, seed, path)
-    if not objective.recognises(records[0]):
-        others = [name for name in stage_names() if get_objective(name).recognises(records[0])]
-        hint = f"; they are {others[0]} records: set stage: {others[0]}" if others else ""
-        raise DataError(f"{label}: stage {objective.name} cannot train on these records (fields: "
-                        f"{', '.join(sorted(records[0]))}){hint}")
-    return records
-
-
-Tagged = list[tuple[object, Optional[str]]]  # (the stage's parsed item, its task)
-
-
-def _parse(objective, records: list[dict], cfg: DataConfig, fmt: str, label: str) -> Tagged:
-    """Records parsed by the stage, each with its task (written into its prompt)."""
-    tasks = [record.get("task") for record in records]
-    records = [with_task_prompt(r, cfg.task_template, t) if t else r for r, t in zip(records, tasks)]
-    return list(zip(objective.parse(records, fmt, label), tasks))
-
-
-def mix(parts: list[Tagged], weights: list[float], how: str, until: str, seed: int) -> Tagged:
-    """The training items of all sources in one fixed order (data.mix)."""
+def mix(streams, counts: list[int], weights: list[float], how: str, until: str, seed: int) -> Iterator:
+    """The training records of all sources in one order, fixed by the seed (data.mix).
+    `streams(i)` starts source i's records anew; counts[i] is how many it has."""
     rng = np.random.default_rng([seed, 1])
     if how == "concat":
-        mixed: Tagged = []
-        for items, weight in zip(parts, weights):
-            whole, fraction = int(weight), weight - int(weight)
-            mixed += items * whole
-            if fraction:
-                mixed += [items[i] for i in sorted(rng.choice(len(items), round(fraction * len(items)), replace=False))]
-        return mixed
-    drawn = [i for i, w in enumerate(weights) if w > 0]
+        for i, (count, weight) in enumerate(zip(counts, weights)):
+            for _ in range(int(weight)):
+                yield from streams(i)
+            fraction = weight - int(weight)
+            if fraction:  # a seeded share of the records, in their order
+                chosen = set(rng.choice(count, round(fraction * count), replace=False).tolist())
+                yield from (item for position, item in enumerate(streams(i)) if position in chosen)
+        return
+    drawn = [i for i, w in enumerate(weights) if w > 0 and counts[i] > 0]
     p = np.array([weights[i] for i in drawn]) / sum(weights[i] for i in drawn)
-    position, seen, mixed = [0] * len(parts), set(), []
+    iterators = {i: streams(i) for i in drawn}
+    left = {i: counts[i] for i in drawn}
+    seen: set[int] = set()
     while True:
         for choice in rng.choice(len(drawn), size=4096, p=p):  # draws in blocks: one rng call per block
             source = drawn[choice]
-            if position[source] == len(parts[source]):
+            if left[source] == 0:
+                if until == "first_exhausted":
+                    return
+                iterators[source], left[source] = streams(source), counts[source]  # all_seen: again
+            item = next(iterators[source], None)
+            left[source] = left[source] - 1 if item is not None else 0  # fewer than counted: bad records, reported
+            if item is not None:
+                yield item
+            if left[source] == 0:
                 seen.add(source)
-                if until == "first_exhausted" or len(seen) == len(drawn):
-                    return mixed
-                position[source] = 0  # all_seen: a source that ran out starts again
-            mixed.append(parts[source][position[source]])
-            position[source] += 1
-            if until == "all_seen" and position[source] == len(parts[source]):
-                seen.add(source)
-                if len(seen) == len(drawn):
-                    return mixed
+                if len(seen) == len(drawn) and until == "all_seen":
+                    return
 
 
-def _task_rows(objective, tokenizer, items: Tagged, tasks: list[str], cfg: DataConfig, counts: dict) -> Iterator[Row]:
-    """The stage's rows of each task in turn (a packed row holds one task's samples, so a row's
-    loss weight and per-task loss are the row's task's), each row with its task index."""
+# ---------------------------------------------------------------- records -> units, in worker processes
+CHUNK_RECORDS = 1000
+POOL_MIN_RECORDS = 20_000  # below this, starting worker processes costs more than it saves
+_worker: dict = {}
+
+
+def _start_worker(tokenizer_dir: str, stage: str, cfg: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from rayft.objectives import get_objective
+
+    _worker.update(tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), objective=get_objective(stage),
+                   cfg=DataConfig.model_validate(cfg))
+
+
+def _chunk_units(chunk: list[tuple[str, str, int, dict]]):
+    """Records of a chunk, (label, format, index, record), parsed and tokenized: ((task, unit)
+    pairs, counts, problems per label)."""
+    objective, cfg, tokenizer = _worker["objective"], _worker["cfg"], _worker["tokenizer"]
+    problems: dict[str, Problems] = {}
     by_task: dict[Optional[str], list] = {}
-    for item, task in items:
-        by_task.setdefault(task, []).append(item)
-    for task in sorted(by_task, key=lambda t: (t is None, t or "")):
-        index = tasks.index(task) if task is not None else NO_TASK
-        for row in objective.rows(tokenizer, by_task[task], cfg, counts):
-            row["task"] = index
-            yield row
+    for label, fmt, index, record in chunk:
+        task = record.get("task")
+        if task:
+            record = with_task_prompt(record, cfg.task_template, task)
+        (item,) = objective.parse([record], fmt, label, index, problems.setdefault(label, Problems()))
+        if item is not None:
+            by_task.setdefault(task, []).append(item)
+    counts: dict[str, int] = {"kept": 0, "dropped": 0}
+    units = [(task, unit) for task, items in by_task.items() for unit in objective.units(tokenizer, items, cfg, counts)]
+    return units, counts, {label: p for label, p in problems.items() if p.cases}
+
+
+def _chunks(records: Iterator[tuple[str, str, int, dict]]) -> Iterator[list]:
+    chunk = []
+    for entry in records:
+        chunk.append(entry)
+        if len(chunk) == CHUNK_RECORDS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _units(records, n_records: int, tokenizer_dir: Path, stage: str, cfg: DataConfig) -> Iterator:
+    """_chunk_units over all records' chunks, in order: in this process, or for a large corpus in
+    worker processes on every core, with a bounded number of chunks in flight (memory stays flat)."""
+    workers = min(os.cpu_count() or 1, 8)
+    if n_records < POOL_MIN_RECORDS or workers < 2:
+        _start_worker(str(tokenizer_dir), stage, cfg.model_dump(mode="json"))
+        yield from (_chunk_units(chunk) for chunk in _chunks(records))
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no forking of a process with threads (tokenizers, torch)
+    with context.Pool(workers, _start_worker, (str(tokenizer_dir), stage, cfg.model_dump(mode="json"))) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in _chunks(records):
+            pending.append(pool.apply_async(_chunk_units, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Tasks:
+    """Task names in order of first appearance; each row carries its task's index."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def index(self, task: Optional[str]) -> int:
+        if task is None:
+            return NO_TASK
+        if task not in self.names:
+            self.names.append(task)
+        return self.names.index(task)
+
+
+def _rows(objective, records, n_records: int, tokenizer_dir: Path, cfg: DataConfig, tasks: _Tasks,
+          counts: dict, problems: dict[str, Problems]) -> Iterator[Row]:
+    """Token rows of a stream of (label, format, index, record): units packed per task (a packed
+    row holds one task's samples, so its loss weight and per-task loss are its task's) into rows
+    of the stage's length, a chunk of units at a time; each row with its task index."""
+    row_length = objective.row_length(cfg)
+    buffers: dict[int, list] = {}
+    for units, chunk_counts, chunk_problems in _units(records, n_records, tokenizer_dir, objective.name, cfg):
+        for key, value in chunk_counts.items():
+            counts[key] = counts.get(key, 0) + value
+        for label, found in chunk_problems.items():
+            problems.setdefault(label, Problems()).merge(found)
+        for task, unit in units:
+            if not cfg.packing:
+                yield {**unit_row(unit), "task": tasks.index(task)}
+                continue
+            buffer = buffers.setdefault(tasks.index(task), [])
+            buffer.append(unit)
+            if len(buffer) == PACK_CHUNK:
+                yield from _packed(buffer, row_length, tasks.index(task))
+                buffer.clear()
+    for task, buffer in buffers.items():
+        yield from _packed(buffer, row_length, task)
+
+
+def _packed(units: list, row_length: int, task: int) -> Iterator[Row]:
+    for row in pack_units(units, row_length):
+        row["task"] = task
+        yield row
 
 
 def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: int, stage: str = "sft") -> PreparedData:
     """Tokenize (and pack) the train and validation splits of every source, and each eval set,
-    once, the way the training stage reads records (objectives/); reuse the cache when it exists."""
+    once, the way the training stage reads records (objectives/); reuse the cache when it exists.
+    Records stream from the files through worker processes into the Arrow files: memory does not
+    grow with the corpus."""
     from rayft.objectives import general_objective, get_objective
 
     objective = get_objective(stage)
@@ -216,62 +296,54 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
     if meta_path.is_file():
         return PreparedData(cache_dir=str(cache_dir), **json.loads(meta_path.read_text()))
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    parts, val_items, summary = [], [], []
-    for i, source in enumerate(sources):
-        # Validate whole files before splitting, so errors count and index records as in the file.
-        items = _parse(objective, _stage_records(objective, source, seed, source.name), cfg, source.format,
-                       source.name)
-        if source.val:
-            val = _parse(objective, _stage_records(objective, source, seed, source.val, source.val), cfg,
-                         source.format, source.val)
-        elif source.val_size:
-            items, val = split_records(items, source.val_size, seed + 1_000_003 * i)
-        else:
-            val = []
-        parts.append(items)
-        val_items += val
-        summary.append({"name": source.name, "train": len(items), "val": len(val)})
-    if not val_items:
-        raise DataError("data: no validation records (every source has val_size 0 and no val file)")
-    train_items = parts[0] if len(parts) == 1 else \
-        mix(parts, [s.weight for s in sources], cfg.mix, cfg.interleave_until, seed)
-    tasks = sorted({task for _, task in train_items + val_items if task is not None})
-    unknown = sorted(set(cfg.task_weights) - set(tasks))
-    if unknown:
-        raise DataError(f"data.task_weights: no record has task {unknown[0]!r} (tasks: {', '.join(tasks) or 'none'})")
+    problems: dict[str, Problems] = {}
+    plans = [_SourcePlan(objective, source, i, seed, problems) for i, source in enumerate(sources)]
+    train_counts = [plan.n_train for plan in plans]
+    weights = [source.weight for source in sources]
+    n_train = sum(int(w * n) if cfg.mix == "concat" else n for w, n in zip(weights, train_counts))
+    train_records = plans[0].train() if len(plans) == 1 else \
+        mix(lambda i: plans[i].train(), train_counts, weights, cfg.mix, cfg.interleave_until, seed)
+    val_records = (entry for plan in plans for entry in plan.val())
+    tasks = _Tasks()
 
     staging = cache_root / f".tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
-        train_counts = {"kept": 0, "dropped": 0}
-        train_rows, train_tokens = _write_rows(_task_rows(objective, tokenizer, train_items, tasks, cfg, train_counts),
-                                               staging / "train.arrow")
+        counts = {"kept": 0, "dropped": 0}
+        train_rows, train_tokens = _write_rows(_rows(objective, train_records, n_train, tokenizer_dir, cfg, tasks,
+                                                     counts, problems), staging / "train.arrow")
+        val_counts = {"kept": 0, "dropped": 0}
+        val_rows, _ = _write_rows(_rows(objective, val_records, sum(p.n_val for p in plans), tokenizer_dir, cfg,
+                                        tasks, val_counts, problems), staging / "val.arrow")
+        for label, found in problems.items():  # every record was read: each source's count is whole
+            found.raise_first(label)
         where = sources[0].name if len(sources) == 1 else "data.train"
         if train_rows == 0:
             raise DataError(f"{where}: {objective.nothing_left} at data.cutoff_len={cfg.cutoff_len} "
-                            f"({train_counts['dropped']} dropped)")
-        val_counts = {"kept": 0, "dropped": 0}
-        val_rows, _ = _write_rows(_task_rows(objective, tokenizer, val_items, tasks, cfg, val_counts),
-                                  staging / "val.arrow")
+                            f"({counts['dropped']} dropped)")
+        if not any(p.n_val for p in plans):
+            raise DataError("data: no validation records (every source has val_size 0 and no val file)")
         if val_rows == 0:
             raise DataError(f"{sources[0].val or where}: the validation split is empty after truncation "
                             f"at data.cutoff_len={cfg.cutoff_len}")
+        unknown = sorted(set(cfg.task_weights) - set(tasks.names))
+        if unknown:
+            raise DataError(f"data.task_weights: no record has task {unknown[0]!r} "
+                            f"(tasks: {', '.join(tasks.names) or 'none'})")
         general = general_objective()
         for name, path in cfg.eval_sets.items():  # conversations, measured by their next-token loss
-            items = _parse(general, _stage_records(general, Source(name=path, path=path), seed, path), cfg,
-                           "auto", path)
-            n_rows, _ = _write_rows(_task_rows(general, tokenizer, [(item, None) for item, _ in items], [], cfg,
-                                               {"kept": 0, "dropped": 0}), staging / f"eval-{name}.arrow")
+            plan = _SourcePlan(general, Source(name=path, path=path, val_size=0), 0, seed, problems)
+            n_rows, _ = _write_rows(_rows(general, plan.train(), plan.n_train, tokenizer_dir, cfg, _Tasks(),
+                                          {"kept": 0, "dropped": 0}, problems), staging / f"eval-{name}.arrow")
+            problems.get(path, Problems()).raise_first(path)
             if n_rows == 0:
                 raise DataError(f"data.eval_sets.{name}: {path}: {general.nothing_left} at "
                                 f"data.cutoff_len={cfg.cutoff_len}")
         meta = {"train_rows": train_rows, "val_rows": val_rows, "train_tokens": train_tokens,
-                "train_samples": train_counts["kept"], "dropped_samples": train_counts["dropped"],
-                "notes": {k: v for k, v in train_counts.items() if k not in ("kept", "dropped") and v},
-                "tasks": tasks, "eval_sets": list(cfg.eval_sets), "sources": summary}
+                "train_samples": counts["kept"], "dropped_samples": counts["dropped"],
+                "notes": {k: v for k, v in counts.items() if k not in ("kept", "dropped") and v},
+                "tasks": tasks.names, "eval_sets": list(cfg.eval_sets),
+                "sources": [{"name": p.source.name, "train": p.n_train, "val": p.n_val} for p in plans]}
         (staging / "meta.json").write_text(json.dumps(meta))
         try:
             staging.rename(cache_dir)
@@ -281,6 +353,59 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PreparedData(cache_dir=str(cache_dir), **meta)
+
+
+class _SourcePlan:
+    """One source's train and validation records as streams of (label, format, index, record),
+    with their counts known before anything is tokenized (lines counted, not parsed). The split
+    is by position in the file: a record drawn twice (num_samples) stays on one side."""
+
+    def __init__(self, objective, source: Source, position: int, seed: int, problems: dict[str, Problems]):
+        self.source, self.seed, self.problems = source, seed, problems
+        self.label = source_label(source)
+        first = self._first(objective, None)
+        self.format = objective.source_format(source.format, first)
+        n = count_records(source)
+        repeats = repeats_of(source, n, seed)
+        total = n if repeats is None else int(repeats.sum())
+        if source.val:
+            self._first(objective, source.val)
+            self.val_positions, self.n_val, self.n_train = set(), count_records(source, source.val), total
+        else:
+            positions = _val_positions(n, source.val_size, seed + 1_000_003 * position, self.label)
+            self.val_positions = set(positions.tolist())
+            self.n_val = len(positions) if repeats is None else int(repeats[positions].sum())
+            self.n_train = total - self.n_val
+
+    def _first(self, objective, path: Optional[str]) -> dict:
+        """The first record, refused in one line when it is another stage's (preference pairs for
+        SFT, conversations for a preference stage)."""
+        from rayft.objectives import get_objective, stage_names
+
+        label = source_label(self.source, path)
+        first = next((record for _, record in stream_source(self.source, self.seed, Problems(), path)), None)
+        if first is None:
+            raise DataError(f"{label}: no records")
+        if not objective.recognises(first):
+            others = [name for name in stage_names() if get_objective(name).recognises(first)]
+            hint = f"; they are {others[0]} records: set stage: {others[0]}" if others else ""
+            raise DataError(f"{label}: stage {objective.name} cannot train on these records (fields: "
+                            f"{', '.join(sorted(first))}){hint}")
+        return first
+
+    def _stream(self, path: Optional[str] = None, wanted=None) -> Iterator:
+        label = source_label(self.source, path)
+        found = self.problems.setdefault(label, Problems())
+        return ((label, self.format, i, record)
+                for i, record in stream_source(self.source, self.seed, found, path, wanted))
+
+    def train(self) -> Iterator:
+        return self._stream(wanted=lambda i: i not in self.val_positions)
+
+    def val(self) -> Iterator:
+        if self.source.val:
+            return self._stream(self.source.val)
+        return self._stream(wanted=lambda i: i in self.val_positions)
 
 
 class RowFile:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from rayft.errors import DataError
 
@@ -39,30 +39,48 @@ class BadRecord(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def iter_records(path: str | Path) -> Iterator[Any]:
+    """The file's JSON values in order: JSONL line by line (a corpus streams), a JSON array whole."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                        "save the file as UTF-8") from None
-    if text.lstrip().startswith("["):
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):
         try:
-            records = json.loads(text)
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, path.read_bytes(), exc) from None
+        try:
+            yield from json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    else:
-        records = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        return
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                                f"{offset + exc.start}); save the file as UTF-8") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{line_number}: malformed JSON ({exc.msg})") from None
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> DataError:
+    line = data[:exc.start].count(b"\n") + 1
+    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                     "save the file as UTF-8")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    records = list(iter_records(path))
     bad = [i for i, record in enumerate(records) if not isinstance(record, dict)]
     if bad:
         raise DataError(f"{path}: {len(bad)} records are not JSON objects (first at index {bad[0]})")
@@ -197,38 +215,68 @@ def detect_format(record: dict[str, Any]) -> str:
     raise DataError(f"cannot detect the data format from keys {sorted(record)}; set data.format")
 
 
-def _reason_line(reason: str, fmt: str, count: int, first: int, detail: str) -> str:
-    where = f"first at index {first}"
+class Problems:
+    """A source's bad records, counted per reason over all its chunks (which may be read in other
+    processes and merged): one error at the end, for the reason met first in the file, with how
+    many records have it and the first one's index."""
+
+    def __init__(self):
+        self.cases: dict[str, list] = {}  # message template -> [count, first index, detail]
+
+    def add(self, template: str, index: int, detail: str = "") -> None:
+        """`template` has {count}, {first} (and {detail}) to fill in."""
+        case = self.cases.setdefault(template, [0, index, detail])
+        case[0] += 1
+        if index < case[1]:
+            case[1], case[2] = index, detail
+
+    def merge(self, other: "Problems") -> None:
+        for template, (count, first, detail) in other.cases.items():
+            case = self.cases.setdefault(template, [0, first, detail])
+            case[0] += count
+            if first < case[1]:
+                case[1], case[2] = first, detail
+
+    def raise_first(self, source: str) -> None:
+        if self.cases:
+            template, (count, first, detail) = min(self.cases.items(), key=lambda item: item[1][1])
+            raise DataError(f"{source}: " + template.format(count=count, first=first, detail=detail))
+
+
+def _reason_template(reason: str, fmt: str) -> str:
+    where = "first at index {first}"
+    roles = ", ".join(sorted(SHAREGPT_ROLES) if fmt == "sharegpt" else MESSAGE_ROLES)
     return {
-        "fields": f"{count} records lack the {fmt} fields ({FORMATS[fmt][1]}); {where}",
-        "role": f"{count} records have a turn whose role is not one of "
-                f"{', '.join(sorted(SHAREGPT_ROLES) if fmt == 'sharegpt' else MESSAGE_ROLES)}; {where} (role {detail})",
-        "tool_arguments": f"{count} records have a tool call whose arguments are not a JSON object; {where}",
-        "tool_call": f"{count} records have a tool call without a function name; {where}",
-        "tools": f"{count} records have a tools field that is not a JSON list of functions with names; {where}",
-        "observation_first": f"{count} records start with an observation (a tool result) before any call; {where}",
+        "fields": f"{{count}} records lack the {fmt} fields ({FORMATS[fmt][1]}); {where}",
+        "role": f"{{count}} records have a turn whose role is not one of {roles}; {where} (role {{detail}})",
+        "tool_arguments": f"{{count}} records have a tool call whose arguments are not a JSON object; {where}",
+        "tool_call": f"{{count}} records have a tool call without a function name; {where}",
+        "tools": f"{{count}} records have a tools field that is not a JSON list of functions with names; {where}",
+        "observation_first": f"{{count}} records start with an observation (a tool result) before any call; {where}",
+        "no_answer": f"{{count}} records have no assistant turn; {where}",
     }[reason]
 
 
-def to_conversations(records: list[dict[str, Any]], fmt: str, source: str) -> list[Conversation]:
-    """All records as conversations; one error counting every record that fails for the first
-    reason found, with the first one's index."""
+def to_conversations(records: list[dict[str, Any]], fmt: str, source: str, offset: int = 0,
+                     problems: Optional[Problems] = None) -> list[Optional[Conversation]]:
+    """The records as conversations (None for a bad one). Bad records go to `problems`, or,
+    without it, raise one error counting them."""
     if fmt == "auto":
         fmt = detect_format(records[0])
     convert = FORMATS[fmt][0]
-    conversations: list[Conversation] = []
-    bad: dict[str, list] = {}
-    for i, record in enumerate(records):
+    collected = problems if problems is not None else Problems()
+    conversations: list[Optional[Conversation]] = []
+    for i, record in enumerate(records, start=offset):
         try:
-            conversations.append(convert(record))
+            conversation = convert(record)
+            if not any(m["role"] == "assistant" for m in conversation.messages):
+                raise BadRecord("no_answer")
+            conversations.append(conversation)
         except BadRecord as exc:
-            bad.setdefault(exc.reason, []).append((i, exc.detail))
-    if bad:
-        reason, cases = min(bad.items(), key=lambda item: item[1][0][0])
-        raise DataError(f"{source}: {_reason_line(reason, fmt, len(cases), cases[0][0], cases[0][1])}")
-    no_answer = [i for i, c in enumerate(conversations) if not any(m["role"] == "assistant" for m in c.messages)]
-    if no_answer:
-        raise DataError(f"{source}: {len(no_answer)} records have no assistant turn; first at index {no_answer[0]}")
+            collected.add(_reason_template(exc.reason, fmt), i, exc.detail)
+            conversations.append(None)
+    if problems is None:
+        collected.raise_first(source)
     return conversations
 
 

@@ -9,13 +9,15 @@ attends to a pad token, and pads carry no labels.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from rayft.data.tokenize import IGNORE_INDEX, TokenizedSample
 
+if TYPE_CHECKING:
+    import torch
+
 Row = dict[str, list[int]]
+PACK_CHUNK = 4096  # units packed together: bounded memory, rows nearly as full as packing everything at once
 
 
 def single_row(sample: TokenizedSample) -> Row:
@@ -33,12 +35,12 @@ def unit_row(unit: list[TokenizedSample]) -> Row:
     return row
 
 
-def pack(samples: Iterable[TokenizedSample], max_len: int, chunk_size: int = 4096) -> Iterator[Row]:
+def pack(samples: Iterable[TokenizedSample], max_len: int, chunk_size: int = PACK_CHUNK) -> Iterator[Row]:
     """Best-fit-decreasing packing within chunks of `chunk_size` samples (streams, bounded memory)."""
     return pack_units(([sample] for sample in samples), max_len, chunk_size)
 
 
-def pack_units(units: Iterable[list[TokenizedSample]], max_len: int, chunk_size: int = 4096) -> Iterator[Row]:
+def pack_units(units: Iterable[list[TokenizedSample]], max_len: int, chunk_size: int = PACK_CHUNK) -> Iterator[Row]:
     """`pack` for units of sequences that stay together and in order in one row."""
     chunk: list[list[TokenizedSample]] = []
     for unit in units:
@@ -72,6 +74,8 @@ def _pack_chunk(chunk: list[list[TokenizedSample]], max_len: int) -> Iterator[Ro
 def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest one. Pads get labels IGNORE_INDEX and their own positions;
     `real_tokens` counts the tokens that are not padding (for throughput)."""
+    import torch  # here, not at the top: data preparation's worker processes never collate
+
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

@@ -5,15 +5,16 @@ LLaMA-Factory `dataset_info.json`. Each source's records come out in rayft's fie
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from rayft.config import DataConfig
-from rayft.data.formats import read_records
+from rayft.data.formats import Problems, iter_records
 from rayft.errors import DataError
 
 # rayft's record fields a `columns` entry may name
@@ -123,29 +124,74 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_source(source: Source, seed: int, path: Optional[str] = None) -> list[dict]:
-    """The source's records (or its validation file's, `path`) in rayft's field names, each with
-    the task it belongs to under "task" (its own, else the source's, else none)."""
+def _file_count(path: Path) -> int:
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):
+        return sum(1 for _ in iter_records(path))
+    with open(path, "rb") as handle:  # JSONL: its non-blank lines (a malformed one fails when read)
+        return sum(1 for line in handle if line.strip())
+
+
+def count_records(source: Source, path: Optional[str] = None) -> int:
+    """How many records (positions) the source's file(s) hold, up to max_samples, without parsing
+    them (JSONL: counting lines)."""
+    n = sum(_file_count(file) for file in _files(Path(path or source.path)))
+    return n if path else min(n, source.max_samples or n)
+
+
+def repeats_of(source: Source, n: int, seed: int) -> Optional[np.ndarray]:
+    """How often each position is drawn by LLaMA-Factory's num_samples (None: once each)."""
+    return np.bincount(_lf_sample(n, source.num_samples, seed), minlength=n) if source.num_samples else None
+
+
+def stream_source(source: Source, seed: int, problems: Problems, path: Optional[str] = None,
+                  wanted: Optional[Callable[[int], bool]] = None) -> Iterator[tuple[int, dict]]:
+    """(position, record) of the source (or of its validation file, `path`) in file order, for the
+    positions `wanted` (all by default), in rayft's field names, each with its task under "task"
+    (its own, else the source's, else none); a record drawn more than once (num_samples) comes as
+    often. Records that are not JSON objects, or name an unknown role, go to `problems`."""
     target = Path(path or source.path)
-    if not target.exists():
-        raise DataError(f"{source.name}: file not found: {target}")
-    records = [record for file in _files(target) for record in read_records(file)]
+    label = source_label(source, path)
+    values: Iterator = (value for file in _files(target) for value in iter_records(file))
+    repeats = None
     if path is None:
         if source.max_samples:
-            records = records[:source.max_samples]
-        if source.num_samples:
-            records = [records[i] for i in _lf_sample(len(records), source.num_samples, seed)]
-    label = str(target) if path or source.name == source.path else f"{source.name} ({target})"
-    if source.columns:
-        records = _rename_columns(records, source.columns, label)
-    if source.tags:
-        records = _canonical_roles(records, source.tags, label)
-    for record in records:
+            values = itertools.islice(values, source.max_samples)
+        repeats = repeats_of(source, count_records(source), seed)
+    seen_columns: set[str] = set()
+    first_fields: list[str] = []
+    any_record = False
+    for position, record in enumerate(values):
+        if wanted is not None and not wanted(position):
+            continue
+        if not isinstance(record, dict):
+            problems.add("{count} records are not JSON objects; first at index {first}", position)
+            continue
+        any_record = True
+        first_fields = first_fields or sorted(record)
+        if source.columns:
+            seen_columns.update(c for c in source.columns.values() if c in record)
+            record = _rename_columns(record, source.columns)
+        if source.tags:
+            record = _canonical_roles(record, source.tags, problems, position)
         if not (isinstance(record.get("task"), str) and record["task"]):
             record.pop("task", None)
             if source.task:
                 record["task"] = source.task
-    return records
+        for _ in range(1 if repeats is None else int(repeats[position])):
+            yield position, record
+    if not any_record and not problems.cases:
+        raise DataError(f"{label}: no records")
+    for rayft_field, record_field in source.columns.items():
+        if record_field not in seen_columns:
+            raise DataError(f"{label}: columns.{rayft_field} names field {record_field!r}, which no record has "
+                            f"(fields: {', '.join(first_fields)})")
+
+
+def source_label(source: Source, path: Optional[str] = None) -> str:
+    target = path or source.path
+    return str(target) if path or source.name == source.path else f"{source.name} ({target})"
 
 
 def _lf_sample(size: int, count: int, seed: int) -> np.ndarray:
@@ -157,48 +203,36 @@ def _lf_sample(size: int, count: int, seed: int) -> np.ndarray:
     return picks
 
 
-def _rename_columns(records: list[dict], columns: dict[str, str], label: str) -> list[dict]:
-    for rayft_field, record_field in columns.items():
-        if not any(record_field in record for record in records):
-            raise DataError(f"{label}: columns.{rayft_field} names field {record_field!r}, which no record has "
-                            f"(fields: {', '.join(sorted(records[0]))})")
-    renamed = []
-    for record in records:
-        record = dict(record)
-        values = {f: record.pop(c) for f, c in columns.items() if c in record}
-        record.update(values)
-        renamed.append(record)
-    return renamed
+def _rename_columns(record: dict, columns: dict[str, str]) -> dict:
+    record = dict(record)
+    values = {f: record.pop(c) for f, c in columns.items() if c in record}
+    record.update(values)
+    return record
 
 
-def _canonical_roles(records: list[dict], tags: dict[str, str], label: str) -> list[dict]:
+def _canonical_roles(record: dict, tags: dict[str, str], problems: Problems, index: int) -> dict:
     """sharegpt turns under the source's role and content tags, as {from, value} with rayft's
-    role names; an unknown role is an error naming the record."""
+    role names; an unknown role goes to `problems`."""
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     roles = {tags[tag]: role for tag, (_, role) in LF_TAGS.items()}
-    unknown: list[tuple[int, object]] = []
+    unknown: list = []
 
-    def turn(t, index: int):
+    def turn(t):
         if not isinstance(t, dict):
             return t
         if t.get(role_tag) not in roles:
-            unknown.append((index, t.get(role_tag)))
+            unknown.append(t.get(role_tag))
             return t
         return {"from": roles[t[role_tag]], "value": t.get(content_tag)}
 
-    out = []
-    for i, record in enumerate(records):
-        record = dict(record)
-        if isinstance(record.get("conversations"), list):
-            record["conversations"] = [turn(t, i) for t in record["conversations"]]
-        for key in ("chosen", "rejected"):  # ranking records: one message each
-            if isinstance(record.get(key), dict):
-                record[key] = turn(record[key], i)
-        out.append(record)
+    record = dict(record)
+    if isinstance(record.get("conversations"), list):
+        record["conversations"] = [turn(t) for t in record["conversations"]]
+    for key in ("chosen", "rejected"):  # ranking records: one message each
+        if isinstance(record.get(key), dict):
+            record[key] = turn(record[key])
     if unknown:
-        first_index, role = unknown[0]
-        records_hit = len({index for index, _ in unknown})
-        known = ", ".join(f"{tag} {tags[tag]!r}" for tag in LF_TAGS)
-        raise DataError(f"{label}: {records_hit} records have a turn whose {role_tag} is not one of the tags "
-                        f"({known}); first at index {first_index} ({role_tag} {role!r})")
-    return out
+        known = ", ".join(f"{tag} {tags[tag]!r}" for tag in LF_TAGS).replace("{", "{{").replace("}", "}}")
+        problems.add(f"{{count}} records have a turn whose {role_tag} is not one of the tags ({known}); "
+                     f"first at index {{first}} ({role_tag} {{detail}})", index, repr(unknown[0]))
+    return record

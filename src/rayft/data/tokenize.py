@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from rayft.data.formats import Messages
 from rayft.data.tools import render
 from rayft.errors import DataError
@@ -42,15 +44,31 @@ def assistant_char_spans(tokenizer, messages: Messages, tools: Optional[list[dic
 
 def tokenize_conversation(tokenizer, messages: Messages, cutoff_len: int, train_on_prompt: bool,
                           tools: Optional[list[dict]] = None) -> TokenizedSample:
-    text, spans = assistant_char_spans(tokenizer, messages, tools)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoded["input_ids"][:cutoff_len]
-    labels = []
-    for token_id, (start, _end) in zip(input_ids, encoded["offset_mapping"]):
-        learned = train_on_prompt or any(lo <= start < hi for lo, hi in spans)
-        labels.append(token_id if learned else IGNORE_INDEX)
-    # Nothing predicts a sequence's first token; masking it also keeps packed samples from
-    # learning to predict their neighbour's start.
-    if labels:
-        labels[0] = IGNORE_INDEX
-    return TokenizedSample(input_ids, labels)
+    return tokenize_conversations(tokenizer, [(messages, tools)], cutoff_len, train_on_prompt)[0]
+
+
+def tokenize_conversations(tokenizer, conversations: list[tuple[Messages, Optional[list[dict]]]], cutoff_len: int,
+                           train_on_prompt: bool) -> list[TokenizedSample]:
+    """(messages, tools) pairs as samples. The texts go to the tokenizer in one call (its Rust
+    side batches them: a call per text costs more in Python overhead than in tokenizing)."""
+    rendered = [assistant_char_spans(tokenizer, messages, tools) for messages, tools in conversations]
+    if not rendered:
+        return []
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    samples = []
+    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        input_ids = ids[:cutoff_len]
+        if train_on_prompt:
+            learned = np.ones(len(input_ids), dtype=bool)
+        else:
+            starts = np.fromiter((start for start, _ in offsets[:cutoff_len]), dtype=np.int64, count=len(input_ids))
+            learned = np.zeros(len(input_ids), dtype=bool)
+            for lo, hi in spans:
+                learned |= (starts >= lo) & (starts < hi)
+        labels = np.where(learned, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX)
+        # Nothing predicts a sequence's first token; masking it also keeps packed samples from
+        # learning to predict their neighbour's start.
+        if len(labels):
+            labels[0] = IGNORE_INDEX
+        samples.append(TokenizedSample(list(input_ids), labels.tolist()))
+    return samples

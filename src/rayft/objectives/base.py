@@ -8,8 +8,6 @@ of rows into a loss. The loop calls it and never names a stage.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Iterator
-
 import torch
 from pydantic import create_model
 
@@ -33,6 +31,16 @@ class Objective:
     nothing_left = "no training sample keeps an assistant token after truncation"
     # the stage whose loss on conversations measures general ability (data.eval_sets)
     measures_general_ability: bool = False
+    # what `rayft estimate` reads of a stage's step: a row holds this many sequences of up to
+    # data.cutoff_len tokens (DPO: a pair's two answers), and does the output head return the loss
+    # itself where the method allows (train/head_loss.py), or plain logits
+    sequences_per_row: int = 1
+    fused_head: bool = True
+
+    def reference_forwards(self, opts, method, method_opts) -> int:
+        """Forward passes without gradients that each micro-batch runs besides the policy's (a
+        preference stage's reference); for `rayft estimate`."""
+        return 0
 
     @classmethod
     @lru_cache(maxsize=None)
@@ -44,15 +52,26 @@ class Objective:
         """Raise ValueError for a job this stage cannot run (method, reference, data settings)."""
 
     # ---- data, on the driver (once per dataset version)
-    def parse(self, records: list[dict], fmt: str, source: str) -> list:
-        """The whole source's records (in rayft's field names) checked and normalised, in format
-        `fmt` (or auto); errors count and index them as in the file, before the validation split."""
+    def parse(self, records: list[dict], fmt: str, source: str, offset: int = 0, problems=None) -> list:
+        """Records (in rayft's field names, the first at index `offset` of its source) checked and
+        normalised, in format `fmt` (or auto): an item per record, None for a bad one, whose reason
+        goes to `problems` (data.formats.Problems; without it, one error counting them)."""
         raise NotImplementedError
 
-    def rows(self, tokenizer, items: list, cfg, counts: dict) -> Iterator[dict]:
-        """Token rows (input_ids, labels, position_ids) of parsed items; `counts` gets kept and
-        dropped samples and any other count worth a note."""
+    def source_format(self, fmt: str, first: dict) -> str:
+        """The format a source's records are read in, from data's `format` and its first record
+        (decided once per source, so every record is held to the same fields)."""
+        return fmt
+
+    def units(self, tokenizer, items: list, cfg, counts: dict) -> list[list]:
+        """Parsed items as units of tokenized sequences (data.tokenize.TokenizedSample) that stay
+        together, in order, in one row (a sample; a preference pair's two answers); `counts` gets
+        kept and dropped samples and any other count worth a note."""
         raise NotImplementedError
+
+    def row_length(self, cfg) -> int:
+        """The longest row that units are packed into."""
+        return cfg.cutoff_len
 
     # ---- on each worker
     def setup(self, opts, job, method, engine, data, rank, world, pad_id, device, reporter, resumed, model_dir) -> None:

@@ -21,7 +21,7 @@ first step, when the model still equals its base, and kept with the tokenized da
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,20 +81,31 @@ def _pair_of(record: dict) -> Optional[tuple[list[dict], str, str]]:
     return None
 
 
-def parse_pairs(records: list[dict], source: str) -> list[tuple[list[dict], str, str]]:
-    missing = [i for i, r in enumerate(records) if "chosen" not in r or "rejected" not in r]
-    if missing:
-        raise DataError(f"{source}: {len(missing)} records lack chosen or rejected; first at index {missing[0]}")
-    pairs = [_pair_of(r) for r in records]
-    bad = [i for i, pair in enumerate(pairs) if pair is None]
-    if bad:
-        raise DataError(f"{source}: {len(bad)} records are not preference pairs ({{prompt, chosen, rejected}} strings, "
-                        "LLaMA-Factory ranking records in sharegpt or alpaca form, or chosen/rejected message lists "
-                        f"sharing a prefix); first at index {bad[0]}")
-    empty = [i for i, (prompt, _, _) in enumerate(pairs)
-             if not any(m["role"] == "user" and m["content"].strip() for m in prompt)]
-    if empty:
-        raise DataError(f"{source}: {len(empty)} records have an empty prompt; first at index {empty[0]}")
+NOT_A_PAIR = ("{count} records are not preference pairs ({{prompt, chosen, rejected}} strings, LLaMA-Factory "
+              "ranking records in sharegpt or alpaca form, or chosen/rejected message lists sharing a prefix); "
+              "first at index {first}")
+
+
+def parse_pairs(records: list[dict], source: str, offset: int = 0, problems=None
+                ) -> list[Optional[tuple[list[dict], str, str]]]:
+    """(prompt messages, chosen, rejected) per record (None for a bad one, counted in `problems`;
+    without it, one error counting them)."""
+    from rayft.data.formats import Problems
+
+    collected = problems if problems is not None else Problems()
+    pairs = []
+    for i, record in enumerate(records, start=offset):
+        pair = None
+        if "chosen" not in record or "rejected" not in record:
+            collected.add("{count} records lack chosen or rejected; first at index {first}", i)
+        elif (pair := _pair_of(record)) is None:
+            collected.add(NOT_A_PAIR, i)
+        elif not any(m["role"] == "user" and m["content"].strip() for m in pair[0]):
+            collected.add("{count} records have an empty prompt; first at index {first}", i)
+            pair = None
+        pairs.append(pair)
+    if problems is None:
+        collected.raise_first(source)
     return pairs
 
 
@@ -175,6 +186,8 @@ class DirectPreference(Objective):
     name = "dpo"
     options = DpoOptions
     nothing_left = "no preference pair is left after truncation"
+    sequences_per_row = 2  # a pair's two sequences share a row of 2 x cutoff_len
+    fused_head = False  # per-sequence sums come from plain logits (loop.sequence_logps)
     eval_metrics = ("eval_loss", "eval_pref_accuracy", "eval_rewards/margins", "eval_rewards/chosen",
                     "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
 
@@ -192,6 +205,9 @@ class DirectPreference(Objective):
         if method.equals_base_at_init:
             return "precomputed"  # one pass before training; no reference forward in any step
         return "adapter_disabled" if method.can_disable_adapters(method_opts) else "model"
+
+    def reference_forwards(self, opts, method, method_opts) -> int:
+        return 1 if self.reference_of(opts, method, method_opts) == "adapter_disabled" else 0  # precomputed: none
 
     def check_job(self, opts: DpoOptions, job) -> None:
         from rayft.methods import get_method
@@ -230,12 +246,13 @@ class DirectPreference(Objective):
     def recognises(self, record: dict) -> bool:
         return "chosen" in record and "rejected" in record
 
-    def parse(self, records, fmt, source):
-        return parse_pairs(records, source)
+    def parse(self, records, fmt, source, offset=0, problems=None):
+        return parse_pairs(records, source, offset, problems)
 
-    def rows(self, tokenizer, pairs, cfg, counts) -> Iterator[dict]:
-        from rayft.data.packing import pack_units, unit_row
+    def row_length(self, cfg) -> int:
+        return 2 * cfg.cutoff_len  # a pair's two sequences share a row
 
+    def units(self, tokenizer, pairs, cfg, counts) -> list[list]:
         units = []
         counts.setdefault("identical_pairs", 0)
         for prompt, chosen, rejected in pairs:
@@ -248,9 +265,7 @@ class DirectPreference(Objective):
                 continue
             counts["kept"] += 1
             units.append(sequences)
-        if cfg.packing:
-            return pack_units(units, 2 * cfg.cutoff_len)
-        return (unit_row(unit) for unit in units)
+        return units
 
     # ---- on each worker
     def setup(self, opts, job, method, engine, data, rank, world, pad_id, device, reporter, resumed, model_dir) -> None:

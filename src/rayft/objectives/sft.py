@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 from rayft.objectives.base import Objective, register
 
 
@@ -17,27 +15,29 @@ class SupervisedFineTuning(Objective):
     def recognises(self, record):
         return not ("chosen" in record and "rejected" in record)  # preference pairs are not conversations
 
-    def parse(self, records, fmt, source):
+    def source_format(self, fmt, first):
+        from rayft.data.formats import detect_format
+
+        return detect_format(first) if fmt == "auto" else fmt
+
+    def parse(self, records, fmt, source, offset=0, problems=None):
         from rayft.data.formats import to_conversations
 
-        return to_conversations(records, fmt, source)
+        return to_conversations(records, fmt, source, offset, problems)
 
-    def rows(self, tokenizer, conversations, cfg, counts) -> Iterator[dict]:
-        from rayft.data.packing import pack, single_row
-        from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversation
+    def units(self, tokenizer, conversations, cfg, counts) -> list[list]:
+        from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversations
 
-        samples = []
-        for conversation in conversations:
-            sample = tokenize_conversation(tokenizer, conversation.messages, cfg.cutoff_len, cfg.train_on_prompt,
-                                           conversation.tools)
+        units = []
+        samples = tokenize_conversations(tokenizer, [(c.messages, c.tools) for c in conversations], cfg.cutoff_len,
+                                         cfg.train_on_prompt)
+        for sample in samples:
             if all(label == IGNORE_INDEX for label in sample.labels):
                 counts["dropped"] += 1  # truncation removed every learned token
                 continue
             counts["kept"] += 1
-            samples.append(sample)
-        if cfg.packing:
-            return pack(samples, cfg.cutoff_len)
-        return (single_row(sample) for sample in samples)
+            units.append([sample])
+        return units
 
     def loss(self, opts, model, batch, precision, method, method_opts):
         from rayft.train.loop import token_losses
