@@ -169,13 +169,17 @@ POOL_MIN_RECORDS = 20_000  # below this, starting worker processes costs more th
 _worker: dict = {}
 
 
-def _start_worker(tokenizer_dir: str, stage: str, cfg: dict) -> None:
+def _start_worker(tokenizer_dir: str, stage: str, cfg: dict, pooled: bool = False) -> None:
+    if pooled:  # one process per core already: the tokenizer's own threads would only contend
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if _worker.get("key") == (tokenizer_dir, stage, cfg):
+        return  # this process has them (the validation split after the training one)
     from transformers import AutoTokenizer
 
     from rayft.objectives import get_objective
 
-    _worker.update(tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), objective=get_objective(stage),
-                   cfg=DataConfig.model_validate(cfg))
+    _worker.update(key=(tokenizer_dir, stage, cfg), tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir),
+                   objective=get_objective(stage), cfg=DataConfig.model_validate(cfg))
 
 
 def _chunk_units(chunk: list[tuple[str, str, int, dict]]):
@@ -218,7 +222,7 @@ def _units(records, n_records: int, tokenizer_dir: Path, stage: str, cfg: DataCo
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no forking of a process with threads (tokenizers, torch)
-    with context.Pool(workers, _start_worker, (str(tokenizer_dir), stage, cfg.model_dump(mode="json"))) as pool:
+    with context.Pool(workers, _start_worker, (str(tokenizer_dir), stage, cfg.model_dump(mode="json"), True)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in _chunks(records):
             pending.append(pool.apply_async(_chunk_units, (chunk,)))

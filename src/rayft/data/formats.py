@@ -39,8 +39,12 @@ class BadRecord(Exception):
         self.reason, self.detail = reason, detail
 
 
-def iter_records(path: str | Path) -> Iterator[Any]:
-    """The file's JSON values in order: JSONL line by line (a corpus streams), a JSON array whole."""
+SKIPPED = object()  # a record iter_records was asked not to decode
+
+
+def iter_records(path: str | Path, skip: Optional[Callable[[int], bool]] = None) -> Iterator[Any]:
+    """The file's JSON values in order: JSONL line by line (a corpus streams), a JSON array whole.
+    A JSONL record whose position `skip` names is not decoded: SKIPPED stands in for it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -56,7 +60,7 @@ def iter_records(path: str | Path) -> Iterator[Any]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
         return
-    offset = 0
+    offset, position = 0, -1
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
@@ -66,6 +70,10 @@ def iter_records(path: str | Path) -> Iterator[Any]:
                                 f"{offset + exc.start}); save the file as UTF-8") from None
             offset += len(raw)
             if not line.strip():
+                continue
+            position += 1
+            if skip is not None and skip(position):
+                yield SKIPPED
                 continue
             try:
                 yield json.loads(line)

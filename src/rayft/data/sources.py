@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from rayft.config import DataConfig
-from rayft.data.formats import Problems, iter_records
+from rayft.data.formats import SKIPPED, Problems, iter_records
 from rayft.errors import DataError
 
 # rayft's record fields a `columns` entry may name
@@ -153,7 +153,7 @@ def stream_source(source: Source, seed: int, problems: Problems, path: Optional[
     often. Records that are not JSON objects, or name an unknown role, go to `problems`."""
     target = Path(path or source.path)
     label = source_label(source, path)
-    values: Iterator = (value for file in _files(target) for value in iter_records(file))
+    values = _values(_files(target), wanted)
     repeats = None
     if path is None:
         if source.max_samples:
@@ -163,7 +163,7 @@ def stream_source(source: Source, seed: int, problems: Problems, path: Optional[
     first_fields: list[str] = []
     any_record = False
     for position, record in enumerate(values):
-        if wanted is not None and not wanted(position):
+        if record is SKIPPED or (wanted is not None and not wanted(position)):
             continue
         if not isinstance(record, dict):
             problems.add("{count} records are not JSON objects; first at index {first}", position)
@@ -187,6 +187,18 @@ def stream_source(source: Source, seed: int, problems: Problems, path: Optional[
         if record_field not in seen_columns:
             raise DataError(f"{label}: columns.{rayft_field} names field {record_field!r}, which no record has "
                             f"(fields: {', '.join(first_fields)})")
+
+
+def _values(files: list[Path], wanted: Optional[Callable[[int], bool]]) -> Iterator:
+    """The files' records in order; those at positions not `wanted` are not decoded (SKIPPED)."""
+    base = 0
+    for file in files:
+        count = 0
+        skip = None if wanted is None else (lambda p, base=base: not wanted(base + p))
+        for value in iter_records(file, skip):
+            count += 1
+            yield value
+        base += count
 
 
 def source_label(source: Source, path: Optional[str] = None) -> str:

@@ -34,12 +34,23 @@ def assistant_char_spans(tokenizer, messages: Messages, tools: Optional[list[dic
         if message["role"] != "assistant":
             continue
         prompt_text = _render(messages[:i], add_generation_prompt=True)
-        turn_text = _render(messages[: i + 1])
+        turn_text = full_text if i == len(messages) - 1 else _render(messages[: i + 1])  # the last turn: no re-render
         if not (turn_text.startswith(prompt_text) and full_text.startswith(turn_text)):
             raise DataError("the chat template does not render conversations prefix by prefix; "
                             "cannot locate assistant turns for the loss mask")
         spans.append((len(prompt_text), len(turn_text)))
     return full_text, spans
+
+
+def _encode(texts: list[str], tokenizer) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(token ids, character offsets) of each text, no special tokens added. A fast tokenizer's
+    Rust side is called directly: transformers' conversion of its output to Python dicts costs
+    as much as the tokenizing."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
 
 def tokenize_conversation(tokenizer, messages: Messages, cutoff_len: int, train_on_prompt: bool,
@@ -54,9 +65,8 @@ def tokenize_conversations(tokenizer, conversations: list[tuple[Messages, Option
     rendered = [assistant_char_spans(tokenizer, messages, tools) for messages, tools in conversations]
     if not rendered:
         return []
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     samples = []
-    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+    for (_, spans), (ids, offsets) in zip(rendered, _encode([text for text, _ in rendered], tokenizer)):
         input_ids = ids[:cutoff_len]
         if train_on_prompt:
             learned = np.ones(len(input_ids), dtype=bool)

@@ -1,0 +1,100 @@
+"""Exact and near duplicates of parsed records, for `rayft data check` and `data.filter.dedup`.
+
+A record is compared by what training reads of it: the stage's parsed item (its messages, tools,
+answers; not the file's other fields such as ids), after its task prompt. Exact duplicates share
+a hash of the item; near duplicates have a MinHash estimate of the Jaccard similarity of their
+character 5-gram sets at or above a threshold, found with MinHash LSH (datasketch). Hashes and
+signatures are computed where records are parsed (worker processes); the index that decides
+"seen before" lives in one process, so the first occurrence is the one kept.
+
+Memory: the exact index holds 8 bytes per distinct record, the near index a 512-byte signature
+per record plus the LSH tables; both grow with the corpus (dedup is opt-in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any, Optional
+
+import numpy as np
+
+NUM_PERM = 128
+SHINGLE_CHARS = 5
+SCHEME = "affine32"  # datasketch's default since 2.0; signatures are rebuilt from their values with it
+_permutations: dict = {}  # the MinHash permutations, built once per process
+
+
+def _plain(item: Any) -> Any:
+    """A parsed item as plain JSON values."""
+    if dataclasses.is_dataclass(item):
+        return _plain(dataclasses.asdict(item))
+    if isinstance(item, dict):
+        return {str(k): _plain(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [_plain(v) for v in item]
+    return item
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for key in sorted(value) for s in _strings(value[key])]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [] if value is None else [str(value)]
+
+
+def exact_key(item: Any) -> int:
+    """A 64-bit hash of the item's content."""
+    text = json.dumps(_plain(item), sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def signature(item: Any) -> np.ndarray:
+    """The MinHash signature (NUM_PERM uint32 values) of the item's text as character 5-grams
+    (lower case, runs of white space as one space)."""
+    from datasketch import MinHash
+
+    text = re.sub(r"\s+", " ", " ".join(_strings(_plain(item)))).strip().lower()
+    shingles = {text[i:i + SHINGLE_CHARS] for i in range(max(1, len(text) - SHINGLE_CHARS + 1))}
+    if "perm" not in _permutations:
+        _permutations["perm"] = MinHash(num_perm=NUM_PERM, scheme=SCHEME).permutations
+    minhash = MinHash(num_perm=NUM_PERM, permutations=_permutations["perm"], scheme=SCHEME)
+    minhash.update_batch([s.encode() for s in shingles])
+    return minhash.hashvalues.astype(np.uint32)
+
+
+class Duplicates:
+    """Which records repeat an earlier one: `seen` answers for each record in order and
+    remembers it when it is new."""
+
+    def __init__(self, near_threshold: Optional[float] = None):
+        self.exact: set[int] = set()
+        self.threshold = near_threshold
+        self.signatures: list[np.ndarray] = []
+        self.lsh = None
+        if near_threshold is not None:
+            from datasketch import MinHashLSH
+
+            self.lsh = MinHashLSH(threshold=near_threshold, num_perm=NUM_PERM)
+
+    def seen(self, key: int, values: Optional[np.ndarray] = None) -> Optional[str]:
+        """'exact', 'near' (values: the record's signature) or None for a record seen first."""
+        if key in self.exact:
+            return "exact"
+        self.exact.add(key)
+        if self.lsh is None or values is None:
+            return None
+        from datasketch import MinHash
+
+        minhash = MinHash(hashvalues=values, scheme=SCHEME)
+        # LSH gives candidates; the signatures' agreement (the Jaccard estimate) decides
+        if any(np.mean(self.signatures[c] == values) >= self.threshold for c in self.lsh.query(minhash)):
+            return "near"
+        self.lsh.insert(len(self.signatures), minhash)
+        self.signatures.append(values)
+        return None
