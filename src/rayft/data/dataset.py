@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from rayft.config import DataConfig
+from rayft.config import DataConfig, FilterConfig
+from rayft.data.dedup import Duplicates, exact_key, record_identity, signature
 from rayft.data.formats import Problems, with_task_prompt
 from rayft.data.packing import PACK_CHUNK, Row, pack_units, unit_row
 from rayft.data.sources import Source, count_records, repeats_of, resolve_sources, source_label, stream_source
@@ -107,6 +109,17 @@ def _val_positions(n: int, val_size: float, seed: int, label: str) -> np.ndarray
     return np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
 
 
+def _table(rows: list[Row]) -> pa.Table:
+    """Rows as an Arrow table, built from flat arrays (from_pylist walks every token in Python)."""
+    lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int32, count=len(rows))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    columns = [pa.ListArray.from_arrays(offsets, pa.array(np.fromiter(
+        itertools.chain.from_iterable(row[name] for row in rows), dtype=np.int32, count=int(lengths.sum()))))
+        for name in ("input_ids", "labels", "position_ids")]
+    columns.append(pa.array([row["task"] for row in rows], type=pa.int32()))
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
 def _write_rows(rows: Iterator[Row], path: Path, batch_rows: int = 1024) -> tuple[int, int]:
     """Stream rows into an Arrow IPC file; returns (rows, real tokens)."""
     n_rows = n_tokens = 0
@@ -114,7 +127,7 @@ def _write_rows(rows: Iterator[Row], path: Path, batch_rows: int = 1024) -> tupl
         buffer: list[Row] = []
 
         def flush() -> None:
-            writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMA))
+            writer.write_table(_table(buffer))
             buffer.clear()
 
         for row in rows:
@@ -183,21 +196,64 @@ def _start_worker(tokenizer_dir: str, stage: str, cfg: dict, pooled: bool = Fals
 
 
 def _chunk_units(chunk: list[tuple[str, str, int, dict]]):
-    """Records of a chunk, (label, format, index, record), parsed and tokenized: ((task, unit)
-    pairs, counts, problems per label)."""
+    """Records of a chunk, (label, format, index, record), parsed and tokenized: ((task, unit,
+    dedup key) triples, counts, problems per label), after cfg.filter's score range and max_tokens
+    (dedup keys: None unless cfg.filter.dedup asks for them)."""
     objective, cfg, tokenizer = _worker["objective"], _worker["cfg"], _worker["tokenizer"]
     problems: dict[str, Problems] = {}
     by_task: dict[Optional[str], list] = {}
+    counts: dict[str, int] = {"kept": 0, "dropped": 0}
     for label, fmt, index, record in chunk:
+        if cfg.filter.bounds_score and not _score_kept(record, cfg.filter, index, problems.setdefault(label, Problems()),
+                                                       counts):
+            continue
         task = record.get("task")
         if task:
             record = with_task_prompt(record, cfg.task_template, task)
         (item,) = objective.parse([record], fmt, label, index, problems.setdefault(label, Problems()))
         if item is not None:
-            by_task.setdefault(task, []).append(item)
-    counts: dict[str, int] = {"kept": 0, "dropped": 0}
-    units = [(task, unit) for task, items in by_task.items() for unit in objective.units(tokenizer, items, cfg, counts)]
+            by_task.setdefault(task, []).append((item, record_identity(label, index)))
+    units = [entry for task, entries in by_task.items() for entry in _filtered_units(objective, tokenizer, task,
+                                                                                     entries, cfg, counts)]
     return units, counts, {label: p for label, p in problems.items() if p.cases}
+
+
+def _score_kept(record: dict, rules, index: int, problems: Problems, counts: dict) -> bool:
+    """Is the record's score (rayft data score's) inside data.filter's range? A record without
+    one is a problem of its source; a null score (nothing of the answer was left to score) is
+    outside any range."""
+    score = record.get("score")
+    value = score.get(rules.score, False) if isinstance(score, dict) else False
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        problems.add(f"{{count}} records have no score.{rules.score} for data.filter's min_score/max_score (score "
+                     "them with rayft data score and train on its scored copy); first at index {first}", index)
+        return False
+    if value is None or (rules.min_score is not None and value < rules.min_score) or \
+            (rules.max_score is not None and value > rules.max_score):
+        counts["records_outside_the_score_range"] = counts.get("records_outside_the_score_range", 0) + 1
+        return False
+    return True
+
+
+def _filtered_units(objective, tokenizer, task, entries: list, cfg: DataConfig, counts: dict) -> list[tuple]:
+    """(task, unit, dedup key) of the (item, identity) entries that data.filter.max_tokens keeps."""
+    rules = cfg.filter
+    if rules.max_tokens:  # one token past cutoff_len: a sample truncated there is longer than max_tokens
+        cfg = cfg.model_copy(update={"cutoff_len": cfg.cutoff_len + 1})
+    kept = []
+    items = [item for item, _ in entries]
+    for (item, identity), unit in zip(entries, objective.units(tokenizer, items, cfg, counts)):
+        if unit is None:
+            continue
+        if rules.max_tokens and max(len(sequence.input_ids) for sequence in unit) > rules.max_tokens:
+            counts["kept"] -= 1
+            counts["samples_over_max_tokens"] = counts.get("samples_over_max_tokens", 0) + 1
+            continue
+        key = None
+        if rules.dedup != "none":
+            key = (identity, exact_key(item), signature(item) if rules.dedup == "near" else None)
+        kept.append((task, unit, key))
+    return kept
 
 
 def _chunks(records: Iterator[tuple[str, str, int, dict]]) -> Iterator[list]:
@@ -211,13 +267,14 @@ def _chunks(records: Iterator[tuple[str, str, int, dict]]) -> Iterator[list]:
         yield chunk
 
 
-def _units(records, n_records: int, tokenizer_dir: Path, stage: str, cfg: DataConfig) -> Iterator:
-    """_chunk_units over all records' chunks, in order: in this process, or for a large corpus in
-    worker processes on every core, with a bounded number of chunks in flight (memory stays flat)."""
+def _units(records, n_records: int, tokenizer_dir: Path, stage: str, cfg: DataConfig, work=_chunk_units) -> Iterator:
+    """`work` (_chunk_units, or data/check.py's) over all records' chunks, in order: in this process, or
+    for a large corpus in worker processes on every core, with a bounded number of chunks in flight
+    (memory stays flat)."""
     workers = min(os.cpu_count() or 1, 8)
     if n_records < POOL_MIN_RECORDS or workers < 2:
         _start_worker(str(tokenizer_dir), stage, cfg.model_dump(mode="json"))
-        yield from (_chunk_units(chunk) for chunk in _chunks(records))
+        yield from (work(chunk) for chunk in _chunks(records))
         return
     import multiprocessing
 
@@ -225,7 +282,7 @@ def _units(records, n_records: int, tokenizer_dir: Path, stage: str, cfg: DataCo
     with context.Pool(workers, _start_worker, (str(tokenizer_dir), stage, cfg.model_dump(mode="json"), True)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in _chunks(records):
-            pending.append(pool.apply_async(_chunk_units, (chunk,)))
+            pending.append(pool.apply_async(work, (chunk,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -250,15 +307,22 @@ def _rows(objective, records, n_records: int, tokenizer_dir: Path, cfg: DataConf
           counts: dict, problems: dict[str, Problems]) -> Iterator[Row]:
     """Token rows of a stream of (label, format, index, record): units packed per task (a packed
     row holds one task's samples, so its loss weight and per-task loss are its task's) into rows
-    of the stage's length, a chunk of units at a time; each row with its task index."""
+    of the stage's length, a chunk of units at a time; each row with its task index. Units that
+    repeat an earlier one are dropped when cfg.filter.dedup says so."""
     row_length = objective.row_length(cfg)
     buffers: dict[int, list] = {}
+    duplicates = None if cfg.filter.dedup == "none" else \
+        Duplicates(cfg.filter.near_threshold if cfg.filter.dedup == "near" else None)
     for units, chunk_counts, chunk_problems in _units(records, n_records, tokenizer_dir, objective.name, cfg):
         for key, value in chunk_counts.items():
             counts[key] = counts.get(key, 0) + value
         for label, found in chunk_problems.items():
             problems.setdefault(label, Problems()).merge(found)
-        for task, unit in units:
+        for task, unit, key in units:
+            if duplicates is not None and (verdict := duplicates.seen(*key)):
+                counts["kept"] -= 1
+                counts[f"{verdict}_duplicates"] = counts.get(f"{verdict}_duplicates", 0) + 1
+                continue
             if not cfg.packing:
                 yield {**unit_row(unit), "task": tasks.index(task)}
                 continue
@@ -286,15 +350,7 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
 
     objective = get_objective(stage)
     sources = resolve_sources(cfg)
-    for i, source in enumerate(sources):
-        keys = {str: ("data.train", "data.val"), list: (f"data.train.{i}.path", f"data.train.{i}.val")}.get(
-            type(cfg.train), (f"data.datasets: {source.name}",) * 2)
-        for key, path in zip(keys, (source.path, source.val)):
-            if path and not Path(path).exists():
-                raise DataError(f"{key}: file not found: {path}")
-    for name, path in cfg.eval_sets.items():
-        if not Path(path).is_file():
-            raise DataError(f"data.eval_sets.{name}: file not found: {path}")
+    check_paths(cfg, sources)
     cache_dir = cache_root / dataset_key(cfg, sources, tokenizer_dir, seed, stage)
     meta_path = cache_dir / "meta.json"
     if meta_path.is_file():
@@ -317,14 +373,16 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
         train_rows, train_tokens = _write_rows(_rows(objective, train_records, n_train, tokenizer_dir, cfg, tasks,
                                                      counts, problems), staging / "train.arrow")
         val_counts = {"kept": 0, "dropped": 0}
-        val_rows, _ = _write_rows(_rows(objective, val_records, sum(p.n_val for p in plans), tokenizer_dir, cfg,
-                                        tasks, val_counts, problems), staging / "val.arrow")
+        unfiltered = cfg.model_copy(update={"filter": FilterConfig()})  # data.filter is the training records'
+        val_rows, _ = _write_rows(_rows(objective, val_records, sum(p.n_val for p in plans), tokenizer_dir,
+                                        unfiltered, tasks, val_counts, problems), staging / "val.arrow")
         for label, found in problems.items():  # every record was read: each source's count is whole
             found.raise_first(label)
         where = sources[0].name if len(sources) == 1 else "data.train"
         if train_rows == 0:
+            filtered = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k not in ("kept", "dropped") and v)
             raise DataError(f"{where}: {objective.nothing_left} at data.cutoff_len={cfg.cutoff_len} "
-                            f"({counts['dropped']} dropped)")
+                            f"({counts['dropped']} dropped{', ' + filtered if filtered else ''})")
         if not any(p.n_val for p in plans):
             raise DataError("data: no validation records (every source has val_size 0 and no val file)")
         if val_rows == 0:
@@ -337,7 +395,7 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
         general = general_objective()
         for name, path in cfg.eval_sets.items():  # conversations, measured by their next-token loss
             plan = _SourcePlan(general, Source(name=path, path=path, val_size=0), 0, seed, problems)
-            n_rows, _ = _write_rows(_rows(general, plan.train(), plan.n_train, tokenizer_dir, cfg, _Tasks(),
+            n_rows, _ = _write_rows(_rows(general, plan.train(), plan.n_train, tokenizer_dir, unfiltered, _Tasks(),
                                           {"kept": 0, "dropped": 0}, problems), staging / f"eval-{name}.arrow")
             problems.get(path, Problems()).raise_first(path)
             if n_rows == 0:
@@ -357,6 +415,19 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PreparedData(cache_dir=str(cache_dir), **meta)
+
+
+def check_paths(cfg: DataConfig, sources: list[Source]) -> None:
+    """Every data file the config names exists; else one line naming its key."""
+    for i, source in enumerate(sources):
+        keys = {str: ("data.train", "data.val"), list: (f"data.train.{i}.path", f"data.train.{i}.val")}.get(
+            type(cfg.train), (f"data.datasets: {source.name}",) * 2)
+        for key, path in zip(keys, (source.path, source.val)):
+            if path and not Path(path).exists():
+                raise DataError(f"{key}: file not found: {path}")
+    for name, path in cfg.eval_sets.items():
+        if not Path(path).is_file():
+            raise DataError(f"data.eval_sets.{name}: file not found: {path}")
 
 
 class _SourcePlan:

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import zlib
 from typing import Any, Optional
 
 import numpy as np
@@ -48,6 +49,12 @@ def _strings(value: Any) -> list[str]:
     return [] if value is None else [str(value)]
 
 
+def record_identity(source: str, index: int) -> int:
+    """Which record of which source (the same in every process): a record drawn again on purpose
+    (a source's weight above 1, num_samples) is a repeat, not a duplicate."""
+    return (zlib.crc32(source.encode()) << 40) + index
+
+
 def exact_key(item: Any) -> int:
     """A 64-bit hash of the item's content."""
     text = json.dumps(_plain(item), sort_keys=True, ensure_ascii=False)
@@ -69,32 +76,34 @@ def signature(item: Any) -> np.ndarray:
 
 
 class Duplicates:
-    """Which records repeat an earlier one: `seen` answers for each record in order and
-    remembers it when it is new."""
+    """Which records repeat another, earlier record: `seen` answers for each record in order and
+    remembers it when it is new. The same record met again (its identity) is not a duplicate."""
 
     def __init__(self, near_threshold: Optional[float] = None):
-        self.exact: set[int] = set()
+        self.exact: dict[int, int] = {}  # content hash -> identity of its first record
         self.threshold = near_threshold
         self.signatures: list[np.ndarray] = []
+        self.owners: list[int] = []  # identity of each signature's record
         self.lsh = None
         if near_threshold is not None:
             from datasketch import MinHashLSH
 
             self.lsh = MinHashLSH(threshold=near_threshold, num_perm=NUM_PERM)
 
-    def seen(self, key: int, values: Optional[np.ndarray] = None) -> Optional[str]:
-        """'exact', 'near' (values: the record's signature) or None for a record seen first."""
-        if key in self.exact:
+    def seen(self, identity: int, key: int, values: Optional[np.ndarray] = None) -> Optional[str]:
+        """'exact', 'near' (values: the record's signature) or None for a record kept."""
+        if self.exact.setdefault(key, identity) != identity:
             return "exact"
-        self.exact.add(key)
         if self.lsh is None or values is None:
             return None
         from datasketch import MinHash
 
         minhash = MinHash(hashvalues=values, scheme=SCHEME)
         # LSH gives candidates; the signatures' agreement (the Jaccard estimate) decides
-        if any(np.mean(self.signatures[c] == values) >= self.threshold for c in self.lsh.query(minhash)):
-            return "near"
+        for candidate in self.lsh.query(minhash):
+            if np.mean(self.signatures[candidate] == values) >= self.threshold:
+                return None if self.owners[candidate] == identity else "near"
         self.lsh.insert(len(self.signatures), minhash)
         self.signatures.append(values)
+        self.owners.append(identity)
         return None

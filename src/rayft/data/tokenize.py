@@ -3,10 +3,9 @@ learned from; prompts and tool results are read, never learned."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Optional
-
-import numpy as np
 
 from rayft.data.formats import Messages
 from rayft.data.tools import render
@@ -67,18 +66,19 @@ def tokenize_conversations(tokenizer, conversations: list[tuple[Messages, Option
         return []
     samples = []
     for (_, spans), (ids, offsets) in zip(rendered, _encode([text for text, _ in rendered], tokenizer)):
-        input_ids = ids[:cutoff_len]
+        input_ids = list(ids[:cutoff_len])
         if train_on_prompt:
-            learned = np.ones(len(input_ids), dtype=bool)
+            labels = list(input_ids)
         else:
-            starts = np.fromiter((start for start, _ in offsets[:cutoff_len]), dtype=np.int64, count=len(input_ids))
-            learned = np.zeros(len(input_ids), dtype=bool)
+            # tokens start in increasing order: each span's tokens are one slice, found by bisection
+            starts = [start for start, _ in offsets[:cutoff_len]]
+            labels = [IGNORE_INDEX] * len(input_ids)
             for lo, hi in spans:
-                learned |= (starts >= lo) & (starts < hi)
-        labels = np.where(learned, np.asarray(input_ids, dtype=np.int64), IGNORE_INDEX)
+                first, end = bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi)
+                labels[first:end] = input_ids[first:end]
         # Nothing predicts a sequence's first token; masking it also keeps packed samples from
         # learning to predict their neighbour's start.
-        if len(labels):
+        if labels:
             labels[0] = IGNORE_INDEX
-        samples.append(TokenizedSample(list(input_ids), labels.tolist()))
+        samples.append(TokenizedSample(input_ids, labels))
     return samples
