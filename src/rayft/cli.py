@@ -21,6 +21,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys of the serving API a
 app.add_typer(keys_app, name="keys")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster with rayft submit.")
 app.add_typer(jobs_app, name="jobs")
+data_app = typer.Typer(no_args_is_help=True, help="Training data: replay sets made from the base model.")
+app.add_typer(data_app, name="data")
 ADDRESS_HELP = "Ray job server (dashboard) address; default $RAYFT_JOBS_ADDRESS or http://127.0.0.1:8265."
 
 SET_HELP = "Override a config key: --set train.lr=1e-4 (repeatable)."
@@ -260,6 +262,31 @@ def keys_create(
     from rayft.serve.keys import create_key
 
     typer.echo(create_key(keys_file, tenant, admin))
+
+
+@data_app.command("replay")
+@user_errors
+def data_replay(
+    config: Path = typer.Argument(..., help="Training config (YAML): its training sources give the prompts."),
+    from_base: int = typer.Option(..., "--from-base", help="How many records: distinct prompts answered by the base model."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The JSONL file to write (default: replay-<name>.jsonl)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="The longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; above: sampled, seeded per record."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Which prompts and samples (default: train.seed)."),
+    format_: str = typer.Option("messages", "--format", help="messages or alpaca."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Rows the engine generates together."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Write self-generated replay data: prompts of CONFIG's training data with the base model's own
+    answers (generated on Ray), to mix into data.train against forgetting."""
+    from rayft.config import load_config
+    from rayft.replay import write_replay
+
+    cfg = load_config(config, set_ or [])
+    path = write_replay(cfg, from_base, out or Path(f"replay-{cfg.name}.jsonl"), overwrite, max_tokens, temperature,
+                        seed, format_, batch_size)
+    typer.echo(f"wrote {from_base} replay records (answers of {cfg.model.name_or_path}) to {path}")
 
 
 @app.command()

@@ -233,6 +233,15 @@ def map_data_paths(raw_data: dict, change) -> dict:
     return data
 
 
+class EWCConfig(Strict):
+    """Elastic Weight Consolidation (train.ewc): a quadratic pull of each trainable parameter toward
+    its value before training, weighted by its diagonal Fisher on a general set."""
+
+    weight: float = Field(..., gt=0)  # lambda: the penalty is weight/2 * sum_i F_i (theta_i - theta*_i)^2
+    samples: int = Field(64, gt=0)  # rows of the set whose squared gradients estimate the Fisher
+    set: str  # the name of one of data.eval_sets
+
+
 class TrainConfig(Strict):
     max_steps: Optional[int] = Field(None, gt=0)
     epochs: float = Field(1, gt=0)
@@ -258,6 +267,7 @@ class TrainConfig(Strict):
     save_steps: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     seed: int = 42
+    ewc: Optional[EWCConfig] = None
 
 
 class DistributedConfig(Strict):
@@ -336,6 +346,13 @@ class TrainJobConfig(Strict):
             raise ValueError(f"train.gradient_checkpointing: method.type={self.method.type} cannot run with it "
                              f"({method.checkpointing_refusal})")
         method.check_job(self.method.options, self)  # ZeRO stage, offload, precision
+        ewc = self.train.ewc
+        if ewc and ewc.set not in self.data.eval_sets:
+            raise ValueError(f"train.ewc.set: {ewc.set!r} is not one of data.eval_sets "
+                             f"({', '.join(self.data.eval_sets) or 'none set'})")
+        if ewc and self.distributed.zero_stage == 3:
+            raise ValueError("train.ewc: ZeRO-3 partitions each parameter across the ranks, and the penalty needs it "
+                             "whole beside its Fisher and initial value; use distributed.zero_stage 0, 1 or 2")
         if self.distributed.offload_params and self.distributed.zero_stage != 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
         if self.distributed.offload_optimizer and self.distributed.zero_stage == 0:

@@ -26,6 +26,7 @@ from rayft.data.tokenize import IGNORE_INDEX
 from rayft.objectives import get_objective
 from rayft.train.attention import ATTENTION_NAME, PackedLayout
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
+from rayft.train.ewc import ElasticWeightConsolidation
 from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss
 from rayft.train.schedule import StepPlan, lr_factor
 
@@ -351,12 +352,23 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         """(summed loss, normaliser, metric sums) of a batch, as the stage (objectives/) defines them."""
         return objective.loss(stage_opts, model, batch, precision, method, opts)
 
+    ewc = None
+    if cfg.train.ewc:  # from the model as loaded: a resumed run recomputes the same Fisher
+        ewc_cfg = cfg.train.ewc
+        ewc = ElasticWeightConsolidation.estimate(
+            ewc_cfg.weight, ewc_cfg.samples, model, RowFile(data.eval_set_file(ewc_cfg.set)),
+            lambda m, b: token_losses(m, b, precision, method.virtual_tokens(opts), method.fused_head),
+            pad_id, device, rank, world, cfg.train.seed)
+        reporter.say(ewc.summary(ewc_cfg.set, ewc_cfg.samples))
+
     optimizer = build_optimizer(model, cfg, on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan, cfg.train.scheduler) * method.lr_scale(opts, s))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world, on_gpu), dist_init_required=False)
+    if ewc:
+        ewc.anchor(engine.module)  # theta* as DeepSpeed cast it, before a checkpoint moves it
 
     state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
@@ -415,6 +427,9 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, normaliser, metrics = loss_of(engine, batch)
         loss = loss_sum / normaliser.clamp(min=1)
         extra = method.extra_loss(opts, engine.module)
+        if ewc:
+            penalty = ewc.penalty(engine.module)
+            extra = penalty if extra is None else extra + penalty
         engine.backward(loss if extra is None else loss + extra)
         window["loss_sum"] += loss_sum.item()
         window["normaliser"] += normaliser.item()
@@ -446,6 +461,7 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "tokens_per_s": tokens / max(window["seconds"], 1e-9),
+                **(ewc.window_metrics() if ewc else {}),
                 "total_steps": plan.total_steps,
             }, state)
             window, metric_sums = dict.fromkeys(window, 0.0), {}

@@ -191,7 +191,7 @@ class Progress:
             # shows as it happens
             sets = {k: k.removeprefix("eval_").removesuffix("_loss") for k in sorted(self.latest)
                     if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss" and not k.startswith("eval_task_")}
-            labels = {"loss": "loss", "eval_loss": "eval", **sets, "tokens_per_s": "tok/s"}
+            labels = {"loss": "loss", "ewc_penalty": "ewc", "eval_loss": "eval", **sets, "tokens_per_s": "tok/s"}
             info = "  ".join(f"{label} {self.latest[k]:.4g}" for k, label in labels.items() if k in self.latest)
             self.bar.update(self.task, completed=item["step"], total=item.get("total_steps"), info=info)
 
