@@ -21,7 +21,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys of the serving API a
 app.add_typer(keys_app, name="keys")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster with rayft submit.")
 app.add_typer(jobs_app, name="jobs")
-data_app = typer.Typer(no_args_is_help=True, help="Training data: replay sets made from the base model.")
+data_app = typer.Typer(no_args_is_help=True, help="Training data: checks, scores from the base model, replay sets.")
 app.add_typer(data_app, name="data")
 ADDRESS_HELP = "Ray job server (dashboard) address; default $RAYFT_JOBS_ADDRESS or http://127.0.0.1:8265."
 
@@ -287,6 +287,47 @@ def data_replay(
     path = write_replay(cfg, from_base, out or Path(f"replay-{cfg.name}.jsonl"), overwrite, max_tokens, temperature,
                         seed, format_, batch_size)
     typer.echo(f"wrote {from_base} replay records (answers of {cfg.model.name_or_path}) to {path}")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    config: Path = typer.Argument(..., help="Training config (YAML): its sources, validation files and eval sets."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Report each data source as the stage reads it: records, format, token lengths, truncation at
+    data.cutoff_len, exact and near duplicates, empty or identical answers, records that do not parse."""
+    from rich.console import Console
+
+    from rayft.config import load_config
+    from rayft.data.check import check_data, report_table
+    from rayft.models import resolve_model_path
+
+    cfg = load_config(config, set_ or [])
+    table, lines = report_table(check_data(cfg, resolve_model_path(cfg.model.name_or_path)), cfg.data.cutoff_len,
+                                f"rayft data check: {cfg.name} (stage {cfg.stage})")
+    Console().print(table)
+    for line in lines:
+        typer.echo(line)
+
+
+@data_app.command("score")
+@user_errors
+def data_score(
+    config: Path = typer.Argument(..., help="Training config (YAML): its training sources are scored."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the scored copies (default: beside each "
+                                       "source, as <name>.scored.jsonl)."),
+    batch: int = typer.Option(8, "--batch", help="Rows per forward pass on each worker."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Score every training record with the base model on Ray workers (distributed.num_workers): the
+    answer's loss and its instruction-following difficulty (IFD); write a scored copy per source."""
+    from rayft.config import load_config
+    from rayft.scoring import score_data
+
+    cfg = load_config(config, set_ or [])
+    for label, path, n in score_data(cfg, out, batch, say=typer.echo):
+        typer.echo(f"wrote {n} scored records of {label} to {path}")
 
 
 @app.command()

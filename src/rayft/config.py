@@ -128,6 +128,32 @@ class SourceConfig(Strict):
         return value
 
 
+class FilterConfig(Strict):
+    """data.filter: which training records are kept when the data is prepared (the validation split
+    and eval sets are measured as they are, so their losses stay comparable across filters)."""
+
+    # keep records whose score (written by `rayft data score`) lies inside [min_score, max_score]
+    min_score: Optional[float] = None
+    max_score: Optional[float] = None
+    score: Literal["ifd", "loss"] = "ifd"  # which score: the answer's loss, or IFD (loss with / without prompt)
+    # drop records whose content repeats an earlier record's (exact), or nearly (near: the MinHash
+    # estimate of their word 3-gram sets' Jaccard similarity at least near_threshold); the first is kept
+    dedup: Literal["exact", "near", "none"] = "none"
+    near_threshold: float = Field(0.8, gt=0, le=1)
+    # drop samples longer than this many tokens (their longest sequence) instead of truncating them
+    max_tokens: Optional[int] = Field(None, gt=0)
+
+    @property
+    def bounds_score(self) -> bool:
+        return self.min_score is not None or self.max_score is not None
+
+    @model_validator(mode="after")
+    def _range(self) -> "FilterConfig":
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"data.filter: min_score={self.min_score} is above max_score={self.max_score}")
+        return self
+
+
 class DataConfig(Strict):
     # one file, or sources to mix; absent when dataset_info + datasets name them
     train: Annotated[Union[Annotated[str, Tag(ONE_FILE)], Annotated[list[SourceConfig], Tag(SOURCES)]],
@@ -152,6 +178,7 @@ class DataConfig(Strict):
     cutoff_len: int = Field(512, ge=16)
     packing: bool = True
     train_on_prompt: bool = False
+    filter: FilterConfig = FilterConfig()
 
     @field_validator("val_size")
     @classmethod
@@ -208,6 +235,10 @@ class DataConfig(Strict):
         n_sources = len(self.train) if isinstance(self.train, list) else len(self.datasets) or 1
         if self.mix == "interleave" and n_sources < 2:
             raise ValueError("mix: interleave needs at least two sources; use concat for one")
+        if self.filter.max_tokens is not None and self.filter.max_tokens > self.cutoff_len:
+            raise ValueError(f"data.filter.max_tokens={self.filter.max_tokens} is above "
+                             f"data.cutoff_len={self.cutoff_len}; samples are truncated at cutoff_len, so none "
+                             "would be longer")
         return self
 
 

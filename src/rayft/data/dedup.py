@@ -3,7 +3,8 @@
 A record is compared by what training reads of it: the stage's parsed item (its messages, tools,
 answers; not the file's other fields such as ids), after its task prompt. Exact duplicates share
 a hash of the item; near duplicates have a MinHash estimate of the Jaccard similarity of their
-character 5-gram sets at or above a threshold, found with MinHash LSH (datasketch). Hashes and
+sets of word 3-grams (lower case, punctuation left out; each CJK character a word) at or above a
+threshold, found with MinHash LSH (datasketch). Hashes and
 signatures are computed where records are parsed (worker processes); the index that decides
 "seen before" lives in one process, so the first occurrence is the one kept.
 
@@ -23,7 +24,10 @@ from typing import Any, Optional
 import numpy as np
 
 NUM_PERM = 128
-SHINGLE_CHARS = 5
+SHINGLE_WORDS = 3
+# a word: a run of letters and digits, or one CJK character (those scripts put no spaces between words)
+_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+STRUCTURE_KEYS = ("role", "type")  # a message's role, a tool's type: form, not content
 SCHEME = "affine32"  # datasketch's default since 2.0; signatures are rebuilt from their values with it
 _permutations: dict = {}  # the MinHash permutations, built once per process
 
@@ -43,7 +47,7 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [s for key in sorted(value) for s in _strings(value[key])]
+        return [s for key in sorted(value) if key not in STRUCTURE_KEYS for s in _strings(value[key])]
     if isinstance(value, list):
         return [s for v in value for s in _strings(v)]
     return [] if value is None else [str(value)]
@@ -62,12 +66,11 @@ def exact_key(item: Any) -> int:
 
 
 def signature(item: Any) -> np.ndarray:
-    """The MinHash signature (NUM_PERM uint32 values) of the item's text as character 5-grams
-    (lower case, runs of white space as one space)."""
+    """The MinHash signature (NUM_PERM uint32 values) of the item's text as a set of word 3-grams."""
     from datasketch import MinHash
 
-    text = re.sub(r"\s+", " ", " ".join(_strings(_plain(item)))).strip().lower()
-    shingles = {text[i:i + SHINGLE_CHARS] for i in range(max(1, len(text) - SHINGLE_CHARS + 1))}
+    words = _WORD.findall(" ".join(_strings(_plain(item))).lower())
+    shingles = {" ".join(words[i:i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
     if "perm" not in _permutations:
         _permutations["perm"] = MinHash(num_perm=NUM_PERM, scheme=SCHEME).permutations
     minhash = MinHash(num_perm=NUM_PERM, permutations=_permutations["perm"], scheme=SCHEME)

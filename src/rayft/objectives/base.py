@@ -8,6 +8,8 @@ of rows into a loss. The loop calls it and never names a stage.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
+
 import torch
 from pydantic import create_model
 
@@ -63,10 +65,22 @@ class Objective:
         (decided once per source, so every record is held to the same fields)."""
         return fmt
 
-    def units(self, tokenizer, items: list, cfg, counts: dict) -> list[list]:
-        """Parsed items as units of tokenized sequences (data.tokenize.TokenizedSample) that stay
-        together, in order, in one row (a sample; a preference pair's two answers); `counts` gets
-        kept and dropped samples and any other count worth a note."""
+    def units(self, tokenizer, items: list, cfg, counts: dict) -> list[Optional[list]]:
+        """Per parsed item, in order, its unit of tokenized sequences (data.tokenize.TokenizedSample)
+        that stay together, in order, in one row (a sample; a preference pair's two answers), or
+        None for an item left out; `counts` gets kept and dropped samples and any other count worth
+        a note (the note names what None stood for)."""
+        raise NotImplementedError
+
+    def answer_issues(self, item) -> list[str]:
+        """What `rayft data check` flags in a parsed item's answers (e.g. an empty answer), each as
+        a short phrase; none by default."""
+        return []
+
+    def score_samples(self, tokenizer, items: list, cfg) -> list[Optional[tuple]]:
+        """Per parsed item, what `rayft data score` scores: (the answer after its prompt, the same
+        answer with the prompt's text left out) as two TokenizedSamples learning the same answer
+        tokens, truncated at cfg.cutoff_len; None where no answer token is left."""
         raise NotImplementedError
 
     def row_length(self, cfg) -> int:

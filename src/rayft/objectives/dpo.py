@@ -252,20 +252,35 @@ class DirectPreference(Objective):
     def row_length(self, cfg) -> int:
         return 2 * cfg.cutoff_len  # a pair's two sequences share a row
 
-    def units(self, tokenizer, pairs, cfg, counts) -> list[list]:
+    def units(self, tokenizer, pairs, cfg, counts):
         units = []
         counts.setdefault("identical_pairs", 0)
         for prompt, chosen, rejected in pairs:
+            sequences = None
             if chosen == rejected:
                 counts["identical_pairs"] += 1  # nothing to prefer
-                continue
-            sequences = tokenize_pair(tokenizer, prompt, chosen, rejected, cfg.cutoff_len)
-            if sequences is None:
+            elif (sequences := tokenize_pair(tokenizer, prompt, chosen, rejected, cfg.cutoff_len)) is None:
                 counts["dropped"] += 1
-                continue
-            counts["kept"] += 1
+            else:
+                counts["kept"] += 1
             units.append(sequences)
         return units
+
+    def answer_issues(self, pair):
+        _, chosen, rejected = pair
+        issues = ["empty chosen or rejected answer"] if not (chosen.strip() and rejected.strip()) else []
+        return issues + (["chosen equals rejected"] if chosen.strip() == rejected.strip() else [])
+
+    def score_samples(self, tokenizer, pairs, cfg):
+        """The chosen answer: after its prompt (cut from the left as training cuts it), and after
+        the prompt's turns emptied."""
+        scored = []
+        for prompt, chosen, _ in pairs:
+            bare = [{**m, "content": ""} for m in prompt]
+            with_prompt = tokenize_pair(tokenizer, prompt, chosen, chosen, cfg.cutoff_len)
+            without = tokenize_pair(tokenizer, bare, chosen, chosen, cfg.cutoff_len)
+            scored.append((with_prompt[0], without[0]) if with_prompt and without else None)
+        return scored
 
     # ---- on each worker
     def setup(self, opts, job, method, engine, data, rank, world, pad_id, device, reporter, resumed, model_dir) -> None:

@@ -25,19 +25,45 @@ class SupervisedFineTuning(Objective):
 
         return to_conversations(records, fmt, source, offset, problems)
 
-    def units(self, tokenizer, conversations, cfg, counts) -> list[list]:
-        from rayft.data.tokenize import IGNORE_INDEX, tokenize_conversations
+    def units(self, tokenizer, conversations, cfg, counts):
+        from rayft.data.tokenize import tokenize_conversations
 
         units = []
         samples = tokenize_conversations(tokenizer, [(c.messages, c.tools) for c in conversations], cfg.cutoff_len,
                                          cfg.train_on_prompt)
         for sample in samples:
-            if all(label == IGNORE_INDEX for label in sample.labels):
+            if not _learns(sample):
                 counts["dropped"] += 1  # truncation removed every learned token
+                units.append(None)
                 continue
             counts["kept"] += 1
             units.append([sample])
         return units
+
+    def answer_issues(self, conversation):
+        issues, prompt = [], None
+        for message in conversation.messages:
+            text = (message.get("content") or "").strip()
+            if message["role"] == "assistant":
+                if not text and not message.get("tool_calls"):
+                    issues.append("empty answer")
+                elif text and text == prompt:
+                    issues.append("answer equals its prompt")
+            elif message["role"] == "user":
+                prompt = text
+        return sorted(set(issues))
+
+    def score_samples(self, tokenizer, conversations, cfg):
+        from rayft.data.tokenize import tokenize_conversations
+
+        # Without the prompt: every turn but the answers emptied (tools left out), so the template
+        # renders the same structure and the same answer tokens are learned, after no prompt text.
+        bare = [[m if m["role"] == "assistant" else {**m, "content": ""} for m in c.messages] for c in conversations]
+        samples = tokenize_conversations(tokenizer, [(c.messages, c.tools) for c in conversations] +
+                                         [(messages, None) for messages in bare], cfg.cutoff_len, False)
+        n = len(conversations)
+        return [(with_prompt, without) if _learns(with_prompt) and _learns(without) else None
+                for with_prompt, without in zip(samples[:n], samples[n:])]
 
     def loss(self, opts, model, batch, precision, method, method_opts):
         from rayft.train.loop import token_losses
@@ -45,3 +71,9 @@ class SupervisedFineTuning(Objective):
         loss_sum, label_tokens = token_losses(model, batch, precision, method.virtual_tokens(method_opts),
                                               method.fused_head)
         return loss_sum, label_tokens, {}
+
+
+def _learns(sample) -> bool:
+    from rayft.data.tokenize import IGNORE_INDEX
+
+    return any(label != IGNORE_INDEX for label in sample.labels)
