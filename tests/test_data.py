@@ -237,6 +237,39 @@ def test_chunked_head_loss_matches_the_plain_loss_and_gradients(monkeypatch, aut
     assert empty.item() == 0.0
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_chunked_head_token_losses_match_the_plain_ones_under_any_incoming_gradient(monkeypatch, autocast):
+    """The fused head's per-token losses (what DPO's per-sequence sums are made of) and their
+    gradients for a per-token incoming gradient (a pair's losses weigh its tokens differently)
+    equal the plain logits' cross-entropy, the bias and the head's weight included."""
+    from rayft.train import head_loss
+
+    vocab, rows = 997, 61
+    monkeypatch.setitem(head_loss._CHUNK_ELEMENTS, "cpu", 7 * vocab)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, vocab, bias=True)
+    hidden, targets, incoming = torch.randn(rows, 32), torch.randint(0, vocab, (rows,)), torch.randn(rows)
+
+    def losses_and_grads(fused: bool):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                losses = head_loss.linear_token_losses(h, head, targets)
+            else:
+                losses = torch.nn.functional.cross_entropy(head(h).float(), targets, reduction="none")
+        (losses * incoming).sum().backward()
+        return [losses.detach(), h.grad, head.weight.grad, head.bias.grad]
+
+    plain, fused = losses_and_grads(False), losses_and_grads(True)
+    tolerance = 1e-2 if autocast else 1e-5
+    for a, b in zip(plain, fused):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (a - b).abs().max() <= tolerance * a.abs().max()
+    with torch.no_grad():
+        assert torch.allclose(head_loss.linear_token_losses(hidden, head, targets), plain[0], rtol=1e-2 if autocast else 1e-5)
+
+
 def test_loss_step_gradients_equal_with_and_without_the_fused_head(monkeypatch, tokenizer, tiny_model):
     """token_losses through the fused head and through logits + cross-entropy give the same
     gradient for every weight, the tied embedding/head included (fp32, full model)."""

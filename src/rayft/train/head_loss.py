@@ -31,16 +31,17 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden: bool, need_logits: bool,
-                  row_weights=None):
-    """The summed loss (each row's weighted by `row_weights`, if given), and (if asked) the
-    gradient for `hidden` and every row's logits gradient, both for an incoming gradient of 1."""
+                  row_weights=None, per_row: bool = False):
+    """The summed loss (each row's weighted by `row_weights`, if given; or, per_row, every row's
+    loss), and (if asked) the gradient for `hidden` and every row's logits gradient, both for an
+    incoming gradient of 1 (per row)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):  # the casts below are autocast's own
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         chunk = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // vocab)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros(rows if per_row else (), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(h) if need_hidden else None
         # every row's logits gradient is kept only when the weight or bias trains (one matmul at the end)
         grad_logits = torch.empty(rows, vocab, dtype=compute_dtype, device=h.device) if need_logits else None
@@ -52,7 +53,10 @@ def _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden: boo
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
             row_losses = log_norm - logits.gather(1, target)
             chunk_weights = row_weights[start:stop, None] if row_weights is not None else None
-            loss += (row_losses * chunk_weights).sum() if chunk_weights is not None else row_losses.sum()
+            if per_row:
+                loss[start:stop] = row_losses[:, 0]
+            else:
+                loss += (row_losses * chunk_weights).sum() if chunk_weights is not None else row_losses.sum()
             if not (need_hidden or need_logits):
                 continue
             probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
@@ -91,6 +95,43 @@ class LinearCrossEntropy(torch.autograd.Function):
                 scale(grad_bias, ctx.bias_dtype), None, None, None)
 
 
+class LinearTokenCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T + bias, targets) of each row of `hidden`, a vector: what a
+    loss over segments of rows (a preference pair's sequences) needs, the logits still chunked.
+    The rows' gradients are computed in the forward for an incoming gradient of 1 and scaled per
+    row in the backward (exact: each row's loss is linear in its own incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, compute_dtype):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        losses, h, grad_hidden, grad_logits = _chunked_loss(hidden, weight, bias, targets, compute_dtype, need_hidden,
+                                                            need_weight or need_bias, per_row=True)
+        ctx.save_for_backward(grad_hidden, grad_logits, h if need_weight else None)
+        ctx.dtypes = hidden.dtype, weight.dtype, bias.dtype if bias is not None else None
+        ctx.needs = need_hidden, need_weight, need_bias
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        grad_hidden, grad_logits, h = ctx.saved_tensors
+        (hidden_dtype, weight_dtype, bias_dtype), (need_hidden, need_weight, need_bias) = ctx.dtypes, ctx.needs
+        scale = grad_losses.float()[:, None]
+        out_hidden = (grad_hidden.float() * scale).to(hidden_dtype) if need_hidden else None
+        scaled_logits = (grad_logits.float() * scale) if (need_weight or need_bias) else None
+        out_weight = (scaled_logits.to(h.dtype).t() @ h).to(weight_dtype) if need_weight else None
+        out_bias = scaled_logits.sum(0).to(bias_dtype) if need_bias else None
+        return out_hidden, out_weight, out_bias, None, None
+
+
+def linear_token_losses(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """The head's loss of each row of `hidden` (rows x features) against `targets` (rows,)."""
+    compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else head.weight.dtype
+    if not torch.is_grad_enabled():
+        return _chunked_loss(hidden, head.weight, head.bias, targets, compute_dtype, False, False, per_row=True)[0]
+    return LinearTokenCrossEntropy.apply(hidden, head.weight, head.bias, targets, compute_dtype)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
                          row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The head's summed loss over `hidden` (rows x features) against `targets` (rows,), each
@@ -111,6 +152,16 @@ def fused_head_loss_applies(model, head: torch.nn.Module, precision: str) -> boo
     underflow), and here the gradient is rounded before the scale is known."""
     return (precision != "fp16" and type(head) is torch.nn.Linear and "forward" not in vars(head)
             and getattr(model.config, "model_type", None) in HEAD_IS_LAST)
+
+
+@contextmanager
+def head_returns_token_losses(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
+    """head_returns_loss with each learned position's loss (a vector) in place of their sum."""
+    head.forward = lambda hidden: linear_token_losses(hidden[learned], head, targets)
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from rayft.objectives import get_objective
 from rayft.train.attention import ATTENTION_NAME, PackedLayout
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
 from rayft.train.ewc import ElasticWeightConsolidation
-from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss
+from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss, head_returns_token_losses
 from rayft.train.schedule import StepPlan, lr_factor
 
 
@@ -116,14 +116,25 @@ def learned_logits(model, batch: dict[str, torch.Tensor], precision: str, learne
         hook.remove()
 
 
+def learned_token_logps(model, batch: dict[str, torch.Tensor], precision: str, learned: torch.Tensor,
+                        targets: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each learned token: from the head itself where the fused head
+    applies (the learned tokens' logits never exist in full), else from their logits."""
+    head = output_head(model)
+    if fused_head_loss_applies(unwrapped(model), head, precision):
+        with head_returns_token_losses(head, learned, targets), autocast_context(precision, targets.device):
+            return -model(**model_inputs(model, batch)).logits
+    logits = learned_logits(model, batch, precision, learned)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence of the batch, in order (rows in order, each row's sequences as its positions
     restart): the summed log-probability of its learned tokens, how many there are, and the row
     it sits in. A sequence without learned tokens (a row's padding) is not one."""
     learned, targets = learned_positions(batch["labels"])
-    logits = learned_logits(model, batch, precision, learned)
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+    token_logps = learned_token_logps(model, batch, precision, learned, targets)
     starts = batch["position_ids"] == 0
     segment = torch.cumsum(starts, dim=1) - 1  # within the row
     row_offset = torch.arange(segment.shape[0], device=segment.device)[:, None] * segment.shape[1]
