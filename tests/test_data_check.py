@@ -95,7 +95,9 @@ def test_check_cli_prints_the_report_and_refuses_bad_filters(tmp_path, tiny_mode
     runner = CliRunner()
     done = runner.invoke(app, ["data", "check", str(write_config(tmp_path, base_config(tmp_path, tiny_model, path)))])
     assert done.exit_code == 0, done.output
-    assert "planted.jsonl" in done.output and "1 answer equals its prompt, 1 empty answer" in done.output
+    assert all(text in done.output for text in ("[1] planted.jsonl", "1 answer equals its prompt", "1 empty answer",
+                                                "(1 lost)", "records lack the alpaca fields (instruction, output "
+                                                "(strings)); first at index 13"))
     for override, expected in (("data.filter={min_score: 2, max_score: 1}", "min_score=2.0 is above max_score=1.0"),
                                ("data.filter.dedup=fuzzy", "data.filter.dedup='fuzzy'"),
                                ("data.filter.max_tokens=1000", "data.filter.max_tokens=1000 is above")):
@@ -123,7 +125,7 @@ def test_score_writes_a_scored_copy_with_the_training_loss(tmp_path, tiny_model,
     source = write_jsonl(tmp_path / "train.jsonl", [{**r, "id": i} for i, r in enumerate(records)])
     cfg = config(tmp_path, tiny_model, source)
     cfg.distributed.num_workers = 1
-    ((_, path, n),) = score_data(cfg, tmp_path / "scored", batch_rows=4, say=lambda _: None)
+    ((_, path, n),) = score_data(cfg, tmp_path / "scored", batch_rows=4)
     assert path == tmp_path / "scored" / "train.scored.jsonl" and n == 6
     scored = [json.loads(line) for line in path.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "score"} for r in scored] == [{**r, "id": i} for i, r in

@@ -319,14 +319,16 @@ def data_score(
                                        "source, as <name>.scored.jsonl)."),
     batch: int = typer.Option(8, "--batch", help="Rows per forward pass on each worker."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's and the workers' output (also RAYFT_VERBOSE=1)."),
 ):
     """Score every training record with the base model on Ray workers (distributed.num_workers): the
     answer's loss and its instruction-following difficulty (IFD); write a scored copy per source."""
     from rayft.config import load_config
+    from rayft.console import verbose_from_env
     from rayft.scoring import score_data
 
     cfg = load_config(config, set_ or [])
-    for label, path, n in score_data(cfg, out, batch, say=typer.echo):
+    for label, path, n in score_data(cfg, out, batch, verbose or verbose_from_env()):
         typer.echo(f"wrote {n} scored records of {label} to {path}")
 
 

@@ -118,8 +118,17 @@ def _targets(sources, out_dir: Optional[Path]) -> list[Path]:
     return targets
 
 
-def score_data(cfg: TrainJobConfig, out_dir: Optional[Path], batch_rows: int, say=print) -> list[tuple[str, Path, int]]:
-    """Score every record of every training source; returns (source, scored copy, records) each."""
+def score_data(cfg: TrainJobConfig, out_dir: Optional[Path], batch_rows: int, verbose: bool = False
+               ) -> list[tuple[str, Path, int]]:
+    """Score every record of every training source; returns (source, scored copy, records) each.
+    Ray's and the libraries' output goes to a log file unless `verbose` (rayft.console)."""
+    from rayft.console import RunConsole
+
+    with RunConsole(verbose) as console:
+        return _score_data(cfg, out_dir, batch_rows, console.say)
+
+
+def _score_data(cfg: TrainJobConfig, out_dir: Optional[Path], batch_rows: int, say) -> list[tuple[str, Path, int]]:
     import ray
 
     from rayft.data.dataset import _SourcePlan, check_paths

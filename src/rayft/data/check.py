@@ -144,25 +144,31 @@ def check_data(cfg: TrainJobConfig, tokenizer_dir: Path) -> list[SourceCheck]:
 
 
 def report_table(reports: list[SourceCheck], cutoff_len: int, title: str):
-    """The reports as a rich table, and the lines that explain its cells (first bad record, the
-    answers' issues by kind)."""
+    """The reports as a rich table, a column per source (a console of 80 columns holds a few), and
+    the lines below it: each source's full name and its first bad record's reason."""
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("source", "records", "format", "tokens p50/p90/p99/max", f"> cutoff_len {cutoff_len}",
-                   "exact dup", "near dup", "answer issues", "bad records"):
-        table.add_column(column, justify="left" if column in ("source", "format") else "right")
-    lines = []
-    for r in reports:
-        spread = r.percentiles()
-        truncated = f"{r.truncated}" + (f" ({r.lost} lost)" if r.lost else "")
-        table.add_row(r.name, str(r.records), r.format, "/".join(map(str, spread)) if spread else "-", truncated,
-                      str(r.exact_duplicates), str(r.near_duplicates), str(sum(r.answer_issues.values())),
-                      str(r.bad_records))
-        if r.answer_issues:
-            lines.append(f"{r.name}: " + ", ".join(f"{n} {issue}" for issue, n in sorted(r.answer_issues.items())))
-        if r.first_problem:
-            lines.append(f"{r.name}: {r.first_problem}")
+    table.add_column("")
+    for i, r in enumerate(reports, start=1):
+        table.add_column(f"[{i}] {Path(r.name.split(' (')[0]).name}", justify="right")
+    spreads = [r.percentiles() for r in reports]
+    rows = {
+        "records": [str(r.records) for r in reports],
+        "format": [r.format for r in reports],
+        "tokens p50/p90/p99/max": ["/".join(map(str, s)) if s else "-" for s in spreads],
+        f"longer than cutoff_len {cutoff_len}": [str(r.truncated) + (f" ({r.lost} lost)" if r.lost else "")
+                                                 for r in reports],
+        "exact duplicates": [str(r.exact_duplicates) for r in reports],
+        "near duplicates": [str(r.near_duplicates) for r in reports],
+        "answer issues": ["\n".join(f"{n} {issue}" for issue, n in sorted(r.answer_issues.items())) or "0"
+                          for r in reports],
+        "bad records": [str(r.bad_records) for r in reports],
+    }
+    for name, cells in rows.items():
+        table.add_row(name, *cells)
+    lines = [f"[{i}] {r.name}" + (f": {r.first_problem}" if r.first_problem else "")
+             for i, r in enumerate(reports, start=1)]
     if any(r.lost for r in reports):
-        lines.append("lost: longer than cutoff_len with nothing left to learn after truncation (dropped when prepared)")
+        lines.append("lost: longer than cutoff_len, and truncation leaves nothing to learn (dropped when prepared)")
     return table, lines
