@@ -180,8 +180,8 @@ def test_filter_drops_by_score_duplicates_and_length_with_counts_in_notes(tmp_pa
 
     # a source taken twice is a repeat, not a duplicate; the filter is part of the cache key
     extra = write_jsonl(tmp_path / "extra.jsonl", distinct_records(3, seed=4))
-    twice = DataConfig(train=[{"path": str(train), "weight": 2.0, "val": str(val)}, {"path": str(extra), "val": str(val)}],
-                       cutoff_len=128, filter={"dedup": "exact"})
+    twice = DataConfig(train=[{"path": str(train), "weight": 2.0, "val": str(val)},
+                              {"path": str(extra), "val": str(val)}], cutoff_len=128, filter={"dedup": "exact"})
     repeated = prepare_data(twice, tiny_model, tmp_path / "cache", seed=0)
     assert repeated.notes == {"exact_duplicates": 2} and repeated.train_samples == 2 * 13 + 3
     assert repeated.cache_dir != prepared.cache_dir

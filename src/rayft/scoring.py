@@ -101,9 +101,10 @@ class Scorer:
 
 
 def scored_path(source, out_dir: Optional[Path]) -> Path:
+    """<out_dir or the source's folder>/<name>.scored.jsonl (a directory source's copy goes beside
+    the directory: inside, it would be read as one more of its files)."""
     path = Path(source.path)
-    stem = path.name if path.is_dir() else path.stem
-    return (out_dir or (path if path.is_dir() else path.parent)) / f"{stem}.scored.jsonl"
+    return (out_dir or path.parent) / f"{path.name if path.is_dir() else path.stem}.scored.jsonl"
 
 
 def _targets(sources, out_dir: Optional[Path]) -> list[Path]:
@@ -111,6 +112,9 @@ def _targets(sources, out_dir: Optional[Path]) -> list[Path]:
         raise RayftError(f"--out {out_dir}: is a file; name a directory for the scored copies")
     targets = [scored_path(source, out_dir) for source in sources]
     for source, target in zip(sources, targets):
+        if Path(source.path).is_dir() and Path(source.path).resolve() == target.parent.resolve():
+            raise RayftError(f"--out {out_dir}: the source directory {source.path}, where the scored copy would be "
+                             "read as one more of its files; write it elsewhere")
         clash = [s.name for s, t in zip(sources, targets) if t == target and s is not source]
         if clash:
             raise RayftError(f"--out: the scored copies of {source.name} and {clash[0]} would both be {target}; "

@@ -204,13 +204,13 @@ def _chunk_units(chunk: list[tuple[str, str, int, dict]]):
     by_task: dict[Optional[str], list] = {}
     counts: dict[str, int] = {"kept": 0, "dropped": 0}
     for label, fmt, index, record in chunk:
-        if cfg.filter.bounds_score and not _score_kept(record, cfg.filter, index, problems.setdefault(label, Problems()),
-                                                       counts):
+        found = problems.setdefault(label, Problems())
+        if cfg.filter.bounds_score and not _score_kept(record, cfg.filter, index, found, counts):
             continue
         task = record.get("task")
         if task:
             record = with_task_prompt(record, cfg.task_template, task)
-        (item,) = objective.parse([record], fmt, label, index, problems.setdefault(label, Problems()))
+        (item,) = objective.parse([record], fmt, label, index, found)
         if item is not None:
             by_task.setdefault(task, []).append((item, record_identity(label, index)))
     units = [entry for task, entries in by_task.items() for entry in _filtered_units(objective, tokenizer, task,
@@ -380,7 +380,8 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
             found.raise_first(label)
         where = sources[0].name if len(sources) == 1 else "data.train"
         if train_rows == 0:
-            filtered = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k not in ("kept", "dropped") and v)
+            filtered = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()
+                                 if k not in ("kept", "dropped") and v)
             raise DataError(f"{where}: {objective.nothing_left} at data.cutoff_len={cfg.cutoff_len} "
                             f"({counts['dropped']} dropped{', ' + filtered if filtered else ''})")
         if not any(p.n_val for p in plans):

@@ -26,7 +26,8 @@ import numpy as np
 NUM_PERM = 128
 SHINGLE_WORDS = 3
 # a word: a run of letters and digits, or one CJK character (those scripts put no spaces between words)
-_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"  # kana, CJK ideographs, hangul
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 STRUCTURE_KEYS = ("role", "type")  # a message's role, a tool's type: form, not content
 SCHEME = "affine32"  # datasketch's default since 2.0; signatures are rebuilt from their values with it
 _permutations: dict = {}  # the MinHash permutations, built once per process
