@@ -74,6 +74,9 @@ def test_sources_with_tasks_per_source_validation_and_eval_sets(tmp_path, tiny_m
     assert data.tasks == ["extract", "greeting", "other"]  # a record's own task wins over its source's
     assert data.sources == [{"name": str(extract), "train": 24, "val": 6}, {"name": str(greet), "train": 12, "val": 3}]
     assert data.train_samples == 24 + 2 * 12
+    one = prepare_data(DataConfig(train=[{"path": str(extract), "weight": 1.5}], cutoff_len=64), tiny_model,
+                       tmp_path / "cache", seed=0)
+    assert one.train_samples == 27 + 14  # one source is taken `weight` times too: 27 train records + half
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

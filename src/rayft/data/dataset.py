@@ -361,8 +361,7 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
     train_counts = [plan.n_train for plan in plans]
     weights = [source.weight for source in sources]
     n_train = sum(int(w * n) if cfg.mix == "concat" else n for w, n in zip(weights, train_counts))
-    train_records = plans[0].train() if len(plans) == 1 else \
-        mix(lambda i: plans[i].train(), train_counts, weights, cfg.mix, cfg.interleave_until, seed)
+    train_records = mix(lambda i: plans[i].train(), train_counts, weights, cfg.mix, cfg.interleave_until, seed)
     val_records = (entry for plan in plans for entry in plan.val())
     tasks = _Tasks()
 
