@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import RAYFT, base_config, run_cli, write_config
+from conftest import base_config, write_config
 
 
 # ---------------------------------------------------------------- EWC, in-process
@@ -105,7 +104,8 @@ def test_ewc_fisher_is_the_mean_squared_gradient_of_each_rows_loss(tiny_model):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"train": {"ewc": {"weight": 1.0, "set": "generl"}}}, r"train.ewc.set: 'generl' is not one of data.eval_sets \(general\)"),
+    ({"train": {"ewc": {"weight": 1.0, "set": "generl"}}},
+     r"train.ewc.set: 'generl' is not one of data.eval_sets \(general\)"),
     ({"train": {"ewc": {"weight": 1.0, "set": "general"}}, "distributed": {"zero_stage": 3}},
      r"train.ewc: ZeRO-3 partitions each parameter .* use distributed.zero_stage 0, 1 or 2"),
     ({"train": {"ewc": {"weight": 0, "set": "general"}}}, r"train.ewc.weight=0: Input should be greater than 0"),
@@ -140,16 +140,29 @@ def write_general(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def forgetting_config(tmp_path: Path, name: str, model: Path, train, general: Path, **train_section) -> Path:
-    """8 steps of full fine-tuning at a high learning rate: LoRA on the random tiny model barely
-    moves in 8 steps (its losses change by hundredths), full fine-tuning moves by nats."""
+def forgetting_run(tmp_path: Path, name: str, model: Path, train, general: Path, mlflow_uri: str,
+                   workers: int = 2, **train_section) -> tuple[dict, str]:
+    """8 steps of full fine-tuning at a high learning rate (LoRA on the random tiny model barely
+    moves in 8 steps: its losses change by hundredths; full fine-tuning moves them by nats), in
+    this process (no CLI start-up: the three runs are most of this file's time). Returns
+    metrics.json and what the console showed."""
+    import io
+
+    from rich.console import Console
+
+    from rayft.config import parse_config
+    from rayft.train.runner import run_training
+
     raw = base_config(tmp_path / name, model, Path("unused"), method={"type": "full"},
                       train={"max_steps": 8, "eval_steps": 8, "save_steps": 8, "logging_steps": 4, "lr": 1e-2,
-                             **train_section},
-                      distributed={"cpus_per_worker": 0.5})  # three runs side by side on the test cluster's 4 CPUs
+                             "grad_accum": 2 // workers, **train_section},  # 8 rows a step whatever the workers
+                      distributed={"num_workers": workers},
+                      tracking={"mlflow_uri": mlflow_uri})  # the test cluster's server: no sqlite set-up per run
+    raw["name"] = name
     raw["data"].update(train=train, eval_sets={"general": str(general)})
-    (tmp_path / name).mkdir()
-    return write_config(tmp_path / name, raw)
+    console = io.StringIO()
+    metrics = run_training(parse_config(raw), console=Console(file=console, width=200))
+    return metrics, console.getvalue()
 
 
 def untied_tiny_model(tiny_model: Path, target: Path) -> Path:
@@ -166,57 +179,53 @@ def untied_tiny_model(tiny_model: Path, target: Path) -> Path:
 
 
 def test_replay_keeps_the_general_loss_down_ewc_holds_the_weights_and_replay_from_base(
-        tmp_path, tiny_model, alpaca_file, ray_address):
-    """Three 8-step runs on the tiny model, side by side, from the same start on the same task
-    (JSON extraction): alone; with general replay records mixed in (English sentences, none of
-    them in the general eval set); with EWC on the general set. Beside them, `rayft data replay
-    --from-base 4`."""
+        tmp_path, tiny_model, alpaca_file, local_cluster):
+    """Three 8-step runs of the tiny model from the same start on the same task (JSON
+    extraction): alone; with general replay records mixed in (English sentences, none of them in
+    the general eval set); with EWC on the general set. Then `rayft data replay --from-base 4`."""
     general = write_general(tmp_path / "general.jsonl", 24, seed=1)  # the eval set
     replay = write_general(tmp_path / "replay.jsonl", 72, seed=2)  # other sentences of the same kind
-    configs = {
-        "task": forgetting_config(tmp_path, "task", tiny_model, str(alpaca_file), general),
-        "replay": forgetting_config(tmp_path, "replay", tiny_model, [{"path": str(alpaca_file)}, {"path": str(replay)}],
-                                    general),
-        "ewc": forgetting_config(tmp_path, "ewc", tiny_model, str(alpaca_file), general,
-                                 ewc={"weight": 1e6, "samples": 8, "set": "general"}),
-    }
-    runs = {name: subprocess.Popen([RAYFT, "train", str(config)], cwd=config.parent, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for name, config in configs.items()}
-    base = untied_tiny_model(tiny_model, tmp_path / "untied")
-    out = tmp_path / "replay-from-base.jsonl"
-    made = run_cli("data", "replay", str(configs["task"]), "--from-base", "4", "--max-tokens", "6", "--out", str(out),
-                   "--set", f"model.name_or_path={base}")
-    outputs = {name: run.communicate(timeout=600) for name, run in runs.items()}
-    for name, run in runs.items():
-        assert run.returncode == 0, (name, outputs[name][1][-3000:])
-    metrics = {name: json.loads((tmp_path / name / "out" / "metrics.json").read_text()) for name in runs}
+    mlflow_uri = local_cluster.mlflow_uri
+    task, _ = forgetting_run(tmp_path, "task", tiny_model, str(alpaca_file), general, mlflow_uri)
+    # one worker (2 micro-batches a step): a run's cost is mostly its workers' start-up
+    mixed, _ = forgetting_run(tmp_path, "replay", tiny_model, [{"path": str(alpaca_file)}, {"path": str(replay)}],
+                              general, mlflow_uri, workers=1)
+    ewc, ewc_console = forgetting_run(tmp_path, "ewc", tiny_model, str(alpaca_file), general, mlflow_uri,
+                                      ewc={"weight": 1e6, "samples": 8, "set": "general"})
+    runs = {"task": task, "replay": mixed, "ewc": ewc}
     print({name: {k: round(m[k], 3) for k in ("eval_general_loss_before", "eval_general_loss", "eval_loss_before",
-                                              "eval_loss")} for name, m in metrics.items()})
+                                              "eval_loss")} for name, m in runs.items()})
 
     # The same start. The random model has no general ability to lose (its loss starts at ln of the
     # vocabulary), so the task alone still lowers it a little; mixed-in replay lowers it by far more.
-    before = metrics["task"]["eval_general_loss_before"]
-    assert all(m["eval_general_loss_before"] == pytest.approx(before) for m in metrics.values())
-    assert metrics["replay"]["eval_general_loss"] < metrics["task"]["eval_general_loss"] - 1.0, metrics
-    for name in ("task", "replay"):  # and the task is learned with and without replay
-        assert metrics[name]["eval_loss"] < metrics[name]["eval_loss_before"] - 2.0, (name, metrics[name])
+    before = task["eval_general_loss_before"]
+    assert all(m["eval_general_loss_before"] == pytest.approx(before) for m in runs.values())
+    assert mixed["eval_general_loss"] < task["eval_general_loss"] - 1.0, runs
+    for m in (task, mixed):  # and the task is learned with and without replay
+        assert m["eval_loss"] < m["eval_loss_before"] - 2.0, m
 
     # EWC: its Fisher line; its penalty in MLflow (> 0 once the weights have moved) and on the
     # progress line; and its gradient in the step: the same run without it (task) learns the task
     # much further, as the weights are held near where they started
     from mlflow.tracking import MlflowClient
 
-    ewc_console = outputs["ewc"][1]
-    assert "ewc: empirical Fisher of " in ewc_console and "from 8 rows of eval set 'general'" in ewc_console
-    assert re.search(r"8/8 loss [\d.]+  ewc [\d.]+", ewc_console), ewc_console[-2000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ewc' / 'mlflow.db'}")
-    penalties = [m.value for m in client.get_metric_history(metrics["ewc"]["mlflow_run_id"], "ewc_penalty")]
+    assert "ewc: empirical Fisher of 3,219,776 trainable parameters from 8 rows of eval set 'general'" in ewc_console
+    assert re.search(r"8/8 loss [\d.]+  ewc [\d.]+  eval", ewc_console), ewc_console[-2000:]
+    penalties = [m.value for m in MlflowClient(mlflow_uri).get_metric_history(ewc["mlflow_run_id"], "ewc_penalty")]
     assert len(penalties) == 2 and all(p > 0 for p in penalties), penalties
-    assert metrics["ewc"]["eval_loss"] > metrics["task"]["eval_loss"] + 0.5, metrics
+    assert ewc["eval_loss"] > task["eval_loss"] + 0.5, runs
 
     # rayft data replay: 4 distinct prompts of the training data with the base model's own greedy answers
-    assert made.returncode == 0, made.stderr[-3000:]
-    assert f"wrote 4 replay records (answers of {base}) to {out}" in made.stdout
+    from typer.testing import CliRunner
+
+    from rayft.cli import app
+
+    base, out = untied_tiny_model(tiny_model, tmp_path / "untied"), tmp_path / "replay-from-base.jsonl"
+    config = write_config(tmp_path, base_config(tmp_path, base, alpaca_file))
+    made = CliRunner().invoke(app, ["data", "replay", str(config), "--from-base", "4", "--max-tokens", "6",
+                                    "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    assert f"wrote 4 replay records (answers of {base}) to {out}" in made.output.splitlines()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     prompts = {r["instruction"] + "\n\n" + r["input"] for r in map(json.loads, alpaca_file.read_text().splitlines())}
     assert len(records) == 4 and len({r["messages"][0]["content"] for r in records}) == 4
@@ -247,7 +256,8 @@ def test_data_replay_refuses_bad_input_in_one_line(tmp_path, tiny_model, alpaca_
     distinct = len({json.loads(line)["input"] for line in alpaca_file.read_text().splitlines()})
     for args, message in (
             (["--from-base", "0"], "error: --from-base 0: the number of records must be at least 1"),
-            (["--from-base", "2", "--out", str(taken)], f"error: --out {taken}: exists; pass --overwrite to replace it"),
+            (["--from-base", "2", "--out", str(taken)],
+             f"error: --out {taken}: exists; pass --overwrite to replace it"),
             (["--from-base", "500", "--out", str(tmp_path / "new.jsonl")],
              f"error: --from-base 500: the training data has {distinct} distinct user prompts")):
         done = CliRunner().invoke(app, ["data", "replay", str(config), *args])

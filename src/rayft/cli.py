@@ -277,15 +277,17 @@ def data_replay(
     format_: str = typer.Option("messages", "--format", help="messages or alpaca."),
     batch_size: int = typer.Option(16, "--batch-size", help="Rows the engine generates together."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's and the task's output (also RAYFT_VERBOSE=1)."),
 ):
     """Write self-generated replay data: prompts of CONFIG's training data with the base model's own
     answers (generated on Ray), to mix into data.train against forgetting."""
     from rayft.config import load_config
+    from rayft.console import verbose_from_env
     from rayft.replay import write_replay
 
     cfg = load_config(config, set_ or [])
     path = write_replay(cfg, from_base, out or Path(f"replay-{cfg.name}.jsonl"), overwrite, max_tokens, temperature,
-                        seed, format_, batch_size)
+                        seed, format_, batch_size, verbose or verbose_from_env())
     typer.echo(f"wrote {from_base} replay records (answers of {cfg.model.name_or_path}) to {path}")
 
 

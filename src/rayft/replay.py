@@ -131,20 +131,22 @@ def replay_record(prompt: Messages, answer: str, fmt: str) -> dict:
     if fmt == "messages":
         return {"messages": prompt + [{"role": "assistant", "content": answer}]}
     system = "\n\n".join(m["content"] for m in prompt if m["role"] == "system")
-    return {"instruction": prompt[-1]["content"], "input": "", "output": answer, **({"system": system} if system else {})}
+    record = {"instruction": prompt[-1]["content"], "input": "", "output": answer}
+    return {**record, "system": system} if system else record
 
 
 def write_replay(cfg: TrainJobConfig, n: int, out: Path, overwrite: bool = False, max_new_tokens: int = 256,
                  temperature: float = 0.0, seed: Optional[int] = None, fmt: str = "messages",
-                 batch_size: int = 16) -> Path:
+                 batch_size: int = 16, verbose: bool = False) -> Path:
     """Draw N prompts, answer them with the base model on Ray, write the records to `out` (JSONL,
-    atomically). Bad input is a RayftError of one line."""
+    atomically). Bad input is a RayftError of one line, before Ray is touched; Ray's and the
+    libraries' output goes to a log file unless `verbose` (rayft.console)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from rayft.console import RunConsole
     from rayft.data.tools import render
     from rayft.models import resolve_model_path
-    from rayft.raycluster import connect_ray
-    from rayft.train.runner import resolve_use_gpu, write_atomic
+    from rayft.train.runner import write_atomic
 
     if n <= 0:
         raise RayftError(f"--from-base {n}: the number of records must be at least 1")
@@ -164,23 +166,33 @@ def write_replay(cfg: TrainJobConfig, n: int, out: Path, overwrite: bool = False
     model_dir = resolve_model_path(cfg.model.name_or_path)
     prompts = draw_prompts(cfg, n, seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                  for prompt in prompts]
+    texts = [render(tokenizer, prompt, add_generation_prompt=True) for prompt in prompts]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     longest = max(len(ids) for ids in prompt_ids)
     if context and longest + max_new_tokens > context:
         raise RayftError(f"--max-tokens {max_new_tokens}: a drawn prompt is {longest} tokens, and both exceed the "
                          f"model's context of {context} tokens")
 
-    connect_ray(cfg.distributed.ray_address)
-    import ray
-
-    use_gpu = resolve_use_gpu(cfg)
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(generate_answers)
-    answers = ray.get(task.remote(str(model_dir), prompt_ids, max_new_tokens, temperature, seed, batch_size, use_gpu))
-
+    with RunConsole(verbose):
+        answers = answers_on_ray(cfg, str(model_dir), prompt_ids, max_new_tokens, temperature, seed, batch_size)
     records = [replay_record(prompt, tokenizer.decode(ids, skip_special_tokens=True), fmt)
                for prompt, ids in zip(prompts, answers)]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return out
+
+
+def answers_on_ray(cfg: TrainJobConfig, model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int,
+                   temperature: float, seed: int, batch_size: int) -> list[list[int]]:
+    """generate_answers in one Ray task (1 CPU, or 1 GPU where the cluster has GPUs) on the cluster
+    the config names, as training connects to it."""
+    import ray
+
+    from rayft.raycluster import connect_ray
+    from rayft.train.runner import resolve_use_gpu
+
+    connect_ray(cfg.distributed.ray_address)
+    use_gpu = resolve_use_gpu(cfg)
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(generate_answers)
+    return ray.get(task.remote(model_dir, prompt_ids, max_new_tokens, temperature, seed, batch_size, use_gpu))
