@@ -105,8 +105,13 @@ def generate_answers(model_dir: str, prompts: list[list[int]], max_new_tokens: i
 
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     from rayft.serve.engine import Engine, GenerationRequest, batched_lora_model, load_base_model, serving_dtype
 
+    # Ray forwards the task's output to the driver, at times after the driver has put its console
+    # back: the loading bar is the only line it prints
+    hf_logging.disable_progress_bar()
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     model = load_base_model(Path(model_dir), serving_dtype("auto", device), device)
     eos = model.generation_config.eos_token_id
