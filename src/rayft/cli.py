@@ -50,6 +50,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in output_dir."),
     verbose: bool = typer.Option(False, "--verbose", help="Show every library's and worker's output (also RAYFT_VERBOSE=1)."),
+    force: bool = typer.Option(False, "--force", help="Train even where the memory estimate predicts it does not fit the GPUs."),
 ):
     """Fine-tune a model on Ray Train workers as CONFIG says."""
     from rayft.config import load_config
@@ -63,7 +64,7 @@ def train(
     verbose = verbose or verbose_from_env()
     logs = Path(cfg.output_dir) / LOG_DIR
     try:
-        metrics = run_training(cfg, resume=resume, overwrite=overwrite, verbose=verbose)
+        metrics = run_training(cfg, resume=resume, overwrite=overwrite, verbose=verbose, force=force)
     except RayftError:
         raise
     except TrainingFailed as exc:  # a worker failed past max_failures: its traceback is in its log
@@ -74,6 +75,27 @@ def train(
     _print_summary(metrics, cfg)
     if not verbose:
         typer.echo(f"logs: {logs}")
+
+
+@app.command()
+@user_errors
+def estimate(
+    config: Path = typer.Argument(..., help="Training config (YAML)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Each worker's device: cuda:80GB or cpu:24GB "
+                                         "(GB = 2^30 bytes). Default: this machine's first GPU, else its memory "
+                                         "shared by distributed.num_workers."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The device's dense matmul TFLOP/s in "
+                                                "the run's precision (on CPU measured when not given)."),
+    utilisation: float = typer.Option(0.4, "--utilisation", help="The fraction of that peak a step reaches."),
+):
+    """Predict per-device memory (and time) of a training config before anything is loaded; when it
+    does not fit, name the changes that make it fit."""
+    from rayft.config import load_config
+    from rayft.estimate import estimate_command, render
+
+    cfg = load_config(config, set_ or [])
+    render(cfg, estimate_command(cfg, device, peak_tflops, utilisation))
 
 
 def _runtime_failure(what: str, exc: Exception, verbose: bool, log: Path):

@@ -292,7 +292,9 @@ class TrainConfig(Strict):
     attention: Literal["auto", "packed", "sdpa", "eager"] = "auto"
     # Recompute each decoder layer's activations in the backward pass instead of keeping them:
     # activation memory falls from all layers' to about one layer's, for ~1/3 more compute.
-    gradient_checkpointing: bool = False
+    # auto: on only where `rayft estimate` predicts the run does not fit its device without it and
+    # fits with it (decided before the workers start; stays off for a method that refuses it)
+    gradient_checkpointing: Union[bool, Literal["auto"]] = False
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
@@ -373,7 +375,7 @@ class TrainJobConfig(Strict):
         if self.train.attention == "packed" and not method.packs:
             raise ValueError(f"train.attention=packed: method.type={self.method.type} keeps one sample per row "
                              "(its extra tokens are per row); use auto or sdpa")
-        if self.train.gradient_checkpointing and method.checkpointing_refusal:
+        if self.train.gradient_checkpointing is True and method.checkpointing_refusal:
             raise ValueError(f"train.gradient_checkpointing: method.type={self.method.type} cannot run with it "
                              f"({method.checkpointing_refusal})")
         method.check_job(self.method.options, self)  # ZeRO stage, offload, precision

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, register
-from rayft.methods.lora import adapted_base_params, check_target_modules, keep_adapter_inputs_in_autocast_dtype
+from rayft.methods.lora import (adapted_base_params, check_target_modules, keep_adapter_inputs_in_autocast_dtype,
+                               lora_layer_activations)
 
 ADAPTER = "default"
 ALLOCATOR_FILE = "adalora_scores.safetensors"
@@ -95,6 +96,9 @@ class AdaloraMethod(Method):
 
     def check(self, opts, model):
         check_target_modules(self.name, opts.target_modules, model)
+
+    def layer_activations(self, opts, layer, tokens, compute_bytes):
+        return lora_layer_activations(layer, tokens, compute_bytes)
 
     def check_steps(self, opts, total_steps):
         if opts.tinit + opts.tfinal >= total_steps:

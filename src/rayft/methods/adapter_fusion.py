@@ -128,6 +128,16 @@ class AdapterFusionMethod(Method):
             sublayer.register_forward_hook(_run_fusion)
         return model
 
+    def layer_activations(self, opts, layer, tokens, compute_bytes):
+        """Per fusion layer: the sublayer's output and its query; per fused adapter, its
+        bottleneck activation, its stacked output and that output's key and value projections."""
+        kept = 0.0
+        for module in layer.modules():
+            if isinstance(module, FusionLayer):
+                hidden, size = module.adapters[0].widths
+                kept += tokens * compute_bytes * (2 * hidden + len(module.adapters) * (size + 3 * hidden))
+        return kept, set()
+
     def apply(self, opts, model, run):
         model.requires_grad_(False)
         self.build(opts, model)

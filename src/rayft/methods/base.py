@@ -133,6 +133,20 @@ class Method:
     def load_state(self, opts, engine, directory: Path) -> None:
         """Restore it on every rank, after DeepSpeed has loaded its own state."""
 
+    # ---- what `rayft estimate` (estimate.py) asks beyond the parameters of the model as apply()
+    # left it on the meta device
+    def quantized_weight_bytes(self, opts) -> Optional[float]:
+        """Bytes per element of the base's linear weights (the output head excepted) as this method
+        loads them, quantisation state included; None: they stay in the loaded dtype. A quantised
+        weight is dequantised for each use and not kept for the backward pass."""
+        return None
+
+    def layer_activations(self, opts, layer, tokens: int, compute_bytes: int) -> tuple[float, set[str]]:
+        """What the method's own modules in one decoder layer keep for the backward pass, for a
+        micro-batch of `tokens` tokens whose matmuls run in `compute_bytes` per element: (bytes,
+        short names of the base linear layers whose input they keep, e.g. LoRA's A reads q_proj's)."""
+        return 0.0, set()
+
     # ---- outputs
     def changed_base_params(self, opts, model) -> int:
         """How many of the base model's parameters the output changes once merged or applied."""
@@ -162,6 +176,14 @@ class Method:
 
     # why merge refuses, for methods that cannot merge
     merge_refusal = "it adds computation that no weight of the base can express"
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a weight kept for later (e.g. what the export subtracts); a meta tensor (`rayft
+    estimate` applies methods on the meta device) stays one, of the same shape."""
+    if tensor.is_meta:
+        return torch.empty_like(tensor, device="meta")
+    return tensor.detach().to("cpu", copy=True)
 
 
 def register(method_cls: type[Method]) -> type[Method]:

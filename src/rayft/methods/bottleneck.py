@@ -50,6 +50,7 @@ class DroppableAdapter(torch.nn.Module):
     """An adapter that AdapterDrop may skip for a training step."""
 
     skip = False  # set once per step by AdapterMethod.after_optimizer_step
+    widths = (0, 0)  # (hidden size, bottleneck size): what `rayft estimate` reads
 
     def adapt(self, x):
         raise NotImplementedError
@@ -63,6 +64,7 @@ class DroppableAdapter(torch.nn.Module):
 class Bottleneck(DroppableAdapter):
     def __init__(self, hidden: int, size: int, activation: str):
         super().__init__()
+        self.widths = (hidden, size)
         self.down = torch.nn.Linear(hidden, size)
         self.act = ACTIVATIONS[activation]()
         self.up = torch.nn.Linear(size, hidden)
@@ -140,6 +142,13 @@ class AdapterMethod(Method):
         self.after_optimizer_step(opts, model, 0)
         return model
 
+    def layer_activations(self, opts, layer, tokens, compute_bytes):
+        """Each adapter keeps its input (for the down-projection's gradient), and the down-projection's
+        and the non-linearity's outputs."""
+        kept = sum(tokens * (module.widths[0] + 2 * module.widths[1]) * compute_bytes
+                   for module in layer.modules() if isinstance(module, DroppableAdapter))
+        return kept, set()
+
     def is_adapter_param(self, name: str) -> bool:
         return f".{CHILD}." in name or any(name.startswith(f"{s}.") for s in self.shared_names())
 
@@ -153,9 +162,9 @@ class AdapterMethod(Method):
         model = getattr(engine, "module", engine)
         generator = torch.Generator().manual_seed(1_000_003 * (step + 1))
         adapters = [m for m in model.modules() if isinstance(m, DroppableAdapter)]
-        skips = (torch.rand(len(adapters), generator=generator) < opts.drop_prob).tolist()
+        skips = (torch.rand(len(adapters), generator=generator, device="cpu") < opts.drop_prob).tolist()
         if all(skips):  # a step with no adapter would have nothing to train (and no gradient at all)
-            skips[int(torch.randint(len(adapters), (), generator=generator))] = False
+            skips[int(torch.randint(len(adapters), (), generator=generator, device="cpu"))] = False
         for adapter, skip in zip(adapters, skips):
             adapter.skip = skip
 

@@ -73,6 +73,7 @@ class PhmLinear(torch.nn.Module):
 class CompacterAdapter(DroppableAdapter):
     def __init__(self, hidden: int, size: int, opts: CompacterOptions, shared: dict):
         super().__init__()
+        self.widths = (hidden, size)
         self.down = PhmLinear(opts.phm_dim, opts.phm_rank, hidden, size, shared[SHARED["down"]], zero=False)
         self.act = ACTIVATIONS[opts.non_linearity]()
         self.up = PhmLinear(opts.phm_dim, opts.phm_rank, size, hidden, shared[SHARED["up"]], zero=True)

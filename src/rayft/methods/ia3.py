@@ -37,6 +37,15 @@ class Ia3Method(Method):
     def check(self, opts, model):
         check_target_modules(self.name, opts.target_modules, model)
 
+    def layer_activations(self, opts, layer, tokens, compute_bytes):
+        """Each vector's gradient needs what it rescales: a feed-forward module's input, another
+        module's output."""
+        from peft.tuners.ia3 import IA3Layer
+
+        kept = sum(tokens * (m.in_features if m.is_feedforward else m.out_features) * compute_bytes
+                   for m in layer.modules() if isinstance(m, IA3Layer))
+        return kept, set()
+
     def apply(self, opts, model, run):
         from peft import IA3Config, TaskType, get_peft_model
 

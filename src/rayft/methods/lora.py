@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from rayft.config import Strict
 from rayft.errors import ConfigError
-from rayft.methods.base import Method, register
+from rayft.methods.base import Method, host_copy, register
 
 
 class LoraOptions(Strict):
@@ -75,6 +75,26 @@ def adapted_base_params(model) -> int:
     return sum(base_weight_numel(m) for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "get_base_layer"))
 
 
+def lora_layer_activations(layer, tokens: int, compute_bytes: int) -> tuple[float, set[str]]:
+    """What peft's LoRA layers (LoRA, DoRA, AdaLoRA's SVD form, PLoRA) in one decoder layer keep for
+    the backward pass: A's output (for B's gradient), the dropout's mask, and DoRA's extra base
+    output (for its magnitude's gradient); A keeps its layer's input."""
+    from peft.tuners.lora import LoraLayer
+
+    kept_bytes, reads = 0.0, set()
+    for name, module in layer.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, rank in module.r.items():
+            reads.add(name.rsplit(".", 1)[-1])
+            kept_bytes += tokens * rank * compute_bytes
+            if getattr(module.lora_dropout[adapter], "p", 0):
+                kept_bytes += tokens * module.in_features  # a bool mask
+            if module.use_dora.get(adapter):
+                kept_bytes += 2 * tokens * module.out_features * compute_bytes
+    return kept_bytes, reads
+
+
 def peft_lora_config(opts):
     from peft import LoraConfig, TaskType
 
@@ -120,11 +140,14 @@ class LoraMethod(Method):
     def check(self, opts, model):
         check_target_modules(self.name, opts.target_modules, model)
 
+    def layer_activations(self, opts, layer, tokens, compute_bytes):
+        return lora_layer_activations(layer, tokens, compute_bytes)
+
     def apply(self, opts, model, run):
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_lora_config(opts))
-        self.initial = {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+        self.initial = {name: host_copy(param) for name, param in model.named_parameters()
                         if opts.init != "gaussian" and ("lora_A" in name or "lora_B" in name)}
         if run.precision != "fp32":
             keep_adapter_inputs_in_autocast_dtype(model)

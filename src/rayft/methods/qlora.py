@@ -45,6 +45,12 @@ class QloraMethod(LoraMethod):
         )
         return {"quantization_config": quant, "device_map": {"": device}}
 
+    def quantized_weight_bytes(self, opts):
+        # bitsandbytes packs two 4-bit values per byte, with an absmax per block of 64 weights: 8-bit
+        # under double quantisation (plus an fp32 one per 256 of those), else fp32
+        absmax = 1 + 4 / 256 if opts.double_quant else 4
+        return 0.5 + absmax / 64
+
     def apply(self, opts, model, run):
         from peft import prepare_model_for_kbit_training
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rayft.errors import RayftError
-from rayft.methods.base import Method
+from rayft.methods.base import Method, host_copy
 
 DELTA_FILE = "delta.safetensors"
 DELTA_CONFIG = "delta_config.json"
@@ -38,7 +38,7 @@ class SelectiveMethod(Method):
         for name, param in model.named_parameters():
             if name in names:
                 param.requires_grad_(True)
-        self.original = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if name in names}
+        self.original = {name: host_copy(p) for name, p in model.named_parameters() if name in names}
         return model
 
     def changed_base_params(self, opts, model):

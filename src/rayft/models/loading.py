@@ -26,6 +26,8 @@ def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: t
 
     from rayft.methods import Run, get_method
 
+    if gradient_checkpointing not in (True, False):  # `auto` is decided by the driver's pre-flight (estimate.py)
+        raise ValueError(f"train.gradient_checkpointing={gradient_checkpointing!r} reached a worker unresolved")
     method = get_method(method_cfg.type)
     if not method.packs and attention == "auto":
         attention = "sdpa"  # rows hold one sample each: no packed layout to attend over

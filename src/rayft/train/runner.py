@@ -131,10 +131,13 @@ def check_steps(cfg: TrainJobConfig, train_rows: int) -> int:
     return batches
 
 
-def preflight(cfg: TrainJobConfig):
+def preflight(cfg: TrainJobConfig, force: bool = False):
     """Every check that can fail before a worker starts (shared by train and sweep); returns
-    (model_dir, tracking uri, prepared data, batches per epoch, use_gpu)."""
+    (model_dir, tracking uri, prepared data, batches per epoch, use_gpu). The memory estimate
+    decides train.gradient_checkpointing `auto` and refuses a GPU run predicted not to fit
+    (`force`: runs it anyway)."""
     from rayft.data.dataset import prepare_data
+    from rayft.estimate import preflight_estimate
     from rayft.models import rayft_home, resolve_model_path
     from rayft.tracking import mlflow_run
 
@@ -154,6 +157,7 @@ def preflight(cfg: TrainJobConfig):
     connect_ray(cfg.distributed.ray_address)
     use_gpu = resolve_use_gpu(cfg)
     check_placement(cfg, use_gpu)
+    preflight_estimate(cfg, model_dir, use_gpu, force, say)
     return model_dir, uri, data, batches, use_gpu
 
 
@@ -270,8 +274,9 @@ def publish_outputs(checkpoint_dir: Path, output_dir: Path, output_kind: str, cf
 # ---------------------------------------------------------------- the job
 def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = False, console=None,
                  parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
-                 verbose: Optional[bool] = None) -> dict[str, Any]:
-    """Train as `cfg` says; returns metrics.json's content.
+                 verbose: Optional[bool] = None, force: bool = False) -> dict[str, Any]:
+    """Train as `cfg` says; returns metrics.json's content. `force`: train even where the memory
+    estimate predicts the run does not fit its GPUs.
 
     The console shows rayft's own lines; everything else goes to output_dir/logs/ (console.py),
     unless `verbose` (default: RAYFT_VERBOSE). A sweep trial passes its sweep's MLflow run as
@@ -279,10 +284,10 @@ def run_training(cfg: TrainJobConfig, resume: bool = False, overwrite: bool = Fa
     gets no progress bar, and its own lines go to the sweep driver's log.
     """
     with RunConsole(verbose_from_env() if verbose is None else verbose) as run_console:
-        return _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console)
+        return _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console, force)
 
 
-def _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console):
+def _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run_console, force=False):
     from rich.console import Console
 
     from rayft.methods import get_method
@@ -290,7 +295,7 @@ def _run_training(cfg, resume, overwrite, console, parent_run_id, callbacks, run
 
     output_dir = Path(cfg.output_dir).resolve()
     check_output_dir(output_dir, resume, overwrite)
-    model_dir, uri, data, _, use_gpu = preflight(cfg)
+    model_dir, uri, data, _, use_gpu = preflight(cfg, force)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log_dir = output_dir / LOG_DIR if run_console and run_console.move_to(output_dir / LOG_DIR) else None
