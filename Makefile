@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean postgres
+.PHONY: install demo test test-slow bench clean postgres
 
 install: $(STAMP)
 
@@ -34,7 +34,11 @@ postgres:
 	  || echo "note: PostgreSQL not installed; its tests will skip"; }
 
 test: install postgres
-	$(VENV)/bin/pytest -x -q --durations=15 tests
+	$(VENV)/bin/pytest -x -q --durations=15 -m "not slow" tests
+
+# the long integration runs that make test leaves out (see README, Tests)
+test-slow: install
+	$(VENV)/bin/pytest -x -q --durations=15 -m slow tests
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

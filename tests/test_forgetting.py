@@ -179,6 +179,7 @@ def untied_tiny_model(tiny_model: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow  # ~4 min: three training runs and a replay; make test-slow runs it
 def test_replay_keeps_the_general_loss_down_ewc_holds_the_weights_and_replay_from_base(
         tmp_path, tiny_model, alpaca_file, local_cluster):
     """Three 8-step runs of the tiny model from the same start on the same task (JSON
