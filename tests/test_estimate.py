@@ -46,7 +46,7 @@ def predicted(raw: dict, model: Path, device: Device = CPU_64G, **kwargs):
 
 @pytest.mark.slow  # ~2.5 min: twelve measured steps; make test-slow runs it
 def test_predicted_peaks_are_within_25_percent_of_the_measured_ones(tmp_path, tiny_model):
-    """The peak of allocated tensor bytes over three real steps (rayft.measure: the CPU allocator's
+    """The peak of allocated tensor bytes over two real steps (rayft.measure: the CPU allocator's
     own count through torch.profiler, one process, DeepSpeed at world size 1) against the estimate,
     for each cell of the grid."""
     raws = [grid_config(tmp_path, tiny_model, *cell) for cell in GRID]

@@ -88,14 +88,19 @@ def estimate(
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="The device's dense matmul TFLOP/s in "
                                                 "the run's precision (on CPU measured when not given)."),
     utilisation: float = typer.Option(0.4, "--utilisation", help="The fraction of that peak a step reaches."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show the libraries' output (also RAYFT_VERBOSE=1)."),
 ):
     """Predict per-device memory (and time) of a training config before anything is loaded; when it
     does not fit, name the changes that make it fit."""
     from rayft.config import load_config
-    from rayft.estimate import estimate_command, render
+    from rayft.console import RunConsole, verbose_from_env
+    from rayft.estimate import check_options, estimate_command, render
 
     cfg = load_config(config, set_ or [])
-    render(cfg, estimate_command(cfg, device, peak_tflops, utilisation))
+    target = check_options(device, peak_tflops, utilisation)
+    with RunConsole(verbose or verbose_from_env()):  # DeepSpeed's and transformers' lines stay off the console
+        result = estimate_command(cfg, target, peak_tflops, utilisation)
+    render(cfg, result)
 
 
 def _runtime_failure(what: str, exc: Exception, verbose: bool, log: Path):

@@ -352,17 +352,22 @@ class _Step:
 
     def master(self) -> float:
         """ZeRO 1-3 keep an fp32 copy of this rank's partition of the trainable weights (even when
-        the weights are fp32), and the fp32 gradients of that partition."""
-        return 0.0 if self.stage == 0 else 4.0 * self.trainable() / self.world
+        the weights are fp32); at stage 0 only fp16's optimizer keeps one (of every trainable weight)."""
+        if self.stage == 0:
+            return 4.0 * self.trainable() if self.weight_bytes == 2 else 0.0
+        return 4.0 * self.trainable() / self.world
 
     def gradients_backward(self) -> float:
         """Gradients held by the end of the backward pass: whole fp32 gradients (ZeRO 0-1), or
         this rank's partition of them (ZeRO-2; ZeRO-3's flat buffer is a DeepSpeed buffer)."""
         if self.stage <= 1:
-            return 4.0 * self.trainable()
-        if self.stage == 2:
+            return float(self.weight_bytes * self.trainable())  # the weights' dtype (fp16 under fp16)
+        if self.stage == 2 and not self.offloads_optimizer():
             return 4.0 * self.trainable() / self.world
-        return 0.0
+        return 0.0  # ZeRO-2 offload: the partition's gradients are in host memory
+
+    def offloads_optimizer(self) -> bool:
+        return self.device.kind == "cuda" and self.cfg.distributed.offload_optimizer
 
     def buckets(self) -> tuple[float, float]:
         """DeepSpeed's gradient buffers: (held throughout, held during the backward pass). ZeRO-3
@@ -370,8 +375,9 @@ class _Step:
         reduce bucket (twice with overlap_comm) for each backward pass; ZeRO-0 flattens the
         gradients (up to 5e8 elements at a time) for the all-reduce at the end of it."""
         grad_bytes = 4.0
-        if self.stage == 3:
-            return self.zero.reduce_bucket_size * grad_bytes + 4.0 * self.trainable() / self.world, 0.0
+        if self.stage == 3:  # with offload the flat partition is in host memory
+            flat = 0.0 if self.offloads_optimizer() else 4.0 * self.trainable() / self.world
+            return self.zero.reduce_bucket_size * grad_bytes + flat, 0.0
         if self.stage in (1, 2):
             copies = 2 if self.zero.overlap_comm else 1
             return 0.0, copies * self.zero.reduce_bucket_size * grad_bytes
@@ -379,18 +385,43 @@ class _Step:
 
         return 0.0, grad_bytes * min(self.trainable(), MEMORY_OPT_ALLREDUCE_SIZE)
 
+    def step_temporaries(self) -> float:
+        """The optimizer step's own memory. ZeRO 1-3 step one flat fp32 partition (ZeRO-3 per
+        sub-group, flattening its gradients into a copy first), ZeRO-0 each parameter; torch's
+        AdamW on CPU (single-tensor) holds sqrt(v) and its quotient at once, the size of what it
+        steps; on a GPU rayft's AdamW is fused and bitsandbytes' works in blocks."""
+        if self.stage >= 1:
+            stepped = self.trainable() / self.world
+            if self.stage == 3:
+                stepped = min(stepped, self.zero.sub_group_size)
+        else:
+            stepped = max((n for n, trains, _ in self.facts.params if trains), default=0)
+        adam_copies = 2 if self.cfg.train.optimizer == "adamw" and self.device.kind == "cpu" else 0
+        if self.offloads_optimizer():
+            return 0.0  # the step runs in host memory
+        return 4.0 * stepped * (adam_copies + (self.stage == 3))
+
     def offloaded(self) -> float:
         """What ZeRO offload moves to host memory (a GPU device only: on CPU it is the same memory)."""
         if self.device.kind != "cuda":
             return 0.0
         moved = 0.0
         if self.cfg.distributed.offload_optimizer:
-            moved += self.optimizer_states() + self.master()
+            moved += self.optimizer_states() + self.master() + 4.0 * self.trainable() / self.world  # + gradients
         if self.cfg.distributed.offload_params:
             moved += self.weights()
         return moved
 
     # ---- activations
+    def zero3_linear(self) -> bool:
+        """ZeRO-3 replaces torch.nn.functional.linear process-wide (DeepSpeed's memory-efficient
+        linear): it keeps each linear's input as given and the weight itself, no compute-dtype copy."""
+        return self.stage == 3 and self.zero.memory_efficient_linear
+
+    def casts_weights(self) -> bool:
+        """Does autocast make compute-dtype copies of the (unquantised) weights?"""
+        return not self.quantized and self.c != self.weight_bytes
+
     def layer_kept(self, layer: LayerFacts) -> float:
         """Bytes one recorded decoder layer keeps for the backward pass."""
         t, h, c, f = self.tokens, self.hidden, self.c, self.intermediate
@@ -401,25 +432,25 @@ class _Step:
             kept += 2 * t * h * 4  # and its normalised input (fp32), for its weight's gradient
         readers = [name for name, (_, _, trains) in layer.linears.items()
                    if name not in OUTPUT_PROJECTIONS and (trains or name in reads)]
-        if c != residual:  # autocast casts the fp32 input anew for each linear
+        if c != residual and not self.zero3_linear():  # autocast casts the input anew for each linear
             kept += len(readers) * t * h * c
-        else:  # the linears share each normalisation's output
-            sides = {name in layer.attention_side for name in readers}
-            kept += len(sides) * t * h * c
-        if not self.quantized and c != self.weight_bytes:
+        else:  # the linears keep each normalisation's output itself
+            kept += len({name in layer.attention_side for name in readers}) * t * h * residual
+        if self.casts_weights() and not self.zero3_linear():
             # each weight's compute-dtype copy, for the input's gradient (a trainable one is also cached)
             kept += c * sum(i * o for i, o, _ in layer.linears.values())
         kept += self.attention_kept()
         down_reads = any(name in OUTPUT_PROJECTIONS and name not in layer.attention_side and (trains or name in reads)
                          for name, (_, _, trains) in layer.linears.items())
-        # gated MLP: gate and up outputs, the activation, and their product where down needs it
-        kept += (3 + down_reads) * t * f * c
+        # gated MLP: gate and up outputs, the activation, and their product where down needs it;
+        # bitsandbytes' 4-bit linear returns its input's dtype (the normalisation's), not autocast's,
+        # so behind it the first three are in the residual's dtype and down reads a cast product
+        kept += 3 * t * f * (residual if self.quantized else c) + down_reads * t * f * c
         return kept
 
     def attention_kept(self) -> float:
         """The attention's kept tensors: queries, keys and values expanded to every head, its
         output, and the scores where the kernel materialises them."""
-        from rayft.models.loading import attention_implementation
         from rayft.train import attention as packed
 
         t, h, c = self.tokens, self.hidden, self.c
@@ -434,8 +465,7 @@ class _Step:
         return 4 * t * h * c + segments * self.heads * self.sequence_len * 4  # fused: log-sum-exp per row
 
     def attention_kind(self) -> str:
-        from rayft.models.loading import attention_implementation
-        from rayft.train.attention import ATTENTION_NAME, supports
+        from rayft.train.attention import supports
 
         attention = self.cfg.train.attention
         if attention == "auto" and not self.method.packs:
@@ -447,22 +477,23 @@ class _Step:
     def _kv_prefix(self) -> int:
         return self.method.extra_positions(self.opts) - self.method.virtual_tokens(self.opts)
 
-    def activations(self) -> tuple[float, float]:
-        """(kept by the end of the forward pass, one layer's kept set): every recorded layer's
-        kept tensors and the embedding output, or with checkpointing each layer's input only."""
+    def activations(self) -> tuple[float, float, float]:
+        """(kept by the end of the forward pass, one layer's kept set, what only the forward pass
+        holds): every recorded layer's kept tensors and the embedding output, or with
+        checkpointing each layer's input only; autocast's cache of the trainable weights'
+        compute-dtype copies lives until the forward pass ends (without checkpointing, outside
+        ZeRO-3, the layers keep those copies anyway)."""
         t, h = self.tokens, self.hidden
         per_layer = [self.layer_kept(layer) for layer in self.recorded]
         largest = max(per_layer, default=0.0)
         inputs = t * h * self.weight_bytes
         final = t * h * 4 if self.facts.final_norm_trains else 0.0
+        cache = 0.0
+        if self.casts_weights() and (self.checkpointing or self.zero3_linear()):
+            cache = self.c * sum(i * o for layer in self.recorded for i, o, trains in layer.linears.values() if trains)
         if self.checkpointing:
-            kept = len(self.recorded) * inputs + final
-            if self.c != self.weight_bytes and not self.quantized:
-                # autocast caches the compute-dtype copy of each trainable weight until the forward ends
-                kept += self.c * sum(i * o for layer in self.recorded for i, o, trains in layer.linears.values()
-                                     if trains)
-            return kept, largest
-        return sum(per_layer) + inputs + final, largest
+            return len(self.recorded) * inputs + final, largest, cache
+        return sum(per_layer) + inputs + final, largest, cache
 
     # ---- the output head and loss
     def fused(self) -> bool:
@@ -509,7 +540,7 @@ class _Step:
             if self.cfg.distributed.offload_params:
                 weights = 0.0
         held, during_backward = self.buckets()
-        kept, one_layer = self.activations()
+        kept, one_layer, forward_only = self.activations()
         head_forward, head_kept, head_backward = self.head()
         if self.objective.reference_forwards(self.cfg.stage_options, self.method, self.opts):
             # the reference's forward (no gradients) runs its own head beside the policy's kept one
@@ -528,8 +559,7 @@ class _Step:
         zero0_copy = during_backward if self.stage == 0 else 0.0
         bucket_backward = during_backward if self.stage in (1, 2) else 0.0
         step_grads = grads if self.stage <= 2 else 0.0
-        step_temporaries = 4.0 * (self.trainable() / self.world if self.stage >= 1 else
-                                  max((n for n, trains, _ in self.facts.params if trains), default=0))
+        step_temporaries = self.step_temporaries()
         end_activations = max(one_layer + layer_grads, zero0_copy)  # the all-reduce copy comes after the last layer
 
         def term(name, forward, start, end, step, note=""):
@@ -543,7 +573,7 @@ class _Step:
             term("optimizer states", states, states, states, states, self._optimizer_note()),
             term("fp32 master weights", master, master, master, master, "ZeRO 1-3" if master else ""),
             term("DeepSpeed buckets", held, held + bucket_backward, held + bucket_backward, held, self._bucket_note()),
-            term("activations", kept, kept + head_kept + recompute, 0.0, 0.0, self._activation_note()),
+            term("activations", kept + forward_only, kept + head_kept + recompute, 0.0, 0.0, self._activation_note()),
             term("output head and loss", head_forward, head_backward, 0.0, 0.0,
                  "fused, chunked" if self.fused() else "plain logits"),
             term("temporaries", 0.0, layer_grads, end_activations, step_temporaries,
@@ -772,19 +802,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate_command(cfg: TrainJobConfig, device_text: Optional[str], peak_tflops: Optional[float],
-                     utilisation: float = DEFAULT_UTILISATION) -> Estimate:
-    """What `rayft estimate` computes: the config checked as `rayft train` checks it before the
-    workers start, the run's steps (train.max_steps, else from the tokenized data, as train counts
-    them), then the estimate."""
-    from rayft.models import resolve_model_path
-    from rayft.train.runner import check_method
-
+def check_options(device_text: Optional[str], peak_tflops: Optional[float], utilisation: float) -> Optional[Device]:
+    """`rayft estimate`'s own options, checked before anything is loaded; the device, if given."""
     if peak_tflops is not None and peak_tflops <= 0:
         raise RayftError(f"--peak-tflops {peak_tflops:g}: must be positive")
     if not 0 < utilisation <= 1:
         raise RayftError(f"--utilisation {utilisation:g}: must be inside (0, 1]")
-    device = parse_device(device_text) if device_text else local_device(cfg.distributed.num_workers)
+    return parse_device(device_text) if device_text else None
+
+
+def estimate_command(cfg: TrainJobConfig, device: Optional[Device], peak_tflops: Optional[float],
+                     utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+    """What `rayft estimate` computes: the config checked as `rayft train` checks it before the
+    workers start, the run's steps (train.max_steps, else from the tokenized data, as train counts
+    them), then the estimate on `device` (None: this machine's, local_device)."""
+    from rayft.models import resolve_model_path
+    from rayft.train.runner import check_method
+
+    device = device or local_device(cfg.distributed.num_workers)
     model_dir = resolve_model_path(cfg.model.name_or_path)
     check_method(cfg, model_dir)
     return estimate(cfg, model_dir, device, peak_tflops=peak_tflops, total_steps=_planned_steps(cfg, model_dir),
