@@ -79,6 +79,7 @@ def main() -> None:
     if args.measure_one:
         return measure_one(json.loads(args.measure_one), args.device)
 
+    import deepspeed  # noqa: F401 (imported first: its accelerator line comes before the table)
     import torch
 
     from rayft.config import parse_config

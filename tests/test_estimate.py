@@ -44,7 +44,7 @@ def predicted(raw: dict, model: Path, device: Device = CPU_64G, **kwargs):
     return estimate(parse_config(raw), model, device, peak_tflops=1.0, advise=False, **kwargs)
 
 
-@pytest.mark.slow  # ~2.5 min: twelve measured steps; make test-slow runs it
+@pytest.mark.slow  # ten configurations x two measured steps: 34 s on a quiet machine (2026-12-02); make test-slow runs it
 def test_predicted_peaks_are_within_25_percent_of_the_measured_ones(tmp_path, tiny_model):
     """The peak of allocated tensor bytes over two real steps (rayft.measure: the CPU allocator's
     own count through torch.profiler, one process, DeepSpeed at world size 1) against the estimate,

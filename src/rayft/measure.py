@@ -173,13 +173,7 @@ def measure_peak(cfg: TrainJobConfig, model_dir: str | Path, steps: int = 3, dev
     """Peak allocated tensor bytes of `steps` optimizer steps of `cfg` at world size 1, on `device`
     ("cpu", or "cuda" for this machine's first GPU). The stage's loss runs without its setup: SFT,
     and DPO's reference-free losses."""
-    import deepspeed
-
-    from rayft.methods import Run, get_method
-    from rayft.models.loading import load_for_training
-    from rayft.objectives import get_objective
-    from rayft.train.deepspeed_config import deepspeed_config
-    from rayft.train.loop import build_optimizer, resolve_precision
+    from rayft.train.loop import resolve_precision
 
     if cfg.distributed.num_workers != 1:
         raise ValueError("measure_peak runs one rank: set distributed.num_workers=1")
@@ -189,9 +183,27 @@ def measure_peak(cfg: TrainJobConfig, model_dir: str | Path, steps: int = 3, dev
     cfg = cfg.model_copy(deep=True)
     precision = resolve_precision(cfg.train.precision, device, say=lambda _: None)
     cfg.train.precision = precision
+    torch.manual_seed(cfg.train.seed)
+    # ZeRO-3 replaces torch.nn.functional.linear process-wide: a later measurement in this process
+    # must run with the linear its own worker would have
+    linear = torch.nn.functional.linear
+    try:
+        return _measure(cfg, model_dir, steps, device, on_gpu, precision)
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def _measure(cfg: TrainJobConfig, model_dir, steps: int, device: torch.device, on_gpu: bool, precision: str) -> Measured:
+    import deepspeed
+
+    from rayft.methods import Run, get_method
+    from rayft.models.loading import load_for_training
+    from rayft.objectives import get_objective
+    from rayft.train.deepspeed_config import deepspeed_config
+    from rayft.train.loop import build_optimizer
+
     method, opts = get_method(cfg.method.type), cfg.method.options
     objective = get_objective(cfg.stage)
-    torch.manual_seed(cfg.train.seed)
     with (CudaCount(device) if on_gpu else CpuCount()) as count:
         model = load_for_training(model_dir, cfg.method, device, cfg.train.attention,
                                   Run(total_steps=max(steps, 10), precision=precision), cfg.train.gradient_checkpointing)
