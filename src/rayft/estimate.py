@@ -678,7 +678,7 @@ def _variant(cfg: TrainJobConfig, **changes) -> Optional[TrainJobConfig]:
 
 def candidate_changes(cfg: TrainJobConfig, device: Device, checkpointing: bool) -> list[tuple[str, TrainJobConfig, bool]]:
     """(what to change, the changed config, gradient checkpointing on) for each single change
-    that may lower the peak, in the order of what it costs the run (memory before speed)."""
+    that may lower the peak; changes that keep the method and its numbers come first."""
     from rayft.methods import get_method
 
     dist, train = cfg.distributed, cfg.train
@@ -710,40 +710,34 @@ def candidate_changes(cfg: TrainJobConfig, device: Device, checkpointing: bool) 
 
 
 def method_alternatives(cfg: TrainJobConfig) -> list[tuple[str, TrainJobConfig]]:
-    """Smaller versions of the method: a lower rank (halved, while it is above 1), and the same
-    adapter over a 4-bit base (the method's options moved to a quantising method that takes them)."""
+    """Smaller versions of the method: its own (methods/base.py smaller: e.g. half the rank), and
+    the same adapter over a 4-bit base (a registered method of the same kind that quantises, with
+    the same options)."""
     from rayft.methods import get_method, method_names
 
+    method, opts = get_method(cfg.method.type), cfg.method.options
     out = []
-    options = cfg.method.options.model_dump()
-    for key in ("r", "init_r", "target_r"):
-        if key in options and options[key] > 1:
-            changes = {f"method.{cfg.method.type}.{key}": options[key] // 2}
-            if key == "init_r":
-                changes[f"method.{cfg.method.type}.target_r"] = max(1, options["target_r"] // 2)
-            elif key == "target_r":
-                continue
-            changed = _variant(cfg, **changes)
-            if changed is not None:
-                out.append((f"method.{cfg.method.type}.{key}={options[key] // 2}", changed))
-    if get_method(cfg.method.type).quantized_weight_bytes(cfg.method.options) is None:
+    smaller = method.smaller(opts)
+    if smaller is not None:
+        changed = _variant(cfg, method={"type": cfg.method.type, cfg.method.type: smaller[1]})
+        if changed is not None:
+            out.append((smaller[0], changed))
+    if method.quantized_weight_bytes(opts) is None:
         for name in method_names():
             other = get_method(name)
-            if name == cfg.method.type or not isinstance(other, type(get_method(cfg.method.type))):
-                continue
-            if other.quantized_weight_bytes(other.options()) is None:
-                continue
-            changed = _variant(cfg, **{"method": {"type": name, name: options}})
-            if changed is not None:
-                out.append((f"method.type={name}", changed))
+            if isinstance(other, type(method)) and other is not method and \
+                    other.quantized_weight_bytes(other.options()) is not None:
+                changed = _variant(cfg, method={"type": name, name: opts.model_dump()})
+                if changed is not None:
+                    out.append((f"method.type={name}", changed))
     return out
 
 
 def advice(cfg: TrainJobConfig, model_dir, device: Device, current: Estimate, facts: ModelFacts
            ) -> list[tuple[str, float, bool]]:
-    """Each single change that lowers the predicted need, with its need; those that fit first
-    (in the order of candidate_changes), then the others by need. Speed is not traded: only
-    changes that cost memory-saving compute or nothing are named."""
+    """Each single change that lowers the predicted need, with its need: those that fit first (in
+    the order of candidate_changes: sharding and offload, then recomputation, then smaller
+    micro-batches, then a smaller method), then the others by need."""
     out = []
     for label, changed, ckpt in candidate_changes(cfg, device, current.checkpointing):
         same_model = changed.method == cfg.method

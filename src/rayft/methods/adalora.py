@@ -100,6 +100,13 @@ class AdaloraMethod(Method):
     def layer_activations(self, opts, layer, tokens, compute_bytes):
         return lora_layer_activations(layer, tokens, compute_bytes)
 
+    def smaller(self, opts):
+        if opts.init_r < 4:
+            return None
+        changed = opts.model_dump()  # the budget halved with the initial rank, so it stays below it
+        changed.update(init_r=opts.init_r // 2, target_r=max(1, opts.target_r // 2))
+        return f"method.adalora.init_r={opts.init_r // 2} with target_r={changed['target_r']}", changed
+
     def check_steps(self, opts, total_steps):
         if opts.tinit + opts.tfinal >= total_steps:
             raise ConfigError(f"method.adalora.tinit={opts.tinit} + tfinal={opts.tfinal} leave no step for the rank "

@@ -141,6 +141,11 @@ class Method:
         weight is dequantised for each use and not kept for the backward pass."""
         return None
 
+    def smaller(self, opts) -> Optional[tuple[str, dict]]:
+        """A smaller version of the method for a run that does not fit (e.g. half the rank): (what
+        changes, as method.<name>.<key>=value, the options with it), or None."""
+        return None
+
     def layer_activations(self, opts, layer, tokens: int, compute_bytes: int) -> tuple[float, set[str]]:
         """What the method's own modules in one decoder layer keep for the backward pass, for a
         micro-batch of `tokens` tokens whose matmuls run in `compute_bytes` per element: (bytes,

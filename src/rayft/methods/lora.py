@@ -95,6 +95,15 @@ def lora_layer_activations(layer, tokens: int, compute_bytes: int) -> tuple[floa
     return kept_bytes, reads
 
 
+def half_rank(block: str, opts):
+    """Options with half the rank r (and alpha, so the scaling stays), or None at rank 1."""
+    if opts.r <= 1:
+        return None
+    changed = opts.model_dump()
+    changed.update(r=opts.r // 2, alpha=opts.alpha * (opts.r // 2) / opts.r)
+    return f"method.{block}.r={opts.r // 2}", changed
+
+
 def peft_lora_config(opts):
     from peft import LoraConfig, TaskType
 
@@ -142,6 +151,9 @@ class LoraMethod(Method):
 
     def layer_activations(self, opts, layer, tokens, compute_bytes):
         return lora_layer_activations(layer, tokens, compute_bytes)
+
+    def smaller(self, opts):
+        return half_rank(self.name, opts)
 
     def apply(self, opts, model, run):
         from peft import get_peft_model

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, register
-from rayft.methods.lora import (adapted_base_params, check_target_modules, keep_adapter_inputs_in_autocast_dtype,
-                               lora_layer_activations)
+from rayft.methods.lora import (adapted_base_params, check_target_modules, half_rank,
+                               keep_adapter_inputs_in_autocast_dtype, lora_layer_activations)
 
 ADAPTER = "default"
 MERGES_FILE = "merges.safetensors"
@@ -81,6 +81,9 @@ class PloraMethod(Method):
 
     def layer_activations(self, opts, layer, tokens, compute_bytes):
         return lora_layer_activations(layer, tokens, compute_bytes)
+
+    def smaller(self, opts):
+        return half_rank(self.name, opts)
 
     def check_steps(self, opts, total_steps):
         if opts.merge_every >= total_steps:
