@@ -22,7 +22,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 MiB = 1 << 20
 GRID = [f"{method}:{zero}:{ckpt}" for method in ("full", "lora") for zero in (0, 3) for ckpt in ("off", "on")] \
