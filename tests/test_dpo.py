@@ -249,7 +249,7 @@ def test_dpo_run_raises_the_preference_accuracy(tmp_path, tiny_model, preference
     raw["dpo"] = {"beta": 0.5, "reference": reference}
     done = run_cli("train", str(write_config(tmp_path, raw)), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    which = "precomputed (auto: the model equals its base" if reference == "auto" else "adapter_disabled"
+    which = "precomputed (auto: " if reference == "auto" else "adapter_disabled"
     assert f"reference {which}" in (tmp_path / "out" / "logs" / "worker-0.log").read_text() + done.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_loss_before"] == pytest.approx(math.log(2), rel=1e-4)  # reference == policy at init
@@ -308,3 +308,67 @@ def test_rayft_submit_and_the_service_take_a_dpo_config(tmp_path, tiny_model, pr
     raw["dpo"] = {"beta": 0.5, "loss": "simpo", "reference": "precomputed"}
     refused = run_cli("submit", str(write_config(tmp_path, raw)), "--address", "http://127.0.0.1:9")
     assert refused.returncode == 2 and "dpo.loss=simpo uses no reference" in refused.stderr
+
+
+def _full_dpo_run(tmp_path, name, tiny_model, preference_file, mlflow_uri, reference, zero_stage):
+    """3 steps of full fine-tuning DPO (sigmoid, sft_weight 0) on 2 workers, in this process;
+    (metrics.json, every step's loss, the console)."""
+    import io
+
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    from rayft.train.runner import run_training
+
+    raw = _dpo_config(tmp_path / name, tiny_model, preference_file, method={"type": "full"},
+                      train={"max_steps": 3, "lr": 5e-3, "logging_steps": 1, "eval_steps": 3, "save_steps": 3},
+                      distributed={"zero_stage": zero_stage, "zero3_persistence_threshold": 0},
+                      tracking={"mlflow_uri": mlflow_uri})
+    raw["name"], raw["dpo"] = name, {"beta": 0.5, "reference": reference}
+    console = io.StringIO()
+    metrics = run_training(parse_config(raw), console=Console(file=console, width=300))
+    history = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "loss")
+    return metrics, [m.value for m in sorted(history, key=lambda m: m.step)], console.getvalue()
+
+
+@pytest.mark.usefixtures("ray_address")
+def test_a_frozen_model_reference_trains_as_the_precomputed_one(tmp_path, tiny_model, preference_file, local_cluster):
+    """Full fine-tuning DPO with dpo.reference=model (a frozen copy of the initial model: sharded
+    under ZeRO-3, whole under ZeRO-2) gives, step by step, the losses of the same run against the
+    precomputed reference (both references are the base): ln 2 at the first step, then the same
+    falling losses; the copy never trains (else the later losses would stay at ln 2)."""
+    runs = {(reference, stage): _full_dpo_run(tmp_path, f"{reference}-zero{stage}", tiny_model, preference_file,
+                                              local_cluster.mlflow_uri, reference, stage)
+            for reference, stage in (("precomputed", 3), ("model", 3), ("model", 2))}
+    _, expected, _ = runs[("precomputed", 3)]
+    assert len(expected) == 3 and expected[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert expected[-1] < math.log(2) - 0.01  # the policy moved away from its reference
+    for (reference, stage), (metrics, losses, console) in runs.items():
+        assert f"reference {reference}" in console, console[-2000:]
+        assert losses == pytest.approx(expected, rel=1e-3, abs=1e-4), (reference, stage)
+        assert metrics["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-5)
+        assert metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
+@pytest.mark.parametrize("method, max_steps, present, expected", [
+    ({"type": "lora"}, 40, False, "precomputed"),     # the run passes over its data more than once
+    ({"type": "lora"}, 1, False, "adapter_disabled"),  # a pass over the data costs more than the run
+    ({"type": "full"}, 1, False, "model"),
+    ({"type": "lora"}, 1, True, "precomputed"),       # kept from an earlier run: free
+])
+def test_auto_takes_the_reference_with_fewer_forward_rows(tmp_path, tiny_model, preference_file, method, max_steps,
+                                                          present, expected):
+    raw = _dpo_config(tmp_path, tiny_model, preference_file, method=method,
+                      train={"max_steps": max_steps, "eval_steps": 1000, "save_steps": 1000})
+    cfg = parse_config(raw)
+    data = prepare_data(cfg.data, tiny_model, tmp_path / "cache", 0, "dpo")
+    stage = DirectPreference()
+    kind, why = stage.choose_reference(cfg.stage_options, cfg, get_method(cfg.method.type), data, 2, present, False)
+    assert kind == expected and why.startswith("auto: ")
+    if not present:  # both counts said
+        rows = len(RowFile(data.train_file)) + len(RowFile(data.val_file))
+        assert f"{rows} " in why and f"{max_steps} steps" in why
+    explicit = parse_config({**raw, "dpo": {"reference": "adapter_disabled"}}) if method["type"] == "lora" else None
+    if explicit:  # only auto is decided here
+        assert stage.choose_reference(explicit.stage_options, explicit, get_method("lora"), data, 2, present,
+                                      False) == ("adapter_disabled", "")

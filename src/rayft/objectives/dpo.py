@@ -14,8 +14,11 @@ against the reference's:
   simpo    -log s(b (mean pc - mean pr) - gamma), no reference               (SimPO)
   orpo     -b log s(log-odds(mean pc) - log-odds(mean pr)) + NLL(chosen), no reference (ORPO)
 plus `sft_weight` x the chosen answer's mean NLL. The reference is the base: the same model with
-its adapters switched off (no second copy), or its log-probabilities computed once before the
-first step, when the model still equals its base, and kept with the tokenized data.
+its adapters switched off (no second copy); a frozen copy of the initial model (full and freeze:
+train/reference.py, sharded like the policy under ZeRO-3); or its log-probabilities computed once
+before the first step, when the model still equals its base, and kept with the tokenized data.
+`auto` counts the reference forward passes of the run each way (the same forward, over the same
+rows) and takes the fewer.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class DpoOptions(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO: the labels' assumed noise (sigmoid)
     sft_weight: float = Field(0.0, ge=0)  # + this x the chosen answer's NLL, against drifting from it
     simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
-    # auto: precomputed where the model equals its base before training, else adapter_disabled
+    # auto: on each run, precomputed or the per-step reference (adapter_disabled, or model for full
+    # and freeze), whichever runs fewer reference forwards (see DirectPreference.choose_reference)
     reference: Literal["auto", "adapter_disabled", "model", "precomputed"] = "auto"
 
 
@@ -187,27 +191,35 @@ class DirectPreference(Objective):
     options = DpoOptions
     nothing_left = "no preference pair is left after truncation"
     sequences_per_row = 2  # a pair's two sequences share a row of 2 x cutoff_len
-    fused_head = False  # per-sequence sums come from plain logits (loop.sequence_logps)
+    # fused_head (True): loop.sequence_logps takes each learned token's log-probability from the
+    # fused head (head_loss.LinearTokenCrossEntropy), so the learned tokens' logits never exist in full
     eval_metrics = ("eval_loss", "eval_pref_accuracy", "eval_rewards/margins", "eval_rewards/chosen",
                     "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
 
     def __init__(self):
         self.reference_kind: Optional[str] = None  # resolved on each worker
         self.precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (values, row starts)
+        self.reference_model = None  # reference "model": the frozen copy (train/reference.py)
 
     # ---- checks
+    @staticmethod
+    def per_step_reference(method, method_opts) -> str:
+        """The reference this method runs beside the policy in each step: the same model with its
+        adapters off where it can be switched off, else a frozen copy."""
+        return "adapter_disabled" if method.can_disable_adapters(method_opts) else "model"
+
     def reference_of(self, opts: DpoOptions, method, method_opts) -> Optional[str]:
-        """What `auto` means for this method (None: the loss needs no reference)."""
+        """The reference as the config reads before any data is seen (None: the loss needs none);
+        `auto` as precomputed where the method allows it (a worker may still pick the per-step
+        reference once it knows the run's size: choose_reference)."""
         if opts.loss in REFERENCE_FREE:
             return None
         if opts.reference != "auto":
             return opts.reference
-        if method.equals_base_at_init:
-            return "precomputed"  # one pass before training; no reference forward in any step
-        return "adapter_disabled" if method.can_disable_adapters(method_opts) else "model"
+        return "precomputed" if method.equals_base_at_init else self.per_step_reference(method, method_opts)
 
     def reference_forwards(self, opts, method, method_opts) -> int:
-        return 1 if self.reference_of(opts, method, method_opts) == "adapter_disabled" else 0  # precomputed: none
+        return 0 if self.reference_of(opts, method, method_opts) in (None, "precomputed") else 1
 
     def check_job(self, opts: DpoOptions, job) -> None:
         from rayft.methods import get_method
@@ -221,18 +233,13 @@ class DirectPreference(Objective):
             raise ValueError(f"stage dpo: method.type={job.method.type} puts virtual tokens at the start of each row, "
                              "and a DPO row holds both answers of a pair (the rejected one would have none)")
         reference = self.reference_of(opts, method, method_opts)
-        if reference == "model" and opts.reference == "auto":
-            raise ValueError(f"stage dpo with method.type={job.method.type}: the model differs from its base before "
-                             "training and its weights cannot be switched off, so no reference is available "
-                             "(a frozen copy, dpo.reference=model, is not built yet); use dpo.loss simpo or orpo, "
-                             "which need none")
-        if reference == "model":
-            if method.output == "adapter":
-                raise ValueError(f"dpo.reference=model with method.type={job.method.type}: an adapter method's "
-                                 "reference is its base with the adapter switched off (adapter_disabled, or auto)")
-            raise ValueError(f"dpo.reference=model (a second, frozen copy of the model) is not built yet: for "
-                             f"method.type={job.method.type} use precomputed (or auto), the same base's "
-                             "log-probabilities computed once before training")
+        if reference == "model" and method.output == "adapter":
+            if opts.reference == "auto":
+                raise ValueError(f"stage dpo with method.type={job.method.type}: the model differs from its base "
+                                 "before training and its weights cannot be switched off, so no reference is "
+                                 "available; use dpo.loss simpo or orpo, which need none")
+            raise ValueError(f"dpo.reference=model with method.type={job.method.type}: an adapter method's "
+                             "reference is its base with the adapter switched off (adapter_disabled, or auto)")
         if reference == "adapter_disabled" and not method.can_disable_adapters(method_opts):
             why = "its output is a whole model" if method.output == "model" else \
                 "its weights cannot be switched off to give the base back"
@@ -284,20 +291,77 @@ class DirectPreference(Objective):
 
     # ---- on each worker
     def setup(self, opts, job, method, engine, data, rank, world, pad_id, device, reporter, resumed, model_dir) -> None:
-        self.reference_kind = self.reference_of(opts, method, job.method.options)
+        import torch.distributed as dist
+
+        from rayft.models import base_fingerprint
+
         self.method = method  # its adapters are switched off for the reference
+        fingerprint = base_fingerprint(model_dir)
+        paths = {split: self._precomputed_path(data, split, job, fingerprint) for split in (0, 1)}
+        present = [all(path.is_file() for path in paths.values())]
+        dist.broadcast_object_list(present, src=0)  # rank 0 decides: another run may be writing them meanwhile
+        self.reference_kind, why = self.choose_reference(opts, job, method, data, world, present[0], resumed)
         reporter.say(f"[rayft] dpo: loss {opts.loss}, beta {opts.beta:g}, reference "
-                     f"{self.reference_kind or 'none (the loss needs none)'}"
-                     + (" (auto: the model equals its base before training, so one pass before the first step)"
-                        if opts.reference == "auto" and self.reference_kind == "precomputed" else ""))
+                     f"{self.reference_kind or 'none (the loss needs none)'}" + (f" ({why})" if why else ""))
         if self.reference_kind == "precomputed":
-            from rayft.models import base_fingerprint
+            import time
 
-            fingerprint = base_fingerprint(model_dir)
+            start = time.perf_counter()
             self.precomputed = {split: self._precompute(engine, data, split, job, rank, world, pad_id, device, resumed,
-                                                        fingerprint) for split in (0, 1)}
+                                                        paths[split], present[0]) for split in (0, 1)}
+            if not present[0]:  # a one-off cost that step times leave out (benchmarks/dpo_throughput.py adds it)
+                reporter.say(f"[rayft] dpo: reference precomputed in {time.perf_counter() - start:.1f} s")
+        elif self.reference_kind == "model":
+            from rayft.train.reference import frozen_copy
 
-    def _precompute(self, engine, data, split: int, job, rank, world, pad_id, device, resumed: bool, fingerprint: str):
+            self.reference_model = frozen_copy(job, model_dir, device, world)
+
+    def choose_reference(self, opts, job, method, data, world: int, precomputed_present: bool, resumed: bool
+                         ) -> tuple[Optional[str], str]:
+        """The reference of this run, and (for auto) why. Both candidates run the same forward pass
+        (no gradients) over the same packed rows: precomputed over every training and validation
+        row once before the first step (none at all when an earlier run on this data and base left
+        them), the per-step reference over every row the run trains on and every evaluation's, so
+        auto takes the one with fewer rows to run."""
+        from rayft.data.dataset import RowFile, batches_per_epoch
+        from rayft.train.schedule import StepPlan
+
+        configured = self.reference_of(opts, method, job.method.options)
+        per_step = self.per_step_reference(method, job.method.options)
+        if opts.reference != "auto" or configured != "precomputed":
+            return configured, ""
+        if per_step == "model" and method.output == "adapter":
+            return "precomputed", "auto: the only reference this method allows"
+        if precomputed_present:
+            return "precomputed", "auto: kept from an earlier run on this data and base, so no reference forward at all"
+        if resumed:  # the first run chose the per-step reference (a precomputed one would be there)
+            return per_step, "auto: no precomputed reference kept, and the model is no longer its base"
+        train, mb = len(RowFile(data.train_file)), job.train.micro_batch_size
+        val = len(RowFile(data.val_file))
+        plan = StepPlan.build(job.train, batches_per_epoch(train, world, mb))
+        evaluations = 1 + plan.total_steps // job.train.eval_steps + bool(plan.total_steps % job.train.eval_steps)
+        once = train + val
+        every_step = plan.total_steps * job.train.grad_accum * world * mb + evaluations * val
+        counts = f"{once} rows once before training against {every_step} over the run's {plan.total_steps} steps " \
+                 f"and {evaluations} evaluations with {per_step}"
+        if once <= every_step:
+            return "precomputed", f"auto: {counts}"
+        return per_step, f"auto: {every_step} rows over the run's {plan.total_steps} steps and {evaluations} " \
+                         f"evaluations against {once} to precompute"
+
+    @staticmethod
+    def _precomputed_path(data, split: int, job, fingerprint: str) -> Path:
+        import hashlib
+        import json
+
+        # the model the reference comes from: the base as this method loads it (QLoRA's is 4-bit)
+        loaded = hashlib.sha256(json.dumps({"method": job.method.type, "options": job.method.options.model_dump(
+            mode="json")}, sort_keys=True).encode()).hexdigest()[:12]
+        split_name = ("train", "val")[split]
+        return Path(data.cache_dir) / f"reference-{fingerprint}-{job.train.precision}-{loaded}-{split_name}.safetensors"
+
+    def _precompute(self, engine, data, split: int, job, rank, world, pad_id, device, resumed: bool, path: Path,
+                    present: bool):
         """The base's per-sequence log-probabilities of every row of a split, kept beside the
         tokenized data (keyed by the base's fingerprint and the precision); computed by all ranks
         at once, each its share, before the first step (the model then equals its base)."""
@@ -307,18 +371,8 @@ class DirectPreference(Objective):
         from rayft.data.dataset import RowFile
         from rayft.train.loop import eval_batches, sequence_logps
 
-        import hashlib
-        import json
-
         split_name = ("train", "val")[split]
-        # the model the reference comes from: the base as this method loads it (QLoRA's is 4-bit)
-        loaded = hashlib.sha256(json.dumps({"method": job.method.type, "options": job.method.options.model_dump(
-            mode="json")}, sort_keys=True).encode()).hexdigest()[:12]
-        key = f"reference-{fingerprint}-{job.train.precision}-{loaded}-{split_name}.safetensors"
-        path = Path(data.cache_dir) / key
-        present = [path.is_file()]
-        dist.broadcast_object_list(present, src=0)  # rank 0 decides: another run may be writing it meanwhile
-        if not present[0]:
+        if not present:
             if resumed:
                 raise RuntimeError(f"{path}: the precomputed reference is gone, and a trained model cannot "
                                    "compute its base's log-probabilities; start the run again (--overwrite)")
@@ -371,6 +425,9 @@ class DirectPreference(Objective):
         if self.reference_kind == "adapter_disabled":
             with torch.no_grad(), self.method.disabled_adapters(model):
                 return sequence_logps(model, batch, precision)[0]
+        if self.reference_kind == "model":
+            with torch.no_grad():
+                return sequence_logps(self.reference_model, batch, precision)[0]
         values, starts = self.precomputed[int(batch["split_id"])]
         rows = batch["row_index"].tolist()
         return torch.cat([values[starts[i]:starts[i + 1]] for i in rows]).to(torch.float32)
