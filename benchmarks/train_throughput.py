@@ -1,15 +1,29 @@
-"""rayft LoRA SFT throughput against a plain Hugging Face Trainer + peft LoRA baseline.
+"""rayft LoRA SFT throughput against two baselines: a plain Hugging Face Trainer + peft LoRA, and
+LLaMA-Factory with neat packing.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 30] [--rounds 3] [--precision bf16]
+    .venv/bin/python benchmarks/train_throughput.py --baselines hf      # without LLaMA-Factory
 
-One invocation runs both, alternating, for --rounds rounds, on the same model
-(SmolLM2-135M-Instruct), the same data (the demo's extraction task), the same sequence length,
-per-device batch, LoRA settings and precision, and prints real-token throughputs (padding excluded) and their ratio for every round, the median
-ratio, and rayft's model FLOPs utilisation against a matmul peak measured here in the same
-precision. Rounds alternate because a shared machine's speed drifts by several per cent.
+One invocation runs all three, alternating, for --rounds rounds, on the same model directory
+(the converted SmolLM2-135M-Instruct), the same data rows (the demo's extraction task, alpaca
+style), the same sequence length, per-device batch, LoRA settings (r=16, alpha 32, all linear
+layers) and precision, and prints real-token throughputs (padding excluded) and rayft's ratio
+to each baseline for every round, the median ratios, and the model FLOPs utilisation of rayft
+and of LLaMA-Factory against a matmul peak measured here in the same precision. Rounds
+alternate because a shared machine's speed drifts by several per cent.
 
-Baseline: transformers.Trainer, one process using every core, dynamic padding to the longest
-sample of each batch (DataCollatorForSeq2Seq), loss on the assistant tokens only.
+Baselines:
+- hf: transformers.Trainer, one process using every core, dynamic padding to the longest
+  sample of each batch (DataCollatorForSeq2Seq), loss on the assistant tokens only.
+- lf: LLaMA-Factory 0.9.5 (`packing: true, neat_packing: true, template: smollm2`), one process
+  using every core, in its own virtual environment (benchmarks/llamafactory_baseline.py creates
+  it under .bench/ on first use; its pins conflict with rayft's).
+
+Real tokens are each side's non-padding tokens of the rows it trains on, counted from its own
+tokenized rows: rayft's packed rows' lengths; the HF collator's attention mask; LLaMA-Factory's
+packed rows' non-zero attention-mask entries (see lf_worker.py). Every step is timed on every
+side, the first too. rayft and the HF baseline tokenize with the same code; LLaMA-Factory with
+its own template, so the tokens per sample of both are printed.
 """
 
 from __future__ import annotations
@@ -25,8 +39,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import llamafactory_baseline  # noqa: E402
 from rayft.config import parse_config  # noqa: E402
 from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
@@ -124,7 +140,8 @@ def run_hf_baseline(data_path: Path, model_dir: Path, args) -> dict:
                                                  remove_unused_columns=False))
         trainer.train()
     tokens = sum(clock.batches[:args.steps])  # the dataloader may prefetch past the last step
-    return {"tokens_per_s": tokens / clock.seconds, "steps": args.steps}
+    return {"tokens_per_s": tokens / clock.seconds, "steps": args.steps,
+            "real_tokens_per_sample": sum(len(s.input_ids) for s in samples) / len(samples)}
 
 
 def main() -> None:
@@ -137,6 +154,8 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="torch threads per worker follow it")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="default: what rayft's precision=auto picks here (bf16 where the CPU has native bf16)")
+    parser.add_argument("--baselines", nargs="+", choices=["hf", "lf"], default=["hf", "lf"],
+                        help="hf: plain Trainer + peft, padding; lf: LLaMA-Factory, neat packing")
     args = parser.parse_args()
     if args.precision is None:
         from rayft.train.loop import resolve_precision
@@ -144,29 +163,54 @@ def main() -> None:
         args.precision = resolve_precision("auto", torch.device("cpu"))
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
+    if "lf" in args.baselines:
+        llamafactory_baseline.ensure_venv()  # before any timing: the first use installs it
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     # the peak before the rounds and after them (the better of both): a measurement taken while
     # the machine is busy (say, a Ray instance still shutting down) would inflate the MFU
     peak_before = matmul_peak_flops(dtype, os.cpu_count())
-    rounds = []
+    rounds, tokens_per_sample = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_path = write_demo_data(work / "people.jsonl", n=2000)
         for index in range(args.rounds):
-            baseline = run_hf_baseline(data_path, model_dir, args)["tokens_per_s"]
+            result = {}
+            if "hf" in args.baselines:
+                hf = run_hf_baseline(data_path, model_dir, args)
+                result["hf_trainer_tokens_per_s"] = round(hf["tokens_per_s"], 1)
+                tokens_per_sample["rayft_and_hf"] = round(hf["real_tokens_per_sample"], 1)
+            if "lf" in args.baselines:
+                lf = llamafactory_baseline.run_llamafactory(data_path, model_dir, work / f"lf{index}", args)
+                result["llamafactory_tokens_per_s"] = round(lf["tokens_per_s"], 1)
+                tokens_per_sample["llamafactory"] = round(lf["real_tokens_per_sample"], 1)
+                tokens_per_sample["llamafactory_tokens_per_packed_row"] = round(lf["real_tokens_per_row"], 1)
+                tokens_per_sample["llamafactory_base_dtype"] = lf["base_dtype"]
             rayft = run_rayft(data_path, work / f"round{index}", args)["tokens_per_s"]
-            rounds.append({"baseline_hf_trainer_tokens_per_s": round(baseline, 1), "rayft_tokens_per_s": round(rayft, 1),
-                           "ratio": round(rayft / baseline, 2)})
+            result["rayft_tokens_per_s"] = round(rayft, 1)
+            if "hf" in args.baselines:
+                result["ratio_hf"] = round(rayft / result["hf_trainer_tokens_per_s"], 2)
+            if "lf" in args.baselines:
+                result["ratio_lf"] = round(rayft / result["llamafactory_tokens_per_s"], 2)
+            rounds.append(result)
             print(f"round {index + 1}: {json.dumps(rounds[-1])}", flush=True)
     peak = max(peak_before, matmul_peak_flops(dtype, os.cpu_count()))
-    median_rayft = statistics.median(r["rayft_tokens_per_s"] for r in rounds)
-    mfu = median_rayft * lora_flops_per_token(model_dir) / peak
-    print(json.dumps({"rounds": rounds, "median_ratio": statistics.median(r["ratio"] for r in rounds),
-                      "median_baseline_tokens_per_s": statistics.median(r["baseline_hf_trainer_tokens_per_s"] for r in rounds),
-                      "median_rayft_tokens_per_s": median_rayft,
-                      "rayft_mfu": round(mfu, 3), "matmul_peak_gflops": round(peak / 1e9, 1),
-                      "precision": args.precision, "cutoff": args.cutoff, "batch": args.batch,
-                      "workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "steps": args.steps, "cpus": os.cpu_count()}, indent=2))
+    flops_per_token = lora_flops_per_token(model_dir)
+
+    def median(key):
+        return statistics.median(r[key] for r in rounds)
+
+    summary = {"rounds": rounds}
+    for key in ("ratio_hf", "ratio_lf", "hf_trainer_tokens_per_s", "llamafactory_tokens_per_s", "rayft_tokens_per_s"):
+        if key in rounds[0]:
+            summary[f"median_{key}"] = median(key)
+    summary["rayft_mfu"] = round(median("rayft_tokens_per_s") * flops_per_token / peak, 3)
+    if "lf" in args.baselines:
+        summary["llamafactory_mfu"] = round(median("llamafactory_tokens_per_s") * flops_per_token / peak, 3)
+    summary.update({"matmul_peak_gflops": round(peak / 1e9, 1), "real_tokens_per_sample": tokens_per_sample,
+                    "precision": args.precision, "cutoff": args.cutoff, "batch": args.batch,
+                    "workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "steps": args.steps,
+                    "cpus": os.cpu_count()})
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
