@@ -164,6 +164,47 @@ def sweep(
 
 @app.command()
 @user_errors
+def compare(
+    config: Path = typer.Argument(..., help="Training config (YAML): the data, steps, seed and evaluation every method shares."),
+    methods: str = typer.Option(..., "--methods", help="Comma-separated methods or their named variants, e.g. "
+                                "lora,dora,ia3,prompt_tuning (an unknown name lists the known ones)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per method (default: the config's train.max_steps)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key for every method: "
+                                             "--set train.lr=1e-4 (then every method uses it); "
+                                             "--set method.lora.r=8 (every method of type lora)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where compare.csv, compare.png and the "
+                                              "runs go (default: the config's output_dir + '-compare')."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted comparison; finished methods are kept."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a comparison already in the output directory."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Tune's, every trial's and worker's output (also RAYFT_VERBOSE=1)."),
+):
+    """Train each method on the same data, steps, seed and evaluation (trials of one Ray Tune sweep)
+    and tabulate parameters, adapter size, peak memory, speed and losses (compare.csv, compare.png)."""
+    from rayft.console import DRIVER_LOG, LOG_DIR, verbose_from_env
+    from rayft.tune.compare import load_comparison, run_comparison, summary_lines
+
+    if resume and overwrite:
+        raise RayftError("--resume and --overwrite exclude each other")
+    comparison = load_comparison(config, methods, steps, set_ or [], output_dir)
+    verbose = verbose or verbose_from_env()
+    out = Path(comparison.sweep.cfg.output_dir)
+    try:
+        result = run_comparison(comparison, resume=resume, overwrite=overwrite, verbose=verbose)
+    except RayftError:
+        raise
+    except Exception as exc:
+        _runtime_failure("comparison", exc, verbose, out / LOG_DIR / DRIVER_LOG)
+    rows = result["rows"]
+    for line in summary_lines(rows, result["output_dir"]):
+        typer.echo(line, err=line.startswith("error:"))
+    if any(row["status"] == "refused" for row in rows):
+        raise typer.Exit(2)  # bad input for those methods; the others ran
+    if any(row["status"] != "completed" for row in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
 def merge(
     adapter_dir: Path = typer.Argument(..., help="An output of rayft train (adapter/): LoRA family, IA3, BitFit or LN deltas."),
     out_dir: Path = typer.Argument(..., help="Where to write the merged HF model."),

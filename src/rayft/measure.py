@@ -226,3 +226,26 @@ def _measure(cfg: TrainJobConfig, model_dir, steps: int, device: torch.device, o
     peak, phases = count.result()
     return Measured(peak_bytes=peak, loaded_bytes=phases["loaded"], engine_bytes=phases["engine"], steps=steps,
                     left_bytes=phases["released"], phases=phases)
+
+
+def measure_peak_on_ray(cfg: TrainJobConfig, steps: int, use_gpu: bool) -> Measured:
+    """measure_peak of `cfg` at one rank, in a Ray task that holds one Ray Train worker's resources
+    (its CPUs, and its GPU on GPU clusters), so that it runs where and as a worker would."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    one_rank = cfg.to_dict()
+    one_rank["distributed"]["num_workers"] = 1
+    # called from a Tune trial, whose placement group holds no CPU: the task takes its own
+    outside_trial = PlacementGroupSchedulingStrategy(placement_group=None)
+    task = ray.remote(num_cpus=cfg.distributed.cpus_per_worker, num_gpus=1 if use_gpu else 0,
+                      scheduling_strategy=outside_trial)(_measure_task)
+    return ray.get(task.remote(one_rank, steps, "cuda" if use_gpu else "cpu"))
+
+
+def _measure_task(raw: dict, steps: int, device: str) -> Measured:
+    from rayft.config import parse_config
+    from rayft.models import resolve_model_path
+
+    cfg = parse_config(raw, source="measure")
+    return measure_peak(cfg, resolve_model_path(cfg.model.name_or_path), steps=steps, device=device)

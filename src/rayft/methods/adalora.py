@@ -79,6 +79,7 @@ def _lora_params(peft_model):
 class AdaloraMethod(Method):
     adapters_can_be_disabled = True
     name = "adalora"
+    usual_lr = 1e-3
     options = AdaloraOptions
     output = "adapter"
     mergeable = True

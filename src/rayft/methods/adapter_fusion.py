@@ -89,6 +89,7 @@ def _run_fusion(sublayer, _inputs, output):
 class AdapterFusionMethod(Method):
     equals_base_at_init = False  # it mixes trained adapters from the start
     name = "adapter_fusion"
+    usual_lr = 1e-3
     options = AdapterFusionOptions
     output = "adapter"
     merge_refusal = "it mixes non-linear adapters per token, which no weight of the base can express"

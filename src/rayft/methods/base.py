@@ -31,6 +31,14 @@ class NoOptions(Strict):
     """A method without options: its block may be absent or empty."""
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named variant of a method, as `rayft compare --methods` takes it: the method's block
+    (`method.<name>`, over the method's defaults) and the learning rate the family usually trains at."""
+    options: dict[str, Any]
+    lr: float
+
+
 class Method:
     """How one fine-tuning method loads, prepares, trains and saves a model."""
 
@@ -39,6 +47,15 @@ class Method:
     # "adapter": only the trained weights are saved (next to a reference to their base);
     # "model": a whole model directory is saved.
     output: Literal["adapter", "model"] = "model"
+
+    # the learning rate this method usually trains at (its presets' default; `rayft compare`)
+    usual_lr: float = 1e-3
+
+    def presets(self) -> dict[str, Preset]:
+        """Named variants of this method (`rayft compare --methods dora,pissa`): name -> Preset.
+        The method's own name, at its defaults and usual_lr, is one unless listed here otherwise.
+        A name belongs to one method only (preset_names() refuses a name defined twice)."""
+        return {}
 
     # ---- capabilities the loop and the pre-flight read instead of branching on names
     # May several samples share a packed row? False turns data.packing off (with a note), for
@@ -206,6 +223,20 @@ def get_method(name: str) -> Method:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def named_presets() -> dict[str, tuple[str, Preset]]:
+    """Every name `rayft compare --methods` knows -> (method.type, Preset): each method's own name at
+    its defaults and usual lr, and the variants it names itself."""
+    named: dict[str, tuple[str, Preset]] = {}
+    for method_name in method_names():
+        method = _REGISTRY[method_name]
+        presets = {method_name: Preset({}, method.usual_lr), **method.presets()}
+        for preset_name, preset in presets.items():
+            if preset_name in named and named[preset_name][0] != method_name:
+                raise ValueError(f"preset {preset_name!r} is named by methods {named[preset_name][0]} and {method_name}")
+            named[preset_name] = (method_name, preset)
+    return named
 
 
 def trainable_names(model) -> list[str]:

@@ -35,6 +35,7 @@ def bias_names(model, which: str) -> list[str]:
 @register
 class BitfitMethod(SelectiveMethod):
     name = "bitfit"
+    usual_lr = 1e-3
     options = BitfitOptions
 
     def check(self, opts, model):

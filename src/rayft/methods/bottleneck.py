@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from rayft.config import Strict
 from rayft.errors import ConfigError, RayftError
-from rayft.methods.base import Method, register
+from rayft.methods.base import Method, Preset, register
 from rayft.methods.freeze import decoder_layers
 
 CHILD = "bottleneck"
@@ -208,6 +208,13 @@ class AdapterMethod(Method):
 @register
 class BottleneckMethod(AdapterMethod):
     name = "bottleneck"
+    usual_lr = 1e-3
+
+    def presets(self):
+        # the default is Pfeiffer's (after the MLP only); AdapterDrop as its paper's Houlsby run on
+        # SmolLM2's 30 layers: no adapters in the first 15 (a model of 15 layers or fewer refuses it)
+        return {"houlsby": Preset({"placement": "houlsby"}, self.usual_lr),
+                "adapterdrop": Preset({"placement": "houlsby", "drop_first_n": 15}, self.usual_lr)}
     options = BottleneckOptions
 
     def serve_kind(self, opts):

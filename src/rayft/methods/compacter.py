@@ -91,6 +91,7 @@ def compacter_params(opts: CompacterOptions, hidden: int, adapters: int) -> int:
 @register
 class CompacterMethod(AdapterMethod):
     name = "compacter"
+    usual_lr = 3e-3
     options = CompacterOptions
 
     def check(self, opts, model):

@@ -21,6 +21,7 @@ def decoder_layers(model, block: str = "freeze"):
 @register
 class FreezeMethod(Method):
     name = "freeze"
+    usual_lr = 1e-4
     options = FreezeOptions
     output = "model"
     merge_refusal = "its output is already a whole model"

@@ -6,6 +6,7 @@ from rayft.methods.base import Method, register
 @register
 class FullMethod(Method):
     name = "full"
+    usual_lr = 5e-5  # every weight moves: a small step
     output = "model"
     merge_refusal = "its output is already a whole model"
 

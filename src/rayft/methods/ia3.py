@@ -27,6 +27,7 @@ class Ia3Options(Strict):
 class Ia3Method(Method):
     adapters_can_be_disabled = True
     name = "ia3"
+    usual_lr = 3e-3  # rescaling vectors start at one and need larger steps than LoRA's factors
     options = Ia3Options
     output = "adapter"
     mergeable = True

@@ -22,6 +22,7 @@ def norm_parameter_names(model) -> list[str]:
 @register
 class LnTuningMethod(SelectiveMethod):
     name = "ln_tuning"
+    usual_lr = 5e-3
     options = NoOptions
 
     def check(self, opts, model):

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from rayft.config import Strict
 from rayft.errors import ConfigError
-from rayft.methods.base import Method, host_copy, register
+from rayft.methods.base import Method, Preset, host_copy, register
 
 
 class LoraOptions(Strict):
@@ -134,6 +134,14 @@ class LoraMethod(Method):
     options = LoraOptions
     output = "adapter"
     mergeable = True
+    usual_lr = 1e-3  # high for LoRA, fine for short runs; the initialisations from the base want half
+
+    def presets(self):
+        # PiSSA/OLoRA start from the base's principal directions: alpha = r keeps their scale 1, no dropout
+        principal = {"alpha": 16, "dropout": 0.0}
+        return {"rslora": Preset({"use_rslora": True}, 1e-3), "dora": Preset({"use_dora": True}, 1e-3),
+                "lora+": Preset({"plus_lr_ratio": 8}, 5e-4),
+                "pissa": Preset({**principal, "init": "pissa"}, 5e-4), "olora": Preset({**principal, "init": "olora"}, 5e-4)}
 
     def __init__(self):
         self.initial: dict[str, torch.Tensor] = {}  # PiSSA/OLoRA: A0 and B0, for the export's conversion

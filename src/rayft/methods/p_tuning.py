@@ -21,6 +21,7 @@ class PTuningOptions(Strict):
 @register
 class PTuningMethod(SoftPromptMethod):
     name = "p_tuning"
+    usual_lr = 1e-2
     options = PTuningOptions
 
     def serve_kind(self, opts):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rayft.config import Strict
 from rayft.errors import ConfigError
-from rayft.methods.base import Method, register
+from rayft.methods.base import Method, Preset, register
 from rayft.methods.lora import (adapted_base_params, check_target_modules, half_rank,
                                keep_adapter_inputs_in_autocast_dtype, lora_layer_activations)
 
@@ -52,6 +52,10 @@ def lora_layers(model):
 @register
 class PloraMethod(Method):
     name = "plora"
+    usual_lr = 1e-3
+
+    def presets(self):
+        return {"plora": Preset({"merge_every": 10}, self.usual_lr)}  # merge_every has no default
     options = PloraOptions
     output = "adapter"
     mergeable = True

@@ -20,6 +20,7 @@ class PrefixTuningOptions(Strict):
 @register
 class PrefixTuningMethod(SoftPromptMethod):
     name = "prefix_tuning"
+    usual_lr = 1e-2
     options = PrefixTuningOptions
     # peft raises for it: the prefixes enter every layer through the KV cache, which a
     # recomputed layer would extend a second time

@@ -28,6 +28,7 @@ class PromptTuningOptions(Strict):
 @register
 class PromptTuningMethod(SoftPromptMethod):
     name = "prompt_tuning"
+    usual_lr = 3e-2  # a few embeddings carry the whole change: soft prompts train at high rates
     options = PromptTuningOptions
 
     def serve_kind(self, opts):

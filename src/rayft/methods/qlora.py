@@ -24,6 +24,9 @@ class QloraMethod(LoraMethod):
     options = QloraOptions
     output = "adapter"
 
+    def presets(self):
+        return {}  # LoRA's variants are LoRA's: not inherited
+
     def check_job(self, opts, job):
         if job.distributed.zero_stage == 3:
             raise ValueError("method.type=qlora cannot run with distributed.zero_stage=3: ZeRO-3 would "

@@ -5,6 +5,9 @@ A space maps key paths of the training config to distributions:
     {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]} (inclusive)
 or ties one key to another: {ratio_of: method.lora.r, factor: 2} (alpha = 2r). Tied keys are
 not searched: each trial computes them from its sampled values.
+
+`rayft compare` adds a third kind that no sweep file writes: named cases, each setting several
+keys at once (a method's whole block and its learning rate); trials see the case's name.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ NOT_SEARCHABLE = ("name", "output_dir", "tracking.", "distributed.ray_address", 
 @dataclass(frozen=True)
 class Dimension:
     key: str
-    kind: str  # one of DISTRIBUTIONS, or "ratio_of"
-    values: tuple = ()  # choice: the values; uniform/loguniform/randint: (low, high)
+    kind: str  # one of DISTRIBUTIONS, "ratio_of", or "case"
+    values: tuple = ()  # choice: the values; uniform/loguniform/randint: (low, high); case: the names
     ref: Optional[str] = None  # ratio_of: the key this one follows
     factor: float = 1.0
+    settings: tuple = ()  # case: (name, {key path: value}) for each name in values
 
     def candidates(self) -> tuple:
         """The values a check must accept: every choice, or the bounds of a range."""
@@ -59,7 +63,7 @@ class SearchSpace:
                 if grid_seed is not None:
                     random.Random(f"{grid_seed}:{dim.key}").shuffle(values)
                 space[dim.key] = tune.grid_search(values)
-            elif dim.kind == "choice":
+            elif dim.kind in ("choice", "case"):
                 space[dim.key] = tune.choice(list(dim.values))
             elif dim.kind == "uniform":
                 space[dim.key] = tune.uniform(*dim.values)
@@ -79,6 +83,16 @@ class SearchSpace:
         for dim in self.tied:
             ref_value = values.get(dim.ref, base_values[dim.ref])
             values[dim.key] = tied_value(ref_value, dim.factor, base_values[dim.key])
+        return values
+
+    def config_values(self, sampled: dict[str, Any], base: TrainJobConfig) -> dict[str, Any]:
+        """The training config's keys a trial sets: resolve()'s, with each case name replaced by the
+        keys that case sets."""
+        values = self.resolve(sampled, base)
+        for dim in self.searched:
+            if dim.kind == "case":
+                values.pop(dim.key)
+                values.update(dict(dim.settings)[sampled[dim.key]])
         return values
 
 

@@ -82,9 +82,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     return Sweep(cfg, base_raw, base, space, num_samples)
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, finished_marker: str = SWEEP_FINISHED) -> None:
     started = (output_dir / "sweep.json").is_file()
-    finished = (output_dir / SWEEP_FINISHED).is_file()
+    finished = (output_dir / finished_marker).is_file()
     if overwrite:
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -171,6 +171,38 @@ def run_sweep(sweep: Sweep, resume: bool = False, overwrite: bool = False, conso
 
 
 def _run_sweep(sweep: Sweep, resume: bool, overwrite: bool, console, run_console) -> dict[str, Any]:
+    from rayft.tracking import mlflow_run
+    from rayft.tune.table import print_summary
+
+    what = (f"{sweep.planned_trials} trials ({sweep.cfg.search.algorithm}, scheduler {sweep.cfg.search.scheduler.type}) "
+            f"of method {sweep.base.method.type}")
+    trials = run_trials(sweep, resume, overwrite, console, run_console, "resuming" if resume else "sweeping", what)
+    try:
+        summary = summarize(sweep, trials.grid, trials.output_dir)
+        print_summary(trials.console, sweep.space.keys, summary["rows"], summary["best"])
+        write_outputs(sweep, summary, trials.output_dir, trials.uri, trials.parent_run_id)
+    except BaseException:
+        mlflow_run.fail_run(trials.uri, trials.parent_run_id)
+        raise
+    return summary
+
+
+@dataclass
+class Trials:
+    """What run_trials leaves for the caller's outputs; the MLflow parent run is still open."""
+    grid: Any  # Tune's ResultGrid
+    output_dir: Path
+    uri: str
+    parent_run_id: str
+    console: Any
+
+
+def run_trials(sweep: Sweep, resume: bool, overwrite: bool, console, run_console, verb: str, what: str,
+               measure_peak_steps: int = 0, parent_tags: Optional[dict[str, str]] = None,
+               finished_marker: str = SWEEP_FINISHED) -> Trials:
+    """The Ray Tune run shared by `rayft sweep` and `rayft compare`: the base's pre-flight, the MLflow
+    parent run (sweep.json), then every trial (each a `rayft train` run, a child of the parent) under
+    Tune with the live table. `measure_peak_steps`: each trial then measures its config's peak memory."""
     from ray import tune
     from rich.console import Console
 
@@ -178,12 +210,12 @@ def _run_sweep(sweep: Sweep, resume: bool, overwrite: bool, console, run_console
     from rayft.tracking import mlflow_run
     from rayft.train.runner import preflight
     from rayft.train.schedule import StepPlan
-    from rayft.tune.table import TrialTable, print_summary
+    from rayft.tune.table import TrialTable
     from rayft.tune.trial import run_trial
 
     cfg, base = sweep.cfg, sweep.base
     output_dir = Path(cfg.output_dir).resolve()
-    check_output_dir(output_dir, resume, overwrite)
+    check_output_dir(output_dir, resume, overwrite, finished_marker)
     _, uri, _, batches, use_gpu = preflight(base)  # also tokenizes the data once, for every trial
     scheduler = build_scheduler(sweep, StepPlan.build(base.train, batches).total_steps)
     concurrency, note = trial_capacity(base, use_gpu, cfg.search.max_concurrent_trials)
@@ -192,10 +224,9 @@ def _run_sweep(sweep: Sweep, resume: bool, overwrite: bool, console, run_console
     log_dir = run_console.move_to(output_dir / LOG_DIR)
     console = console or (Console() if run_console.verbose else Console(file=run_console.terminal))
     dist = base.distributed
-    say(f"[rayft] {'resuming' if resume else 'sweeping'} {cfg.name}: {sweep.planned_trials} trials "
-        f"({cfg.search.algorithm}, scheduler {cfg.search.scheduler.type}) of method {base.method.type} on "
-        f"{base.model.name_or_path}, {concurrency} at a time on {dist.num_workers} {'GPU' if use_gpu else 'CPU'} "
-        f"workers each" + (f"; logs in {log_dir.parent}/, each trial's in trials/<id>/logs/" if log_dir else ""))
+    say(f"[rayft] {verb} {cfg.name}: {what} on {base.model.name_or_path}, {concurrency} at a time on "
+        f"{dist.num_workers} {'GPU' if use_gpu else 'CPU'} workers each"
+        + (f"; logs in {log_dir.parent}/, each trial's in trials/<id>/logs/" if log_dir else ""))
     if note:
         console.print(f"[yellow]note:[/] {note}")
     state_file = output_dir / "sweep.json"
@@ -204,12 +235,14 @@ def _run_sweep(sweep: Sweep, resume: bool, overwrite: bool, console, run_console
     else:
         parent_run_id = mlflow_run.start_parent_run(uri, base.tracking.experiment, cfg.name,
                                                     params=sweep_params(sweep),
-                                                    tags={"rayft.sweep": cfg.name, "rayft.base_model": base.model.name_or_path})
+                                                    tags={"rayft.sweep": cfg.name, "rayft.base_model": base.model.name_or_path,
+                                                          **(parent_tags or {})})
         write_atomic(state_file, json.dumps({"mlflow_parent_run_id": parent_run_id, "tracking_uri": uri}))
     try:
         write_atomic(output_dir / "sweep.yaml", _dump_sweep(sweep))
         payload = {"base_raw": absolute_paths(sweep.base_raw, base, uri), "space": sweep.space, "name": cfg.name,
-                   "output_dir": str(output_dir), "parent_run_id": parent_run_id, "verbose": run_console.verbose}
+                   "output_dir": str(output_dir), "parent_run_id": parent_run_id, "verbose": run_console.verbose,
+                   "measure_peak_steps": measure_peak_steps}
         # The trial function only drives a TorchTrainer, whose workers hold the CPUs/GPUs. Tune
         # refuses an empty request, so a trial asks for a token amount of memory and no CPU.
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=payload), {"memory": 2**20})
@@ -231,13 +264,10 @@ def _run_sweep(sweep: Sweep, resume: bool, overwrite: bool, console, run_console
                                           callbacks=[table]))
         with table.live(console):
             grid = tuner.fit()
-        summary = summarize(sweep, grid, output_dir)
-        print_summary(console, sweep.space.keys, summary["rows"], summary["best"])
-        write_outputs(sweep, summary, output_dir, uri, parent_run_id)
     except BaseException:
         mlflow_run.fail_run(uri, parent_run_id)
         raise
-    return summary
+    return Trials(grid, output_dir, uri, parent_run_id, console)
 
 
 def sweep_params(sweep: Sweep) -> dict[str, Any]:
