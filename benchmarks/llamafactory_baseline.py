@@ -102,7 +102,9 @@ def lf_arguments(model_dir: Path, dataset_dir: Path, output_dir: Path, args, thr
         "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True,
         "finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all",
         "dataset": "bench", "dataset_dir": str(dataset_dir), "template": "smollm2", "cutoff_len": args.cutoff,
-        "packing": True, "neat_packing": True, "overwrite_cache": True, "preprocessing_num_workers": None,
+        "packing": True, "neat_packing": True, "overwrite_cache": True,
+        # LF turns gradient checkpointing on by default; rayft runs without it, so LF does too here
+        "disable_gradient_checkpointing": True, "preprocessing_num_workers": None,
         "output_dir": str(output_dir), "overwrite_output_dir": True,
         "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
         "max_steps": args.steps, "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
