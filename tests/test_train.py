@@ -259,3 +259,29 @@ def test_gradient_checkpointing_under_zero3_trains_to_the_same_numbers(tmp_path,
     assert checkpointed["eval_loss"] < checkpointed["eval_loss_before"]
     assert len(plain_losses) == 3 and checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
     assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+
+
+def test_reporter_writes_mlflow_off_the_step_in_order_and_raises_a_failed_write(tmp_path):
+    """Rank 0's MLflow writes run on their own thread: all of them land, in order, by close();
+    a write that fails is raised, not lost."""
+    from mlflow.tracking import MlflowClient
+
+    from rayft.train.checkpoint import TrainerState
+    from rayft.train.loop import Reporter
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("reporter")).info.run_id
+    reporter, state = Reporter(0, uri, run_id, None), TrainerState()
+    for step in range(1, 8):
+        reporter.log(step, {"loss": 1.0 / step}, state)
+    reporter.close()
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(step, 1.0 / step) for step in range(1, 8)]
+    assert [h["step"] for h in state.history] == list(range(1, 8))
+    assert Reporter(1, uri, run_id, None).client is None  # other ranks write nothing
+
+    failing = Reporter(0, uri, "no-such-run", None)
+    failing.log(1, {"loss": 1.0}, state)
+    with pytest.raises(Exception, match="no-such-run"):
+        failing.close()
