@@ -227,7 +227,9 @@ def run_side(side: str, args, extra: list[str], env: dict) -> dict:
         if child.returncode != 0:
             sys.exit(f"{side} failed (exit {child.returncode}):\n{''.join(log[-40:])}")
         outcome = json.loads(Path(result.name).read_text())
-    return {**outcome, "peak_rss_mib": round(peak[0] / 2 ** 20), "largest_process_rss_mib": round(peak[1] / 2 ** 20)}
+    outcome = {**outcome, "peak_rss_mib": round(peak[0] / 2 ** 20), "largest_process_rss_mib": round(peak[1] / 2 ** 20)}
+    print(f"{side}: {json.dumps(outcome)}", flush=True)  # as it comes: a long invocation may be cut short
+    return outcome
 
 
 def main() -> None:

@@ -240,17 +240,16 @@ def _dpo_config(tmp_path, tiny_model, preference_file, **sections):
 
 
 @pytest.mark.usefixtures("ray_address")
-@pytest.mark.parametrize("reference, zero_stage", [("auto", 3)])  # adapter_disabled: the unit tests above
+@pytest.mark.parametrize("reference, zero_stage", [("precomputed", 3)])  # adapter_disabled, auto: the unit tests
 def test_dpo_run_raises_the_preference_accuracy(tmp_path, tiny_model, preference_file, reference, zero_stage):
     """LoRA DPO on 2 workers under ZeRO-3 through the CLI, the reference precomputed before training
-    (auto): the validation pairs' preference accuracy and reward margin rise, and metrics.json
-    and MLflow hold them."""
+    (auto takes adapter_disabled for a run this short): the validation pairs' preference accuracy
+    and reward margin rise, and metrics.json and MLflow hold them."""
     raw = _dpo_config(tmp_path, tiny_model, preference_file, distributed={"zero_stage": zero_stage})
     raw["dpo"] = {"beta": 0.5, "reference": reference}
     done = run_cli("train", str(write_config(tmp_path, raw)), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    which = "precomputed (auto: " if reference == "auto" else "adapter_disabled"
-    assert f"reference {which}" in (tmp_path / "out" / "logs" / "worker-0.log").read_text() + done.stderr
+    assert f"reference {reference}" in (tmp_path / "out" / "logs" / "worker-0.log").read_text() + done.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_loss_before"] == pytest.approx(math.log(2), rel=1e-4)  # reference == policy at init
     assert metrics["eval_pref_accuracy"] > metrics["eval_pref_accuracy_before"]
@@ -262,7 +261,7 @@ def test_dpo_run_raises_the_preference_accuracy(tmp_path, tiny_model, preference
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "pref_accuracy", "logps/chosen",
                 "logps/rejected", "eval_pref_accuracy"):
         assert client.get_metric_history(metrics["mlflow_run_id"], key), key
-    if reference == "auto":  # kept beside the tokenized data, for the next run on it
+    if reference == "precomputed":  # kept beside the tokenized data, for the next run on it
         from rayft.models import rayft_home
 
         assert list((rayft_home() / "datasets").glob("*/reference-*-fp32-*-train.safetensors"))
