@@ -2,6 +2,7 @@
 conversations, multi-task records and their loss weights; each bad input one line naming it."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -237,6 +238,31 @@ def test_task_weights_weight_each_rows_token_losses(tokenizer, tiny_model, fused
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_dynamic_weight_average_follows_each_tasks_loss_ratio():
+    """DWA (Liu et al. 2019): w_k = K exp(r_k/T) / sum exp(r_i/T), r_k = L_k(t-1)/L_k(t-2), times
+    the static weight; 1 until two evaluations exist and for a task without validation rows."""
+    from rayft.train.task_weights import remember_evaluation, task_loss_weights
+
+    tasks = ["extract", "greet", "sum"]
+    assert task_loss_weights(tasks, {}, "static", 2.0, []) is None  # no weighting: the plain path
+    assert task_loss_weights(tasks, {"greet": 2.0}, "static", 2.0, []) == [1.0, 2.0, 1.0]
+    evaluations = remember_evaluation([], {"extract": 4.0, "greet": 2.0, "sum": 3.0})
+    assert task_loss_weights(tasks, {"greet": 2.0}, "dwa", 2.0, evaluations) == [1.0, 2.0, 1.0]  # one only
+    evaluations = remember_evaluation(evaluations, {"extract": 1.0, "greet": 1.8, "sum": 3.0})
+    evaluations = remember_evaluation(evaluations, {"extract": 0.5, "greet": 1.8})  # sum: no validation rows
+    assert len(evaluations) == 2
+    ratios = [0.5, 1.0, 1.0]
+    for temperature in (2.0, 0.5):
+        exps = [math.exp(r / temperature) for r in ratios]
+        expected = [3 * e / sum(exps) for e in exps]
+        weights = task_loss_weights(tasks, {"greet": 2.0}, "dwa", temperature, evaluations)
+        assert weights == pytest.approx([expected[0], 2.0 * expected[1], expected[2]], rel=1e-12)
+        assert weights[0] < expected[1]  # extract's loss halved: it gets less weight than the stalled tasks
+    # equal rates give every task weight 1 (times the static one)
+    same = [{"extract": 2.0, "greet": 1.0}, {"extract": 1.0, "greet": 0.5}]
+    assert task_loss_weights(["extract", "greet"], {}, "dwa", 2.0, same) == pytest.approx([1.0, 1.0])
+
+
 # ---------------------------------------------------------------- bad input: one line naming it
 @pytest.mark.parametrize("data, match", [
     ({"train": [{"path": "a.jsonl", "weight": -1}, {"path": "b.jsonl"}]}, r"data.train.0.weight.*greater than or equal to 0"),
@@ -288,6 +314,8 @@ def test_bad_data_is_one_line_naming_source_and_record(tmp_path, tiny_model):
     fails(r"data.task_weights: no record has task 'mathh' \(tasks: extract\)",
           train=[{"path": str(good), "task": "extract"}, {"path": str(good)}], task_weights={"mathh": 2.0})
     fails(r"data.train.1.path: file not found", train=[{"path": str(good)}, {"path": str(tmp_path / "gone.jsonl")}])
+    fails(r"data.task_weighting=dwa weights tasks against each other: the records have 1 task \(extract\)",
+          train=[{"path": str(good), "task": "extract"}, {"path": str(good)}], task_weighting="dwa")
 
 
 def test_worker_processes_write_the_same_rows_as_one_process(tmp_path, tiny_model, monkeypatch):

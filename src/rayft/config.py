@@ -175,6 +175,10 @@ class DataConfig(Strict):
     # multi-task records: how a record's task becomes part of its prompt, and static loss weights
     task_template: str = "[{task}] {prompt}"
     task_weights: dict[str, float] = {}
+    # dwa: Dynamic Weight Average (Liu et al., CVPR 2019) multiplies task_weights by weights that
+    # follow each task's validation loss, refreshed at every evaluation (see train/task_weights.py)
+    task_weighting: Literal["static", "dwa"] = "static"
+    dwa_temperature: float = Field(2.0, gt=0)
     cutoff_len: int = Field(512, ge=16)
     packing: bool = True
     train_on_prompt: bool = False

@@ -392,6 +392,10 @@ def prepare_data(cfg: DataConfig, tokenizer_dir: Path, cache_root: Path, seed: i
         if unknown:
             raise DataError(f"data.task_weights: no record has task {unknown[0]!r} "
                             f"(tasks: {', '.join(tasks.names) or 'none'})")
+        if cfg.task_weighting == "dwa" and len(tasks.names) < 2:
+            raise DataError(f"data.task_weighting=dwa weights tasks against each other: the records have "
+                            f"{len(tasks.names)} task{'s' if len(tasks.names) != 1 else ''} "
+                            f"({', '.join(tasks.names) or 'none'}); give records or sources a task")
         general = general_objective()
         for name, path in cfg.eval_sets.items():  # conversations, measured by their next-token loss
             plan = _SourcePlan(general, Source(name=path, path=path, val_size=0), 0, seed, problems)

@@ -28,6 +28,8 @@ class TrainerState:
     eval_loss_before: Optional[float] = None
     history: list[dict] = field(default_factory=list)  # one entry per logged / evaluated step
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
+    # each task's validation loss at the last evaluations (data.task_weighting dwa), the same on every rank
+    task_evaluations: list[dict] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self)))

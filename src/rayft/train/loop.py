@@ -29,6 +29,7 @@ from rayft.train.checkpoint import TrainerState, export_weights, load_training_s
 from rayft.train.ewc import ElasticWeightConsolidation
 from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss, head_returns_token_losses
 from rayft.train.schedule import StepPlan, lr_factor
+from rayft.train.task_weights import remember_evaluation, task_loss_weights
 
 
 # ---------------------------------------------------------------- the loss step
@@ -439,11 +440,25 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
 
     eval_sets = {name: RowFile(data.eval_set_file(name)) for name in data.eval_sets}
 
+    def loss_weights() -> Optional[torch.Tensor]:
+        """Each task's loss weight (data.task_weights, data.task_weighting), and 1 at the end for
+        rows of no task (index -1); None: no weighting."""
+        weights = task_loss_weights(data.tasks, cfg.data.task_weights, cfg.data.task_weighting,
+                                    cfg.data.dwa_temperature, state.task_evaluations)
+        return None if weights is None else torch.tensor(weights + [1.0], device=device)
+
     def run_evaluation() -> dict[str, float]:
-        return {**evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device, objective.reports_perplexity,
-                           data.tasks),
-                **evaluate_sets(engine, eval_sets, cfg, rank, world, pad_id, device, method.virtual_tokens(opts),
-                                method.fused_head)}
+        result = {**evaluate(engine, loss_of, val_rows, cfg, rank, world, pad_id, device,
+                             objective.reports_perplexity, data.tasks),
+                  **evaluate_sets(engine, eval_sets, cfg, rank, world, pad_id, device, method.virtual_tokens(opts),
+                                  method.fused_head)}
+        if cfg.data.task_weighting != "static":  # the weights follow the tasks' validation losses
+            keys = {task: f"eval_task_{metric_part(task)}_loss" for task in data.tasks}
+            state.task_evaluations = remember_evaluation(
+                state.task_evaluations, {task: result[key] for task, key in keys.items() if key in result})
+            result.update({f"task_weight_{metric_part(task)}": weight
+                           for task, weight in zip(data.tasks, loss_weights().tolist())})
+        return result
 
     if state.step == 0:
         before = run_evaluation()
@@ -454,9 +469,7 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
     metric_sums: dict[str, float] = {}
     step_start = time.perf_counter()
     engine.train()
-    # each task's loss weight (data.task_weights, else 1), and 1 at the end for rows of no task (index -1)
-    task_weights = torch.tensor([cfg.data.task_weights.get(task, 1.0) for task in data.tasks] + [1.0],
-                                device=device) if cfg.data.task_weights else None
+    task_weights = loss_weights()
     for batch in train_batches(train_rows, plan, cfg, rank, world, state.step, pad_id, device):
         if task_weights is not None:
             batch["row_weight"] = task_weights[batch["task"]]
@@ -508,6 +521,7 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         eval_metrics = {}
         if evaluated:
             eval_metrics = run_evaluation()
+            task_weights = loss_weights()
             reporter.log(state.step, {**eval_metrics, "total_steps": plan.total_steps}, state)
         if evaluated or saving:
             # Every evaluation reaches Ray Train (and, in a sweep, Tune's scheduler), with or

@@ -409,6 +409,8 @@ def _finish(cfg, result, output_dir: Path, model_dir: Path, uri: str, run_id: st
     for key in sorted({k for h in evaluations for k in h if k.startswith("eval_")} - {"eval_loss", "eval_ppl"}):
         metrics[key] = last(key)
         metrics[f"{key}_before"] = evaluations[0].get(key) if evaluations and evaluations[0]["step"] == 0 else None
+    for key in sorted({k for h in evaluations for k in h if k.startswith("task_weight_")}):  # dwa's last weights
+        metrics[key] = last(key)
     mlflow_run.log_params(uri, run_id, {key: metrics[key] for key in
                                         ("trainable_params", "total_params", "changed_base_params", "output_bytes")})
     pending = output_dir / ".pending"  # metrics.json lands last: its presence marks a finished run
