@@ -162,7 +162,8 @@ def test_dpo_rows_hold_two_sequences_and_a_disabled_adapter_adds_a_reference_pas
     precomputed = predicted(config("dpo", 4, reference="precomputed"), tiny_model)
     disabled = predicted(config("dpo", 4, reference="adapter_disabled"), tiny_model)
     assert terms(precomputed)["activations"].bytes["forward"] == pytest.approx(terms(sft_double)["activations"].bytes["forward"])
-    assert terms(precomputed)["output head and loss"].note == "plain logits"  # per-sequence sums: no fused head
+    # per-sequence sums come from the fused head's per-token log-probabilities: no full logits
+    assert terms(precomputed)["output head and loss"].note == "fused, chunked"
     assert disabled.flops_per_step > precomputed.flops_per_step
     assert terms(disabled)["output head and loss"].bytes["forward"] > terms(precomputed)["output head and loss"].bytes["forward"]
 
