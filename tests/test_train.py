@@ -3,6 +3,7 @@ in-process entry point, on the tiny model. Each output is reloaded and re-evalua
 loss must equal the one measured inside the distributed run."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -81,7 +82,8 @@ def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny
 
 
 def mixture(tmp_path, alpaca_file) -> dict:
-    """Two weighted sources of two tasks (one weighted in the loss) and a general eval set."""
+    """Two weighted sources of two tasks (one weighted in the loss, and both by Dynamic Weight
+    Average) and a general eval set."""
     greet = tmp_path / "greet.jsonl"
     greet.write_text("\n".join(json.dumps({"instruction": f"Greet {name}.", "output": f"Hello, {name}!"})
                                for name in ["Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"] * 5) + "\n")
@@ -89,7 +91,7 @@ def mixture(tmp_path, alpaca_file) -> dict:
     general.write_text("\n".join(json.dumps({"instruction": f"What is {a} plus {a}?", "output": str(2 * a)})
                                  for a in range(8)) + "\n")
     return {"train": [{"path": str(alpaca_file), "task": "extract"}, {"path": str(greet), "task": "greet", "weight": 0.5}],
-            "eval_sets": {"general": str(general)}, "task_weights": {"greet": 2.0}}
+            "eval_sets": {"general": str(general)}, "task_weights": {"greet": 2.0}, "task_weighting": "dwa"}
 
 
 def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file):
@@ -130,6 +132,24 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_general_loss", "eval_task_greet_loss"):
         assert client.get_metric_history(run.info.run_id, key), key
     assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")][-1] == pytest.approx(metrics["eval_loss"])
+
+    def history(key):
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    # DWA: at each evaluation (steps 0, 3, 6, 8) the weights follow the tasks' validation losses at
+    # the last two, times the static weights (greet 2); the first has no rate yet
+    losses = {task: history(f"eval_task_{task}_loss") for task in ("extract", "greet")}
+    weights = {task: history(f"task_weight_{task}") for task in ("extract", "greet")}
+    static = {"extract": 1.0, "greet": 2.0}
+    evaluated = sorted(losses["greet"])
+    assert evaluated == [0, 3, 6, 8] and sorted(weights["greet"]) == evaluated
+    for task in static:
+        assert weights[task][0] == pytest.approx(static[task])
+    for previous, step in zip(evaluated, evaluated[1:]):
+        exps = {task: math.exp(losses[task][step] / losses[task][previous] / 2.0) for task in static}
+        for task in static:
+            assert weights[task][step] == pytest.approx(static[task] * 2 * exps[task] / sum(exps.values()), rel=1e-5)
+    assert metrics["task_weight_greet"] == pytest.approx(weights["greet"][8])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "loss.png", "adapter"} <= artifacts
     assert "train" in done.stderr and "8/8" in done.stderr  # the progress bar
