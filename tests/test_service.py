@@ -97,6 +97,9 @@ def test_bad_requests_are_4xx_json_naming_the_problem(service):
     missing = job_config(service)
     missing["data"]["train"] = "nope.jsonl"
     assert "nope.jsonl" in call(service, "POST", "/v1/jobs", json=missing).json()["error"]["message"]
+    dpo = {**job_config(service), "stage": "dpo", "dpo": {"reference": "model"}}  # the stage's own check
+    refused = call(service, "POST", "/v1/jobs", json=dpo)
+    assert refused.status_code == 422 and "dpo.reference=model with method.type=lora" in refused.json()["error"]["message"]
     broken_yaml = call(service, "POST", "/v1/jobs", content=b"name: [", content_type="application/yaml")
     assert broken_yaml.status_code == 400 and "YAML" in broken_yaml.json()["error"]["message"]
     assert call(service, "GET", "/v1/jobs/rayft-nope-0").status_code == 404
@@ -110,8 +113,14 @@ def test_job_lifecycle_tenants_limits_restart_and_stop(service, local_cluster):
     from ray.util.state import list_actors
 
     # a YAML body runs to completion; the tenant's limit (1 active job) holds meanwhile. The service
-    # names no method: an IA3 job goes through it as a LoRA one does (LoRA runs in the jobs tests)
-    body = yaml.safe_dump(job_config(service, name="quick", train={"max_steps": 6}, method={"type": "ia3"}))
+    # names no method and no stage: an IA3 DPO job goes through it as a LoRA SFT one does (LoRA SFT
+    # runs in the jobs tests, through the same jobs client as `rayft submit`)
+    from rayft.demo import write_preference_data
+
+    write_preference_data(service.root / "prefs.jsonl", 60)
+    quick_config = job_config(service, name="quick", train={"max_steps": 6}, method={"type": "ia3"})
+    quick_config["data"]["train"], quick_config["stage"], quick_config["dpo"] = "prefs.jsonl", "dpo", {"beta": 0.5}
+    body = yaml.safe_dump(quick_config)
     created = call(service, "POST", "/v1/jobs", content=body, content_type="application/yaml")
     assert created.status_code == 201, created.text
     quick = created.json()
@@ -128,6 +137,9 @@ def test_job_lifecycle_tenants_limits_restart_and_stop(service, local_cluster):
     assert done["output_complete"] and done["progress"] == {"step": 6, "total_steps": 6, "fraction": 1.0,
                                                             "trials_started": None, "trials_finished": None}
     assert done["metrics"]["eval_loss"] > 0 and done["mlflow_run_url"].startswith(local_cluster.mlflow_uri)
+    assert 0 <= done["metrics"]["eval_pref_accuracy"] <= 1 and "rewards/margins" in done["metrics"]
+    before = MlflowClient(local_cluster.mlflow_uri).get_metric_history(done["mlflow_run_id"], "eval_loss")[0]
+    assert before.step == 0 and before.value == pytest.approx(0.6931, abs=1e-3)  # ln 2: the policy is the reference
     job_output = call(service, "GET", f"/v1/jobs/{quick['id']}/logs").text
     assert "rayft train: quick" in job_output and "Setting accelerator to CPU" not in job_output
     everything = call(service, "GET", f"/v1/jobs/{quick['id']}/logs?verbose=true").text  # plus the run's log files
