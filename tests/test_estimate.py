@@ -168,6 +168,24 @@ def test_dpo_rows_hold_two_sequences_and_a_disabled_adapter_adds_a_reference_pas
     assert terms(disabled)["output head and loss"].bytes["forward"] > terms(precomputed)["output head and loss"].bytes["forward"]
 
 
+def test_a_reference_model_adds_a_frozen_copy_sharded_as_the_policy(tmp_path, tiny_model):
+    """stage dpo with reference model (full fine-tuning): each rank keeps a frozen copy of the
+    model, a ZeRO-3 shard of it under ZeRO-3 (its weights sharded as the policy's), the whole fp32
+    module under ZeRO 0-2, at every phase; the precomputed reference keeps none."""
+    def terms(zero, reference):
+        raw = config_of(tmp_path, tiny_model, 128, method={"type": "full"}, stage="dpo", dpo={"reference": reference},
+                        distributed={"zero_stage": zero, "zero3_persistence_threshold": 0})
+        return {term.name: term for term in predicted(raw, tiny_model).terms}
+
+    for zero in (2, 3):
+        frozen, precomputed = terms(zero, "model"), terms(zero, "precomputed")
+        copy = frozen["reference model"].bytes
+        assert set(copy.values()) == {frozen["weights"].bytes["forward"]}, zero  # the policy's weights, stored alike
+        assert ("sharded / 2" in frozen["reference model"].note) == (zero == 3)
+        assert not any(precomputed["reference model"].bytes.values())
+        assert frozen["weights"].bytes == precomputed["weights"].bytes
+
+
 def test_advice_names_changes_that_each_fit_when_estimated_alone(tmp_path, tiny_model):
     """A full fine-tuning run that does not fit: half the micro-batch (twice the accumulation) is
     offered as fitting, and every change offered has, estimated alone, the need and verdict the

@@ -546,6 +546,10 @@ class _Step:
         if self.objective.reference_forwards(self.cfg.stage_options, self.method, self.opts):
             # the reference's forward (no gradients) runs its own head beside the policy's kept one
             head_forward += head_kept
+        # a frozen reference copy (train/reference.py): under ZeRO-3 a DeepSpeed engine sharded and
+        # cast as the policy is; under ZeRO 0-2 a plain module, fp32 as loaded
+        copies = self.objective.frozen_model_copies(self.cfg.stage_options, self.method, self.opts)
+        reference = copies * (self.weights() if self.stage == 3 else self.weights() * 4 / self.weight_bytes)
         grads = self.gradients_backward()
         largest_trained = max((i * o for layer in self.facts.layers for i, o, trains in layer.linears.values()
                                if trains), default=0)
@@ -569,6 +573,8 @@ class _Step:
         return [
             term("weights", weights, weights, weights, weights, self._weights_note()),
             term("ZeRO-3 gathered weights", gathered, gathered, gathered, 0.0, "steady state"),
+            term("reference model", reference, reference, reference, reference,
+                 "frozen copy" + (f", sharded / {self.world}" if self.stage == 3 else ", fp32") if reference else ""),
             term("gradients (fp32)", 0.0, first_grads, grads, step_grads,
                  "trainable only" + (f", sharded / {self.world}" if self.stage >= 2 else "")),
             term("optimizer states", states, states, states, states, self._optimizer_note()),

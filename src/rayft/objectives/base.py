@@ -44,6 +44,11 @@ class Objective:
         preference stage's reference); for `rayft estimate`."""
         return 0
 
+    def frozen_model_copies(self, opts, method, method_opts) -> int:
+        """Whole frozen copies of the model each rank keeps besides the policy (a preference
+        stage's reference model, sharded as the policy is under ZeRO-3); for `rayft estimate`."""
+        return 0
+
     @classmethod
     @lru_cache(maxsize=None)
     def block_schema(cls):

@@ -221,6 +221,9 @@ class DirectPreference(Objective):
     def reference_forwards(self, opts, method, method_opts) -> int:
         return 0 if self.reference_of(opts, method, method_opts) in (None, "precomputed") else 1
 
+    def frozen_model_copies(self, opts, method, method_opts) -> int:
+        return 1 if self.reference_of(opts, method, method_opts) == "model" else 0  # train/reference.py
+
     def check_job(self, opts: DpoOptions, job) -> None:
         from rayft.methods import get_method
 
