@@ -136,12 +136,14 @@ def preflight(cfg: TrainJobConfig, force: bool = False):
     (model_dir, tracking uri, prepared data, batches per epoch, use_gpu). The memory estimate
     decides train.gradient_checkpointing `auto` and refuses a GPU run predicted not to fit
     (`force`: runs it anyway)."""
-    from rayft.data.dataset import prepare_data
+    from rayft.data.dataset import check_paths, prepare_data
+    from rayft.data.sources import resolve_sources
     from rayft.estimate import preflight_estimate
     from rayft.models import rayft_home, resolve_model_path
     from rayft.tracking import mlflow_run
 
     model_dir = resolve_model_path(cfg.model.name_or_path)
+    check_paths(cfg.data, resolve_sources(cfg.data))  # a missing file in a second, before the model is read
     check_method(cfg, model_dir)
     uri = mlflow_run.tracking_uri(cfg)
     mlflow_run.check_reachable(uri)
