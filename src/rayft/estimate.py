@@ -546,10 +546,11 @@ class _Step:
         if self.objective.reference_forwards(self.cfg.stage_options, self.method, self.opts):
             # the reference's forward (no gradients) runs its own head beside the policy's kept one
             head_forward += head_kept
-        # a frozen reference copy (train/reference.py): under ZeRO-3 a DeepSpeed engine sharded and
-        # cast as the policy is; under ZeRO 0-2 a plain module, fp32 as loaded
+        # a frozen reference copy (train/reference.py): under ZeRO-3 a DeepSpeed engine sharded,
+        # cast and offloaded (offload_params) as the policy is, so it stores what `weights` does;
+        # under ZeRO 0-2 a plain module, fp32 as loaded
         copies = self.objective.frozen_model_copies(self.cfg.stage_options, self.method, self.opts)
-        reference = copies * (self.weights() if self.stage == 3 else self.weights() * 4 / self.weight_bytes)
+        reference = copies * (weights if self.stage == 3 else self.weights() * 4 / self.weight_bytes)
         grads = self.gradients_backward()
         largest_trained = max((i * o for layer in self.facts.layers for i, o, trains in layer.linears.values()
                                if trains), default=0)
