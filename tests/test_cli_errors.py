@@ -14,7 +14,6 @@ def write(path, text):
     return path
 
 
-@pytest.fixture
 def bad_inputs(tmp_path):
     return {
         "missing": tmp_path / "nope.jsonl",
@@ -59,13 +58,12 @@ CASES = {
 }
 
 
-@pytest.mark.usefixtures("ray_address")
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_with_exit_code_2(tmp_path, tiny_model, alpaca_file, bad_inputs, case):
-    sections, expected = CASES[case]
+def config_of(tmp_path, tiny_model, alpaca_file, case: str) -> dict:
+    sections, _ = CASES[case]
+    inputs = bad_inputs(tmp_path)
     config = base_config(tmp_path, tiny_model, alpaca_file)
     for section, values in sections.items():
-        values = {k: (str(bad_inputs[v[1:]]) if isinstance(v, str) and v.startswith("@") else v) for k, v in values.items()}
+        values = {k: (str(inputs[v[1:]]) if isinstance(v, str) and v.startswith("@") else v) for k, v in values.items()}
         if section == "top":
             config.update(values)
         elif section == "method" and "type" in values:
@@ -74,12 +72,33 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, tiny_model, alpaca_fil
             config["method"]["lora"].update(values["lora"])
         else:
             config[section].update(values)
-    done = run_cli("train", str(write_config(tmp_path, config)), cwd=tmp_path)
+    return config
+
+
+@pytest.fixture(scope="module")
+def refused_runs(ray_address, tmp_path_factory, tiny_model, alpaca_file):
+    """Every case's `rayft train`, two processes at a time: each is one core's work (its imports and
+    checks), so the pairs take the time of one on the 2-core machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(case):
+        case_dir = tmp_path_factory.mktemp("case")
+        config = write_config(case_dir, config_of(case_dir, tiny_model, alpaca_file, case))
+        return case_dir, run_cli("train", str(config), cwd=case_dir)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(run, CASES)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_with_exit_code_2(refused_runs, case):
+    _, expected = CASES[case]
+    case_dir, done = refused_runs[case]
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and expected in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not (case_dir / "out" / "metrics.json").exists()
 
 
 def test_unknown_config_key_via_set(tmp_path, tiny_model, alpaca_file):

@@ -230,9 +230,26 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
     assert ray.is_initialized()
 
 
-def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
-    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file,
-                                                train={"max_steps": 12, "save_steps": 3, "eval_steps": 6}))
+# LoRA under ZeRO-3 with every tensor partitioned, checkpointed every 3 steps: the resumed run and
+# the run with gradient checkpointing must each end as the same run uninterrupted and without it
+RESUMABLE = dict(train={"max_steps": 12, "save_steps": 3, "eval_steps": 6},
+                 distributed={"zero_stage": 3, "zero3_persistence_threshold": 0})
+
+
+def loss_history(cfg, metrics) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_address, tmp_path_factory, tiny_model, alpaca_file):
+    return train_in_process(tmp_path_factory.mktemp("uninterrupted"), tiny_model, alpaca_file, **RESUMABLE)
+
+
+def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file, uninterrupted):
+    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file, **RESUMABLE))
     driver = subprocess.Popen([RAYFT, "train", str(config)], cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "out"
@@ -248,36 +265,28 @@ def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 3
-    # the same run uninterrupted ends with the same adapter: the data order, optimizer and schedule
-    # all resume exactly (LoRA dropout is off)
-    (tmp_path / "whole").mkdir()
-    _, whole = train_in_process(tmp_path / "whole", tiny_model, alpaca_file,
-                                train={"max_steps": 12, "save_steps": 3, "eval_steps": 6})
+    # the same run uninterrupted ends with the same adapter: the data order, the partitioned
+    # optimizer states and the schedule all resume exactly (LoRA dropout is off)
+    whole_cfg, whole = uninterrupted
     resumed_weights = load_file(out / "adapter" / "adapter_model.safetensors")
-    whole_weights = load_file(tmp_path / "whole" / "out" / "adapter" / "adapter_model.safetensors")
+    whole_weights = load_file(Path(whole_cfg.output_dir) / "adapter" / "adapter_model.safetensors")
     assert resumed_weights.keys() == whole_weights.keys()
     for name, tensor in resumed_weights.items():
         torch.testing.assert_close(tensor, whole_weights[name], rtol=0, atol=1e-6, msg=name)
     assert whole["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
 
 
-def test_gradient_checkpointing_under_zero3_trains_to_the_same_numbers(tmp_path, tiny_model, alpaca_file):
+def test_gradient_checkpointing_under_zero3_trains_to_the_same_numbers(tmp_path, tiny_model, alpaca_file,
+                                                                       uninterrupted):
     """The same LoRA run on 2 workers under ZeRO-3 (every tensor partitioned), with and without
     train.gradient_checkpointing: the same losses at every logged step, the same eval loss."""
-    runs = []
-    for checkpointing in (False, True):
-        cfg, metrics = train_in_process(tmp_path / str(checkpointing), tiny_model, alpaca_file,
-                                        train={"gradient_checkpointing": checkpointing},
-                                        distributed={"zero_stage": 3, "zero3_persistence_threshold": 0})
-        history = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
-        losses = [m.value for m in sorted(client.get_metric_history(history["mlflow_run_id"], "loss"), key=lambda m: m.step)]
-        runs.append((metrics, losses))
-    (plain, plain_losses), (checkpointed, checkpointed_losses) = runs
+    plain_cfg, plain = uninterrupted
+    cfg, checkpointed = train_in_process(tmp_path, tiny_model, alpaca_file,
+                                         train={**RESUMABLE["train"], "gradient_checkpointing": True},
+                                         distributed=RESUMABLE["distributed"])
+    plain_losses = loss_history(plain_cfg, plain)
     assert checkpointed["eval_loss"] < checkpointed["eval_loss_before"]
-    assert len(plain_losses) == 3 and checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert len(plain_losses) == 6 and loss_history(cfg, checkpointed) == pytest.approx(plain_losses, rel=1e-5)
     assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
 
 

@@ -171,7 +171,7 @@ def _run_comparison(comparison: Comparison, resume: bool, overwrite: bool, run_c
             f"{f', {steps} steps each' if steps else ''}")
     trials = run_trials(comparison.sweep, resume, overwrite, None, run_console, "comparing", what,
                         measure_peak_steps=PEAK_STEPS, parent_tags={"rayft.compare": "true"},
-                        finished_marker=FINISHED)
+                        finished_marker=FINISHED, noun="comparison")
     try:
         rows = collect_rows(comparison, trials.grid, trials.output_dir)
         print_table(trials.console, comparison, rows)

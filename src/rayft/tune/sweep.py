@@ -82,7 +82,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     return Sweep(cfg, base_raw, base, space, num_samples)
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, finished_marker: str = SWEEP_FINISHED) -> None:
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, finished_marker: str = SWEEP_FINISHED,
+                     noun: str = "sweep") -> None:
+    """`noun` names what the directory holds in the messages (a sweep, a comparison)."""
     started = (output_dir / "sweep.json").is_file()
     finished = (output_dir / finished_marker).is_file()
     if overwrite:
@@ -91,14 +93,14 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool, finished_m
         return
     if resume:
         if not started:
-            raise RayftError(f"--resume: {output_dir} holds no sweep to resume")
+            raise RayftError(f"--resume: {output_dir} holds no {noun} to resume")
         if finished:
-            raise RayftError(f"--resume: the sweep in {output_dir} has already finished (use --overwrite to start over)")
+            raise RayftError(f"--resume: the {noun} in {output_dir} has already finished (use --overwrite to start over)")
         return
     if finished:
-        raise RayftError(f"output_dir {output_dir} already holds a finished sweep; pass --overwrite to replace it")
+        raise RayftError(f"output_dir {output_dir} already holds a finished {noun}; pass --overwrite to replace it")
     if started or (output_dir.exists() and any(output_dir.iterdir())):
-        raise RayftError(f"output_dir {output_dir} holds an unfinished sweep; pass --resume to continue it "
+        raise RayftError(f"output_dir {output_dir} holds an unfinished {noun}; pass --resume to continue it "
                          f"or --overwrite to start over")
 
 
@@ -199,7 +201,7 @@ class Trials:
 
 def run_trials(sweep: Sweep, resume: bool, overwrite: bool, console, run_console, verb: str, what: str,
                measure_peak_steps: int = 0, parent_tags: Optional[dict[str, str]] = None,
-               finished_marker: str = SWEEP_FINISHED) -> Trials:
+               finished_marker: str = SWEEP_FINISHED, noun: str = "sweep") -> Trials:
     """The Ray Tune run shared by `rayft sweep` and `rayft compare`: the base's pre-flight, the MLflow
     parent run (sweep.json), then every trial (each a `rayft train` run, a child of the parent) under
     Tune with the live table. `measure_peak_steps`: each trial then measures its config's peak memory."""
@@ -215,7 +217,7 @@ def run_trials(sweep: Sweep, resume: bool, overwrite: bool, console, run_console
 
     cfg, base = sweep.cfg, sweep.base
     output_dir = Path(cfg.output_dir).resolve()
-    check_output_dir(output_dir, resume, overwrite, finished_marker)
+    check_output_dir(output_dir, resume, overwrite, finished_marker, noun)
     _, uri, _, batches, use_gpu = preflight(base)  # also tokenizes the data once, for every trial
     scheduler = build_scheduler(sweep, StepPlan.build(base.train, batches).total_steps)
     concurrency, note = trial_capacity(base, use_gpu, cfg.search.max_concurrent_trials)
