@@ -104,6 +104,29 @@ def test_qlora_weights_count_half_a_byte_each_plus_their_quantisation_state(tmp_
     assert weights == pytest.approx(stored, rel=0.01)
 
 
+def test_loading_on_cpu_counts_the_mapped_checkpoint_and_what_is_built_beside_it(tmp_path, tiny_model):
+    """On CPU the checkpoint file is memory-mapped while loading (and the profiler counts it): an
+    fp32 file loaded in fp32 is the weights themselves; QLoRA builds its 4-bit weights and fp32
+    copies of the rest beside it. On a GPU the map is host memory: nothing at that moment."""
+    file_bytes = (tiny_model / "model.safetensors").stat().st_size
+
+    def estimated(block, device):
+        result = predicted(base_config(tmp_path, tiny_model, tmp_path / "unused.jsonl", method=block), tiny_model,
+                           device)
+        return result, {term.name: term for term in result.terms}
+
+    _, full = estimated({"type": "full"}, CPU_64G)
+    assert full["checkpoint, loading"].bytes["loading"] == file_bytes
+    result, qlora = estimated({"type": "qlora", "qlora": {"r": 8}}, CPU_64G)
+    adapters = 4 * result.trainable_params  # made after loading, by the method
+    assert qlora["checkpoint, loading"].bytes["loading"] == pytest.approx(
+        file_bytes + qlora["weights"].bytes["forward"] - adapters)
+    for term in qlora.values():  # the moment holds the loading term only
+        assert term.name == "checkpoint, loading" or term.bytes["loading"] == 0
+    _, on_gpu = estimated({"type": "qlora", "qlora": {"r": 8}}, Device("cuda", 80 * GiB))
+    assert not any(on_gpu["checkpoint, loading"].bytes.values())
+
+
 def test_parse_device():
     assert parse_device("cuda:80GB") == Device("cuda", 80 * GiB)
     assert parse_device("cpu:24GiB") == Device("cpu", 24 * GiB)
@@ -183,7 +206,7 @@ def test_a_reference_model_adds_a_frozen_copy_sharded_as_the_policy(tmp_path, ti
 
     for zero in (2, 3):
         frozen, precomputed = terms(zero, "model"), terms(zero, "precomputed")
-        copy = frozen["reference model"].bytes
+        copy = {phase: value for phase, value in frozen["reference model"].bytes.items() if phase != "loading"}
         assert set(copy.values()) == {frozen["weights"].bytes["forward"]}, zero  # the policy's weights, stored alike
         assert ("sharded / 2" in frozen["reference model"].note) == (zero == 3)
         assert not any(precomputed["reference model"].bytes.values())

@@ -119,6 +119,8 @@ class ModelFacts:
     upstream_trains: bool  # something before the first layer trains (embeddings, virtual tokens)
     head_trains: bool
     final_norm_trains: bool
+    checkpoint_bytes: int = 0  # the model directory's safetensors files
+    checkpoint_dtype: str = ""  # as its config states it ("float32", "bfloat16", ...)
 
 
 def _decoder_layers(model, count: int) -> torch.nn.ModuleList:
@@ -186,14 +188,17 @@ def model_facts(cfg: TrainJobConfig, model_dir: str | Path, precision: str, tota
         # a trainable parameter outside the layers feeds them, unless it is the final norm or an untied head
         feeds_layers = not any(param is p for p in final_norm) and (param is embedding or param is not head)
         upstream |= param.requires_grad and id(param) not in layer_params and feeds_layers
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return ModelFacts(config=config, model=model, layers=layer_facts, params=params,
                       total_params=sum(n for n, _, _ in params), trainable_params=sum(n for n, t, _ in params if t),
                       base_params=base_params, upstream_trains=upstream, head_trains=head.requires_grad,
-                      final_norm_trains=any(p.requires_grad for p in final_norm))
+                      final_norm_trains=any(p.requires_grad for p in final_norm),
+                      checkpoint_bytes=sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
+                      checkpoint_dtype=str(dtype or "").replace("torch.", ""))
 
 
 # ---------------------------------------------------------------- the estimate
-PHASES = ("forward", "backward start", "backward end", "step")
+PHASES = ("loading", "forward", "backward start", "backward end", "step")
 
 
 @dataclass
@@ -568,10 +573,14 @@ class _Step:
         step_temporaries = self.step_temporaries()
         end_activations = max(one_layer + layer_grads, zero0_copy)  # the all-reduce copy comes after the last layer
 
-        def term(name, forward, start, end, step, note=""):
-            return Term(name, {"forward": forward, "backward start": start, "backward end": end, "step": step}, note)
+        def term(name, forward, start, end, step, note="", loading=0.0):
+            return Term(name, {"loading": loading, "forward": forward, "backward start": start, "backward end": end,
+                               "step": step}, note)
 
+        loading = self.loading()
         return [
+            term("checkpoint, loading", 0.0, 0.0, 0.0, 0.0, "CPU: the file mapped + the weights built beside it"
+                 if loading else "", loading=loading),
             term("weights", weights, weights, weights, weights, self._weights_note()),
             term("ZeRO-3 gathered weights", gathered, gathered, gathered, 0.0, "steady state"),
             term("reference model", reference, reference, reference, reference,
@@ -587,6 +596,22 @@ class _Step:
             term("temporaries", 0.0, layer_grads, end_activations, step_temporaries,
                  "backward: a layer's (end: or the all-reduce copy); step: the optimizer's"),
         ]
+
+    def loading(self) -> float:
+        """The moment the weights are loaded, on CPU: transformers memory-maps the checkpoint file,
+        and a mapped file counts as allocated (torch.profiler reports it so; its pages are resident
+        once read, and the loader reads them all). Weights loaded in the file's own dtype are views
+        of the map; weights converted or quantised are built beside it, until the map is released
+        (methods/qlora.py). On a GPU the map is in host memory: nothing on the device."""
+        if self.device.kind != "cpu" or not self.facts.checkpoint_bytes:
+            return 0.0
+        if self.quantized:  # 4-bit linear weights and fp32 copies of the rest; the adapters come after
+            built = sum(self.param_bytes(numel, linear) for numel, trains, linear in self.facts.params if not trains)
+        elif self.facts.checkpoint_dtype == "float32":
+            built = 0.0  # loaded in fp32, as stored: the weights are the map
+        else:
+            built = 4.0 * self.facts.base_params
+        return self.facts.checkpoint_bytes + built
 
     def _weights_note(self) -> str:
         parts = ["fp16" if self.weight_bytes == 2 else "fp32"]
@@ -864,7 +889,7 @@ def render(cfg: TrainJobConfig, result: Estimate, console=None) -> None:
     totals = [sum(term.bytes[p] for term in result.terms) for p in PHASES]
     table.add_row("[bold]tensors", *(f"[bold]{_gib(v)}" for v in totals), "")
     fixed, fraction = OVERHEAD[result.device.kind]
-    table.add_row("framework overhead", "", "", "", "", f"{_gib(result.overhead_bytes)}: stated, {_gib(fixed)}"
+    table.add_row("framework overhead", *([""] * len(PHASES)), f"{_gib(result.overhead_bytes)}: stated, {_gib(fixed)}"
                   + (f" + {fraction:.0%} of the tensors" if fraction else "")
                   + (" (CUDA context, workspaces, allocator slack)" if result.device.kind == "cuda"
                      else " (a worker's interpreter and libraries)"))
