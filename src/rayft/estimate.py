@@ -870,7 +870,7 @@ def render(cfg: TrainJobConfig, result: Estimate, console=None) -> None:
 
     import sys
 
-    # wide enough for the table's five columns where no terminal sets the width (a log, a pipe)
+    # wide enough for the table's columns where no terminal sets the width (a log, a pipe)
     console = console or Console(width=None if sys.stdout.isatty() else 150)
     dist = cfg.distributed
     console.print(f"rayft estimate: {cfg.name} (stage {cfg.stage}), method {cfg.method.type}: "
