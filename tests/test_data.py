@@ -59,6 +59,50 @@ def test_only_assistant_tokens_are_learned(tokenizer):
     assert sum(label != IGNORE_INDEX for label in everything.labels) == len(everything.input_ids) - 1
 
 
+@pytest.mark.parametrize("template", ["own", "trims contents"])
+def test_one_render_per_conversation_masks_as_the_prefix_renders_do(tokenizer, monkeypatch, template):
+    """A conversation of plain turns is rendered once and its spans come from its shape's
+    skeleton; the samples equal those of rendering every prefix, for system prompts, several
+    turns, contents with edge whitespace, template markers and the skeleton's own stand-in
+    characters, at a cutoff inside them. A template that trims contents fails the skeleton's
+    check on such contents and takes the prefix renders."""
+    import copy
+    import random
+
+    from rayft.data import tokenize
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if template != "own":
+        tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+                                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                                   "{% endif %}")
+    rng = random.Random(0)
+    pieces = ["hello", " world", "\n", "  ", "é", "日本", "<|im_end|>", "\ue000", "\ue0011\ue001", "a", ""]
+
+    def text():
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+
+    conversations = []
+    for _ in range(150):
+        messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            messages += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        conversations.append((messages, None))
+    renders = []
+    real_render = tokenize.render
+    monkeypatch.setattr(tokenize, "render", lambda *args, **kwargs: renders.append(1) or real_render(*args, **kwargs))
+    one_render = tokenize.tokenize_conversations(tokenizer, conversations, 24, False)
+    calls = len(renders)
+    monkeypatch.setattr(tokenize._Skeleton, "of", classmethod(lambda cls, *args: None))
+    by_prefixes = tokenize.tokenize_conversations(tokenizer, conversations, 24, False)
+    assert [(list(s.input_ids), list(s.labels)) for s in one_render] == \
+        [(list(s.input_ids), list(s.labels)) for s in by_prefixes]
+    if template == "own":  # one render each, plus the shapes' skeletons (a few renders per shape)
+        assert calls < len(conversations) + 60
+    else:
+        assert calls > len(conversations) + 100  # the contents with edge whitespace took the prefix renders
+
+
 def test_truncation_and_empty_after_truncation(tmp_path, tokenizer, tiny_model):
     messages = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
     sample = tokenize_conversation(tokenizer, messages, cutoff_len=32, train_on_prompt=False)
@@ -79,7 +123,7 @@ def test_packing_keeps_every_sample_once_intact_with_its_own_positions(tokenizer
         assert len(row["input_ids"]) <= 256
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
         for start, end in zip(starts, starts[1:]):  # each sample: positions 0..n-1, its tokens and labels as made
-            assert row["position_ids"][start:end] == list(range(end - start))
+            assert row["position_ids"][start:end].tolist() == list(range(end - start))
             found.append((tuple(row["input_ids"][start:end]), tuple(row["labels"][start:end])))
     assert sorted(found) == sorted((tuple(s.input_ids), tuple(s.labels)) for s in samples)  # each exactly once
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from rayft.config import DataConfig, FilterConfig
 from rayft.data.dedup import Duplicates, exact_key, record_identity, signature
 from rayft.data.formats import Problems, with_task_prompt
 from rayft.data.packing import PACK_CHUNK, Row, pack_units, unit_row
+from rayft.data.tokenize import TokenizedSample
 from rayft.data.sources import Source, count_records, repeats_of, resolve_sources, source_label, stream_source
 from rayft.errors import DataError
 
@@ -110,12 +110,11 @@ def _val_positions(n: int, val_size: float, seed: int, label: str) -> np.ndarray
 
 
 def _table(rows: list[Row]) -> pa.Table:
-    """Rows as an Arrow table, built from flat arrays (from_pylist walks every token in Python)."""
-    lengths = np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int32, count=len(rows))
+    """Rows (int32 arrays, packing.unit_row's) as an Arrow table."""
+    lengths = np.array([len(row["input_ids"]) for row in rows], dtype=np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    columns = [pa.ListArray.from_arrays(offsets, pa.array(np.fromiter(
-        itertools.chain.from_iterable(row[name] for row in rows), dtype=np.int32, count=int(lengths.sum()))))
-        for name in ("input_ids", "labels", "position_ids")]
+    columns = [pa.ListArray.from_arrays(offsets, pa.array(np.concatenate([row[name] for row in rows])))
+               for name in ("input_ids", "labels", "position_ids")]
     columns.append(pa.array([row["task"] for row in rows], type=pa.int32()))
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
@@ -252,7 +251,9 @@ def _filtered_units(objective, tokenizer, task, entries: list, cfg: DataConfig, 
         key = None
         if rules.dedup != "none":
             key = (identity, exact_key(item), signature(item) if rules.dedup == "near" else None)
-        kept.append((task, unit, key))
+        # int32 arrays: they cross to the main process and into Arrow without a Python int each
+        kept.append((task, [TokenizedSample(np.asarray(sample.input_ids, dtype=np.int32),
+                                            np.asarray(sample.labels, dtype=np.int32)) for sample in unit], key))
     return kept
 
 
