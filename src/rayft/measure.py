@@ -199,9 +199,10 @@ def _measure(cfg: TrainJobConfig, model_dir, steps: int, device: torch.device, o
     from rayft.methods import Run, get_method
     from rayft.models.loading import load_for_training
     from rayft.objectives import get_objective
-    from rayft.train.deepspeed_config import deepspeed_config
+    from rayft.train.deepspeed_config import deepspeed_config, skip_the_inference_comm_build
     from rayft.train.loop import build_optimizer
 
+    skip_the_inference_comm_build()
     method, opts = get_method(cfg.method.type), cfg.method.options
     objective = get_objective(cfg.stage)
     with (CudaCount(device) if on_gpu else CpuCount()) as count:

@@ -5,6 +5,7 @@ LLaMA-Factory `dataset_info.json`. Each source's records come out in rayft's fie
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -125,12 +126,20 @@ def _files(path: Path) -> list[Path]:
 
 
 def _file_count(path: Path) -> int:
+    stat = path.stat()
+    return _counted(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _counted(path: str, size: int, mtime_ns: int) -> int:
+    """A file's records, counted once per version of it (a corpus's lines are asked for by the
+    split, the sampling and each stream)."""
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
     if head.startswith(b"["):
         return sum(1 for _ in iter_records(path))
     with open(path, "rb") as handle:  # JSONL: its non-blank lines (a malformed one fails when read)
-        return sum(1 for line in handle if line.strip())
+        return sum(1 for line in handle if not line.isspace())
 
 
 def count_records(source: Source, path: Optional[str] = None) -> int:

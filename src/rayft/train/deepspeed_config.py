@@ -35,3 +35,17 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def skip_the_inference_comm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op (deepspeed_shm_comm: ~35 s of
+    C++ on a fresh machine, and again for each virtual environment) when its process group starts.
+    Only DeepSpeed's inference all-reduce (tensor-parallel inference) uses that op, and falls back
+    to torch.distributed without it; ZeRO's collectives never touch it. Called before anything in the
+    process starts DeepSpeed's communication backend (deepspeed.initialize, or zero.Init when a
+    model is built under ZeRO-3)."""
+    import importlib
+
+    # by name: `import deepspeed.comm.torch` binds the torch package, which deepspeed.comm imports
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None

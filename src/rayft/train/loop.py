@@ -357,8 +357,9 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
 
     from rayft.methods import Run, get_method
     from rayft.models.loading import count_parameters, load_for_training
-    from rayft.train.deepspeed_config import deepspeed_config
+    from rayft.train.deepspeed_config import deepspeed_config, skip_the_inference_comm_build
 
+    skip_the_inference_comm_build()
     cfg = TrainJobConfig.model_validate(loop_config["config"])
     data = PreparedData(**loop_config["data"])
     context = ray.train.get_context()
