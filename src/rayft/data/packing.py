@@ -30,11 +30,20 @@ def unit_row(unit: list[TokenizedSample]) -> Row:
     """Sequences that must share a row (a preference pair's two answers), each with positions
     restarting at 0, in order. Built as int32 arrays: the Arrow files are written from them
     without walking a token in Python."""
-    lengths = [len(sample.input_ids) for sample in unit]
-    starts = np.cumsum([0, *lengths[:-1]])
+    if len(unit) == 1:
+        ids, labels = (np.asarray(unit[0].input_ids, dtype=np.int32), np.asarray(unit[0].labels, dtype=np.int32))
+        return {"input_ids": ids, "labels": labels, "position_ids": _positions(len(ids))}
     return {"input_ids": np.concatenate([np.asarray(s.input_ids, dtype=np.int32) for s in unit]),
             "labels": np.concatenate([np.asarray(s.labels, dtype=np.int32) for s in unit]),
-            "position_ids": np.arange(sum(lengths), dtype=np.int32) - np.repeat(starts, lengths).astype(np.int32)}
+            "position_ids": np.concatenate([_positions(len(s.input_ids)) for s in unit])}
+
+
+_POSITIONS = np.arange(8192, dtype=np.int32)
+_POSITIONS.flags.writeable = False  # rows share its slices
+
+
+def _positions(n: int) -> np.ndarray:
+    return _POSITIONS[:n] if n <= len(_POSITIONS) else np.arange(n, dtype=np.int32)
 
 
 def pack(samples: Iterable[TokenizedSample], max_len: int, chunk_size: int = PACK_CHUNK) -> Iterator[Row]:
@@ -57,9 +66,9 @@ def pack_units(units: Iterable[list[TokenizedSample]], max_len: int, chunk_size:
 def _pack_chunk(chunk: list[list[TokenizedSample]], max_len: int) -> Iterator[Row]:
     bins: list[list[TokenizedSample]] = []
     free = []  # sorted (free tokens, bin index)
-    size_of = lambda unit: sum(len(sample.input_ids) for sample in unit)  # noqa: E731
-    for unit in sorted(chunk, key=size_of, reverse=True):
-        size = size_of(unit)
+    sized = sorted(((sum(len(sample.input_ids) for sample in unit), unit) for unit in chunk),
+                   key=lambda pair: pair[0], reverse=True)
+    for size, unit in sized:
         at = bisect.bisect_left(free, (size, -1))
         if at < len(free):
             space, index = free.pop(at)
