@@ -4,8 +4,9 @@ learned from; prompts and tool results are read, never learned."""
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 from rayft.data.formats import Messages
 from rayft.data.tools import render
@@ -27,11 +28,13 @@ def assistant_char_spans(tokenizer, messages: Messages, tools: Optional[list[dic
     skeleton (_Skeleton) says where the spans are once the render is checked against it. Any
     other takes the renders of its growing prefixes."""
     skeleton = _Skeleton.of(tokenizer, messages, tools)
-    full_text = render(tokenizer, messages, tools)
     if skeleton is not None:
+        full_text = skeleton.render(messages)
         contents = [messages[i]["content"] for i in skeleton.order]
         if skeleton.fill(contents) == full_text:
             return full_text, skeleton.spans(contents)
+    else:
+        full_text = render(tokenizer, messages, tools)
     return full_text, _spans_by_prefix_renders(tokenizer, messages, tools, full_text)
 
 
@@ -61,28 +64,35 @@ class _Skeleton:
     gives its render when the template copies contents verbatim, which a real render of the
     conversation confirms (a template that trims or rewrites a content fails the check and takes
     the prefix renders). The spans' prompt renders are the skeleton's: they differ from the
-    conversation's only for a template whose prompt text depends on what a turn says."""
+    conversation's only for a template whose prompt text depends on what a turn says.
+
+    The check's render calls the compiled template directly where that renders the shape exactly
+    as `apply_chat_template` does (compared on the stand-ins when the skeleton is built):
+    transformers' per-call preparation of the messages costs as much as the render itself."""
 
     pieces: list[str]  # template text before each content, and after the last
     order: list[int]  # the message whose content follows pieces[k]
     bounds: list[tuple[int, int, int, int]]  # per assistant turn: start, contents before it, end, contents before it
     stand_in_lengths: list[int]
+    render: Callable[[Messages], str]
 
-    _cache: ClassVar[dict] = {}  # (template, roles) -> _Skeleton or None
+    # per tokenizer: (template, roles) -> _Skeleton, or None where the shape has none
+    _cache: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, tokenizer, messages: Messages, tools) -> Optional["_Skeleton"]:
         if tools or not all(len(m) == 2 and isinstance(m.get("content"), str) and m.get("role") for m in messages):
             return None
-        key = (tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
-               tuple(m["role"] for m in messages))
-        if key[0] is None:
+        template = tokenizer.chat_template
+        if not isinstance(template, str):
             return None
-        if key not in cls._cache:
-            if len(cls._cache) > 512:  # shapes of many-turn corpora: bounded
-                cls._cache.clear()
-            cls._cache[key] = cls._build(tokenizer, key[1])
-        return cls._cache[key]
+        shapes = cls._cache.setdefault(tokenizer, {})
+        key = (template, tuple(m["role"] for m in messages))
+        if key not in shapes:
+            if len(shapes) > 512:  # shapes of many-turn corpora: bounded
+                shapes.clear()
+            shapes[key] = cls._build(tokenizer, key[1])
+        return shapes[key]
 
     @classmethod
     def _build(cls, tokenizer, roles: tuple[str, ...]) -> Optional["_Skeleton"]:
@@ -94,6 +104,9 @@ class _Skeleton:
             if len(places) != len(stand_ins):
                 return None  # a turn rendered twice or not at all
             spans = _spans_by_prefix_renders(tokenizer, messages, None, full)
+            direct = _direct_render(tokenizer)
+            if direct is not None and direct(messages, False) != full:
+                direct = None
         except Exception:  # noqa: BLE001 - the template refuses this shape: the records' own renders say why
             return None
         ends = [at + len(stand_ins[i]) for at, i in places]
@@ -112,7 +125,9 @@ class _Skeleton:
             pieces.append(full[cursor:at])
             cursor = end
         pieces.append(full[cursor:])
-        return cls(pieces, [i for _, i in places], bounds, [len(stand_ins[i]) for _, i in places])
+        return cls(pieces, [i for _, i in places], bounds, [len(stand_ins[i]) for _, i in places],
+                   (lambda conversation: direct(conversation, False)) if direct is not None else
+                   (lambda conversation: render(tokenizer, conversation)))
 
     def fill(self, contents: list[str]) -> str:
         parts = [self.pieces[0]]
@@ -125,6 +140,18 @@ class _Skeleton:
         for content, stand_in in zip(contents, self.stand_in_lengths):
             shift.append(shift[-1] + len(content) - stand_in)
         return [(start + shift[n_start], end + shift[n_end]) for start, n_start, end, n_end in self.bounds]
+
+
+def _direct_render(tokenizer) -> Optional[Callable[[Messages, bool], str]]:
+    """The tokenizer's chat template, compiled by transformers, rendered with the special tokens
+    as `apply_chat_template` passes them; None where this transformers has no such function."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    template, tokens = _compile_jinja_template(tokenizer.chat_template), dict(tokenizer.special_tokens_map)
+    return lambda messages, add_generation_prompt: template.render(
+        messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **tokens)
 
 
 def _token_starts(encoding, positions: list[int], n_chars: int) -> Optional[list[int]]:
