@@ -71,10 +71,12 @@ def local_cluster(tmp_path_factory):
         cluster.script("up")
         os.environ["RAY_ADDRESS"] = cluster.address
         os.environ["RAYFT_JOBS_ADDRESS"] = cluster.jobs_address  # Ray's job server
+        os.environ["RAYFT_TEST_MLFLOW_URI"] = cluster.mlflow_uri  # base_config's tracking
         yield cluster
     finally:
         os.environ.pop("RAY_ADDRESS", None)
         os.environ.pop("RAYFT_JOBS_ADDRESS", None)
+        os.environ.pop("RAYFT_TEST_MLFLOW_URI", None)
         import ray
 
         if ray.is_initialized():
@@ -112,7 +114,9 @@ def base_config(tmp_path: Path, model: Path, data: Path, **sections) -> dict:
         "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 5e-3, "logging_steps": 2, "eval_steps": 3,
                   "save_steps": 3, "precision": "fp32", "warmup_ratio": 0.0},
         "distributed": {"num_workers": 2, "zero_stage": 2},
-        "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        # the test cluster's MLflow server once it runs: a new SQLite store costs each run seconds
+        # of schema set-up in the driver and again in the worker that logs
+        "tracking": {"mlflow_uri": os.environ.get("RAYFT_TEST_MLFLOW_URI") or f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     for section, values in sections.items():
         if section == "method" and values.get("type", "lora") != "lora":

@@ -77,17 +77,29 @@ def config_of(tmp_path, tiny_model, alpaca_file, case: str) -> dict:
 
 @pytest.fixture(scope="module")
 def refused_runs(ray_address, tmp_path_factory, tiny_model, alpaca_file):
-    """Every case's `rayft train`, two processes at a time: each is one core's work (its imports and
-    checks), so the pairs take the time of one on the 2-core machine."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Every case's `rayft train` command line, run by rayft's entry point in a child forked from
+    one warm process (tests/warm_cli.py), two at a time: a fresh process per case would spend ~5 s
+    importing before it refuses anything."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    def run(case):
+    jobs, dirs = [], []
+    for case in CASES:
         case_dir = tmp_path_factory.mktemp("case")
         config = write_config(case_dir, config_of(case_dir, tiny_model, alpaca_file, case))
-        return case_dir, run_cli("train", str(config), cwd=case_dir)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(CASES, pool.map(run, CASES)))
+        jobs.append({"args": ["train", str(config)], "cwd": str(case_dir), "stdout": str(case_dir / "stdout"),
+                     "stderr": str(case_dir / "stderr")})
+        dirs.append(case_dir)
+    jobs_file = tmp_path_factory.mktemp("jobs") / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    warm = subprocess.run([sys.executable, str(Path(__file__).parent / "warm_cli.py"), str(jobs_file)],
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    codes = json.loads(warm.stdout.strip().splitlines()[-1])
+    return {case: (case_dir, subprocess.CompletedProcess(job["args"], code, (case_dir / "stdout").read_text(),
+                                                         (case_dir / "stderr").read_text()))
+            for case, case_dir, job, code in zip(CASES, dirs, jobs, codes)}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -60,7 +60,7 @@ def test_compare_runs_methods_as_trials_and_reports_the_refused_one(tmp_path, ti
 
     general = write_alpaca(tmp_path / "general.jsonl", 24, seed=7)
     raw = base_config(tmp_path, tiny_model, alpaca_file, distributed={"num_workers": 2, "zero_stage": 3},
-                      train={"eval_steps": 4, "save_steps": 4})
+                      train={"eval_steps": 4, "save_steps": 4}, tracking={"experiment": "compare"})
     raw["data"]["eval_sets"] = {"general": str(general)}
     path = write_config(tmp_path, raw)
     out = tmp_path / "cmp"
@@ -139,7 +139,7 @@ def test_compare_runs_methods_as_trials_and_reports_the_refused_one(tmp_path, ti
     assert (out / "compare.png").stat().st_size > 0
 
     client = mlflow.MlflowClient(raw["tracking"]["mlflow_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("rayft").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("compare").experiment_id])
     parents = [r for r in runs if r.data.tags.get("rayft.compare") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]

@@ -257,7 +257,7 @@ def test_dpo_run_raises_the_preference_accuracy(tmp_path, tiny_model, preference
     assert metrics["eval_ppl"] is None
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "pref_accuracy", "logps/chosen",
                 "logps/rejected", "eval_pref_accuracy"):
         assert client.get_metric_history(metrics["mlflow_run_id"], key), key

@@ -175,7 +175,8 @@ def test_sweep_asha_resume_and_outputs(tmp_path, tiny_model, alpaca_file, ray_ad
               "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}}
     path = sweep_file(tmp_path, tiny_model, alpaca_file, search,
                       train={"max_steps": 8, "eval_steps": 2, "save_steps": 4, "scheduler": "constant"},
-                      distributed={"zero_stage": 0, "num_workers": 1})
+                      distributed={"zero_stage": 0, "num_workers": 1},
+                      tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})  # its own store: all runs listed below
     out = tmp_path / "sweep"
 
     # Kill the driver as soon as the first trial has finished.

@@ -96,7 +96,8 @@ def mixture(tmp_path, alpaca_file) -> dict:
 
 def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file):
     """Two sources of two tasks and a general eval set (data issue) through the whole CLI run."""
-    raw = base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8})
+    raw = base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8},
+                      tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})  # a SQLite store, as by default
     raw["data"].update(mixture(tmp_path, alpaca_file))
     config = write_config(tmp_path, raw)
     done = run_cli("train", str(config), "--set", "method.lora.r=4", "--set", "distributed.zero_stage=3",
@@ -223,7 +224,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, al
     # most save_steps (the workers wait for Ray Train to commit each checkpoint before going on).
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(metrics["mlflow_run_id"], "loss")
+    history = MlflowClient(result["cfg"].tracking.mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "loss")
     steps = [m.step for m in history]
     redone = len(steps) - len(set(steps))
     assert sorted(set(steps)) == list(range(1, 17)) and redone <= 4, steps
