@@ -44,6 +44,47 @@ def test_malformed_json_names_file_and_line(tmp_path):
         read_records(path)
 
 
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 20])
+def test_a_json_array_streams_element_by_element(tmp_path, monkeypatch, block):
+    """A JSON array file is decoded an element at a time from a window of `block` characters: the
+    values equal json.loads' (numbers, escapes and multi-byte characters cut at any block edge),
+    the elements before a malformed one come out before its error, and errors name the line."""
+    import random
+
+    from rayft.data import formats
+    from rayft.data.formats import iter_records
+
+    monkeypatch.setattr(formats, "_BLOCK", block)
+    rng = random.Random(block)
+
+    def value(depth=0):
+        kind = rng.randint(0, 5 if depth < 2 else 3)
+        return [lambda: rng.randint(-10**6, 10**6), lambda: rng.random() * 1e3 * rng.choice([1, 1e-9, 1e12]),
+                lambda: "".join(rng.choice('ab é日\n"\\{}[],') for _ in range(rng.randint(0, 20))),
+                lambda: rng.choice([True, False, None]), lambda: [value(depth + 1) for _ in range(rng.randint(0, 3))],
+                lambda: {f"k{i}": value(depth + 1) for i in range(rng.randint(0, 3))}][kind]()
+
+    for trial in range(15):
+        values = [value() for _ in range(rng.randint(0, 8))]
+        path = tmp_path / f"{trial}.json"
+        path.write_text(" \n" + json.dumps(values, indent=trial % 3 or None, ensure_ascii=trial % 2 == 0) + "\n")
+        assert list(iter_records(path)) == values
+
+    path = tmp_path / "tail.json"
+    path.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}\n {"x": 1}]')
+    read = iter_records(path)
+    assert next(read) == {"instruction": "a", "output": "b"} and next(read)["output"] == "d"
+    with pytest.raises(DataError, match=r"tail.json:3: malformed JSON \(Expecting ',' delimiter\)"):
+        next(read)
+    for text, line in [('[1, 2,]', 1), ('[\n1, 2', 2), ('[1]\n x', 2), ('[\n\n{"a": tru}]', 3)]:
+        path.write_text(text)
+        with pytest.raises(DataError, match=rf"tail.json:{line}: malformed JSON"):
+            list(iter_records(path))
+    path.write_bytes(b'[{"a": "x"},\n{"a": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"tail.json:2: not UTF-8 text \(byte 0xe9 at offset 23\)"):
+        list(iter_records(path))
+
+
 def test_missing_fields_are_counted_with_first_index():
     records = [{"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "c", "output": 3}]
     with pytest.raises(DataError, match=r"2 records lack the alpaca fields .* first at index 1"):

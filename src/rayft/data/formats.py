@@ -11,6 +11,7 @@ results (LLaMA-Factory's glaive_toolcall form); messages records may carry `tool
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,22 +44,15 @@ SKIPPED = object()  # a record iter_records was asked not to decode
 
 
 def iter_records(path: str | Path, skip: Optional[Callable[[int], bool]] = None) -> Iterator[Any]:
-    """The file's JSON values in order: JSONL line by line (a corpus streams), a JSON array whole.
-    A JSONL record whose position `skip` names is not decoded: SKIPPED stands in for it."""
+    """The file's JSON values in order, streamed: JSONL line by line, a JSON array an element at a
+    time. A JSONL record whose position `skip` names is not decoded: SKIPPED stands in for it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
     if head.startswith(b"["):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(path, path.read_bytes(), exc) from None
-        try:
-            yield from json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        yield from _array_values(path)
         return
     offset, position = 0, -1
     with open(path, "rb") as handle:
@@ -81,10 +75,100 @@ def iter_records(path: str | Path, skip: Optional[Callable[[int], bool]] = None)
                 raise DataError(f"{path}:{line_number}: malformed JSON ({exc.msg})") from None
 
 
-def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> DataError:
-    line = data[:exc.start].count(b"\n") + 1
-    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                     "save the file as UTF-8")
+_BLOCK = 1 << 20
+_SPACE = " \t\n\r"
+
+
+def _array_values(path: Path) -> Iterator[Any]:
+    """The elements of a file that holds one JSON array, decoded one by one from a window of the
+    file (a corpus in one array needs no more memory than one of its records and a block)."""
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    window = _Window()
+    with open(path, "rb") as handle:
+        def more() -> bool:
+            """Read the next block into the window; False at the end of the file."""
+            if window.eof:
+                return False
+            block = handle.read(_BLOCK)
+            try:
+                window.add(utf8.decode(block, final=not block), not block)
+            except UnicodeDecodeError as exc:  # exc.object: the decoder's pending bytes, then this block
+                at = window.bytes_read - (len(exc.object) - len(block)) + exc.start
+                line = window.byte_lines + exc.object[:exc.start].count(b"\n") + 1
+                raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                f"{at}); save the file as UTF-8") from None
+            window.bytes_read += len(block)
+            window.byte_lines += block.count(b"\n")
+            return True
+
+        def skip_space() -> Optional[str]:
+            """The next character that is not white space (None at the end of the file)."""
+            while True:
+                while window.at < len(window.text) and window.text[window.at] in _SPACE:
+                    window.at += 1
+                if window.at < len(window.text):
+                    return window.text[window.at]
+                if not more():
+                    return None
+
+        def malformed(message: str) -> DataError:
+            line = window.lines_before + window.text.count("\n", 0, window.at) + 1
+            return DataError(f"{path}:{line}: malformed JSON ({message})")
+
+        skip_space()
+        window.at += 1  # the "[" that iter_records saw
+        first = True
+        while True:
+            char = skip_space()
+            if char == "]":
+                window.at += 1
+                if skip_space() is not None:
+                    raise malformed("Extra data")
+                return
+            if not first:
+                if char != ",":
+                    raise malformed("Expecting ',' delimiter" if char else "Expecting ']'")
+                window.at += 1
+                skip_space()
+            while True:  # an element: decoded once the window holds all of it
+                try:
+                    value, end = decoder.raw_decode(window.text, window.at)
+                    after = end
+                    while after < len(window.text) and window.text[after] in _SPACE:
+                        after += 1
+                    # whole once "," or "]" follows: a number at the window's edge ("12", "1.", "1e")
+                    # may go on in the next block
+                    if window.eof or (after < len(window.text) and window.text[after] in ",]"):
+                        break
+                except json.JSONDecodeError as exc:
+                    if window.eof:
+                        window.at = exc.pos
+                        raise malformed(exc.msg) from None
+                more()
+            window.at, first = end, False
+            window.forget()
+            yield value
+
+
+@dataclass
+class _Window:
+    """The decoded text of a file not yet consumed, and where it lies in the file."""
+
+    text: str = ""
+    at: int = 0  # the next character to read in text
+    lines_before: int = 0  # line breaks in the text already dropped
+    bytes_read: int = 0
+    byte_lines: int = 0  # line breaks in the bytes read
+    eof: bool = False
+
+    def add(self, text: str, eof: bool) -> None:
+        self.text, self.eof = self.text + text, eof
+
+    def forget(self) -> None:
+        """Drop the consumed text once it is a block's worth (not per element: each drop copies the rest)."""
+        if self.at >= _BLOCK:
+            self.lines_before += self.text.count("\n", 0, self.at)
+            self.text, self.at = self.text[self.at:], 0
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
