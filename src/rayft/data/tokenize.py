@@ -29,7 +29,7 @@ def assistant_char_spans(tokenizer, messages: Messages, tools: Optional[list[dic
     other takes the renders of its growing prefixes."""
     skeleton = _Skeleton.of(tokenizer, messages, tools)
     if skeleton is not None:
-        full_text = skeleton.render(messages)
+        full_text = skeleton.render(tokenizer, messages)
         contents = [messages[i]["content"] for i in skeleton.order]
         if skeleton.fill(contents) == full_text:
             return full_text, skeleton.spans(contents)
@@ -74,7 +74,7 @@ class _Skeleton:
     order: list[int]  # the message whose content follows pieces[k]
     bounds: list[tuple[int, int, int, int]]  # per assistant turn: start, contents before it, end, contents before it
     stand_in_lengths: list[int]
-    render: Callable[[Messages], str]
+    direct: Optional[Callable[[Messages, bool], str]]  # the compiled template, where it renders as apply_chat_template
 
     # per tokenizer: (template, roles) -> _Skeleton, or None where the shape has none
     _cache: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
@@ -125,9 +125,12 @@ class _Skeleton:
             pieces.append(full[cursor:at])
             cursor = end
         pieces.append(full[cursor:])
-        return cls(pieces, [i for _, i in places], bounds, [len(stand_ins[i]) for _, i in places],
-                   (lambda conversation: direct(conversation, False)) if direct is not None else
-                   (lambda conversation: render(tokenizer, conversation)))
+        return cls(pieces, [i for _, i in places], bounds, [len(stand_ins[i]) for _, i in places], direct)
+
+    def render(self, tokenizer, messages: Messages) -> str:
+        """A conversation of this shape, rendered whole. (The tokenizer is passed, not kept: the
+        cache holds skeletons by a weak reference to it.)"""
+        return self.direct(messages, False) if self.direct is not None else render(tokenizer, messages)
 
     def fill(self, contents: list[str]) -> str:
         parts = [self.pieces[0]]
