@@ -60,8 +60,7 @@ def iter_records(path: str | Path, skip: Optional[Callable[[int], bool]] = None)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                                f"{offset + exc.start}); save the file as UTF-8") from None
+                raise _not_utf8(path, line_number, raw[exc.start], offset + exc.start) from None
             offset += len(raw)
             if not line.strip():
                 continue
@@ -73,6 +72,10 @@ def iter_records(path: str | Path, skip: Optional[Callable[[int], bool]] = None)
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{line_number}: malformed JSON ({exc.msg})") from None
+
+
+def _not_utf8(path: Path, line: int, byte: int, offset: int) -> DataError:
+    return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at offset {offset}); save the file as UTF-8")
 
 
 _BLOCK = 1 << 20
@@ -95,8 +98,7 @@ def _array_values(path: Path) -> Iterator[Any]:
             except UnicodeDecodeError as exc:  # exc.object: the decoder's pending bytes, then this block
                 at = window.bytes_read - (len(exc.object) - len(block)) + exc.start
                 line = window.byte_lines + exc.object[:exc.start].count(b"\n") + 1
-                raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                                f"{at}); save the file as UTF-8") from None
+                raise _not_utf8(path, line, exc.object[exc.start], at) from None
             window.bytes_read += len(block)
             window.byte_lines += block.count(b"\n")
             return True
