@@ -67,6 +67,9 @@ up() {
   # the tracking server starts beside the nodes (its database set-up takes seconds of its own)
   local mlflow_starting=""
   if ! running mlflow; then
+    # MLflow's server-side jobs (GenAI evaluation, prompt optimisation) start nine idle processes
+    # that poll; rayft only logs runs to it
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
     setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
       --backend-store-uri "sqlite:///$STATE/mlflow.db" --artifacts-destination "$STATE/mlartifacts" \
       > "$STATE/logs/mlflow.log" 2>&1 &

@@ -333,9 +333,15 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
 
     from rayft.train.loop import train_loop_per_worker
 
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            # Ray Train starts a DatasetManager actor (a process) for Ray Data datasets even when a
+            # run has none; rayft's workers read the prepared Arrow files themselves
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ != "DatasetsCallback"]
+
     queue = None if callbacks else Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     dist = cfg.distributed
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data.__dict__, "model_dir": str(model_dir),
                            "mlflow_uri": uri, "mlflow_run_id": run_id, "progress_queue": queue,
@@ -351,8 +357,11 @@ def _fit(cfg, data, model_dir, uri, run_id, use_gpu, output_dir, console, callba
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or []),
     )
-    # Ray Train reads this in its controller (it propagates the driver's value there)
+    # Ray Train reads these in its controller (it propagates the driver's values there)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(dist.start_timeout_s)
+    # Its preemption watcher (an actor polling the nodes' drain state) only records a notice for
+    # the training function to read; rayft's loop does not read it (it checkpoints every save_steps)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     with Progress(queue, console) if queue is not None else contextlib.nullcontext():  # an empty Queue is falsy
         try:
             return trainer.fit()
