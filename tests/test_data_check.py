@@ -79,6 +79,26 @@ def test_check_reports_duplicates_answers_truncation_and_bad_records(tmp_path, t
     assert source.percentiles()[3] == max(lengths) > 128 and sorted(source.lengths) == sorted(lengths)
     assert (eval_set.records, eval_set.exact_duplicates, eval_set.near_duplicates) == (6, 3, 0)
     assert eval_set.name.endswith("(eval set general)")
+    assert (source.exact_across, source.near_across, eval_set.exact_across) == (0, 0, 0)
+
+
+def test_check_counts_duplicates_of_an_earlier_source_apart(tmp_path, tiny_model):
+    """A second source holding a copy of a record of the first, a near copy of another, and one
+    repeat of its own: dedup (data.filter) drops all three, as it spans the sources; the report
+    tells the repeat within the source from the records of the earlier one."""
+    first = distinct_records(6)
+    own = distinct_records(4, seed=5)
+    second = [dict(first[0]), {**first[1], "output": first[1]["output"] + " indeed"}, *own, dict(own[0])]
+    a, b = write_jsonl(tmp_path / "a.jsonl", first), write_jsonl(tmp_path / "b.jsonl", second)
+    val = str(write_jsonl(tmp_path / "val.jsonl", distinct_records(2, seed=9)))  # every record above is training's
+    raw = base_config(tmp_path, tiny_model, a)
+    raw["data"]["train"] = [{"path": str(a), "val": val}, {"path": str(b), "val": val}]
+    cfg = parse_config(raw)
+    reports = check_data(cfg, tiny_model)
+    by_name = {r.name.split(" (")[0].rsplit("/", 1)[-1]: r for r in reports if "(val)" not in r.name}
+    assert (by_name["a.jsonl"].exact_across, by_name["a.jsonl"].near_across) == (0, 0)
+    assert (by_name["b.jsonl"].exact_across, by_name["b.jsonl"].near_across) == (1, 1)
+    assert (by_name["b.jsonl"].exact_duplicates, by_name["b.jsonl"].near_duplicates) == (1, 0)
 
 
 def test_check_flags_identical_preference_pairs(tmp_path, tiny_model):

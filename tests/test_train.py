@@ -94,24 +94,54 @@ def mixture(tmp_path, alpaca_file) -> dict:
             "eval_sets": {"general": str(general)}, "task_weights": {"greet": 2.0}, "task_weighting": "dwa"}
 
 
-def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file):
-    """Two sources of two tasks and a general eval set (data issue) through the whole CLI run."""
-    raw = base_config(tmp_path, tiny_model, alpaca_file, train={"max_steps": 8},
-                      tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})  # a SQLite store, as by default
+# One LoRA run under ZeRO-3 with every tensor partitioned, on two sources of two tasks and a general
+# eval set that EWC holds the weights to, checkpointed every 3 steps. The CLI run is the
+# uninterrupted run: the run stopped and resumed, and the run that loses a worker (with gradient
+# checkpointing on), must each end as it did.
+LORA_ZERO3 = dict(method={"type": "lora", "lora": {"r": 4, "alpha": 16, "dropout": 0.0}},
+                  train={"max_steps": 12, "save_steps": 3, "eval_steps": 3, "logging_steps": 1,
+                         "ewc": {"weight": 100.0, "samples": 8, "set": "general"}},
+                  distributed={"zero_stage": 3, "zero3_persistence_threshold": 0})
+
+
+@pytest.fixture(scope="module")
+def cli_run(ray_address, tmp_path_factory, tiny_model, alpaca_file):
+    """`rayft train` on LORA_ZERO3 given partly by --set, with a SQLite MLflow store as by default:
+    (its folder, the config it ran, the finished process)."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    raw = base_config(tmp_path, tiny_model, alpaca_file, train=LORA_ZERO3["train"],
+                      tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     raw["data"].update(mixture(tmp_path, alpaca_file))
     config = write_config(tmp_path, raw)
     done = run_cli("train", str(config), "--set", "method.lora.r=4", "--set", "distributed.zero_stage=3",
                    "--set", "distributed.zero3_persistence_threshold=0", cwd=tmp_path)  # partition every tensor
     assert done.returncode == 0, done.stderr[-3000:]
+    ran = {**raw, "method": LORA_ZERO3["method"], "distributed": {**raw["distributed"], **LORA_ZERO3["distributed"]}}
+    return tmp_path, ran, done
+
+
+def same_run(tmp_path: Path, ran: dict, **train) -> dict:
+    """The CLI run's config (its data files too), written to tmp_path/out and the test cluster's MLflow."""
+    raw = base_config(tmp_path, Path(ran["model"]["name_or_path"]), Path(ran["data"]["train"][0]["path"]))
+    return {**ran, "output_dir": raw["output_dir"], "tracking": raw["tracking"], "train": {**ran["train"], **train}}
+
+
+def test_cli_lora_zero3_end_to_end_with_mlflow(cli_run, tiny_model):
+    """Two sources of two tasks and a general eval set (data issue) through the whole CLI run."""
+    tmp_path, raw, done = cli_run
+    config = tmp_path / "config.yaml"
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("train_loss", "eval_loss_before", "eval_loss", "tokens_per_s", "train_seconds", "steps",
                 "trainable_params", "total_params", "mlflow_run_id"):
         assert metrics[key] is not None, key
-    assert metrics["steps"] == 8 and metrics["eval_loss"] < metrics["eval_loss_before"] and metrics["tokens_per_s"] > 0
+    assert metrics["steps"] == 12 and metrics["eval_loss"] < metrics["eval_loss_before"] and metrics["tokens_per_s"] > 0
     for key in ("eval_general_loss", "eval_task_extract_loss", "eval_task_greet_loss"):  # before, and after
         assert metrics[key] > 0 and metrics[f"{key}_before"] > 0 and metrics[key] != metrics[f"{key}_before"], key
-    assert re.search(r"8/8 loss [\d.]+  eval [\d.]+  general [\d.]+", done.stderr)  # the progress line
+    assert re.search(r"12/12 loss [\d.]+  ewc [\d.e+-]+  eval [\d.]+  general [\d.]+", done.stderr)  # the progress line
+    # EWC under ZeRO-3: its Fisher of the LoRA factors, from 8 rows of the general set, whole on each rank
+    assert re.search(r"ewc: empirical Fisher of 8,192 trainable parameters from 8 rows of eval set 'general'",
+                     done.stderr), done.stderr[-3000:]
     assert "data (concat): " in done.stderr and "-> 162 training samples" in done.stderr  # 144 + 36 x 0.5
     adapter = out / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
@@ -125,7 +155,7 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=raw["tracking"]["mlflow_uri"])
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["method.lora.r"] == "4" and run.data.tags["rayft.method"] == "lora"
@@ -137,23 +167,27 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(tmp_path, tiny_model, alpaca_file
     def history(key):
         return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
-    # DWA: at each evaluation (steps 0, 3, 6, 8) the weights follow the tasks' validation losses at
-    # the last two, times the static weights (greet 2); the first has no rate yet
+    penalties = history("ewc_penalty")  # 0 before the first step (the weights are theta*), then above it
+    assert sorted(penalties) == list(range(1, 13)) and penalties[1] == 0.0 and all(
+        penalties[step] > 0 for step in range(2, 13)), penalties
+
+    # DWA: at each evaluation (steps 0, 3, 6, 9, 12) the weights follow the tasks' validation losses
+    # at the last two, times the static weights (greet 2); the first has no rate yet
     losses = {task: history(f"eval_task_{task}_loss") for task in ("extract", "greet")}
     weights = {task: history(f"task_weight_{task}") for task in ("extract", "greet")}
     static = {"extract": 1.0, "greet": 2.0}
     evaluated = sorted(losses["greet"])
-    assert evaluated == [0, 3, 6, 8] and sorted(weights["greet"]) == evaluated
+    assert evaluated == [0, 3, 6, 9, 12] and sorted(weights["greet"]) == evaluated
     for task in static:
         assert weights[task][0] == pytest.approx(static[task])
     for previous, step in zip(evaluated, evaluated[1:]):
         exps = {task: math.exp(losses[task][step] / losses[task][previous] / 2.0) for task in static}
         for task in static:
             assert weights[task][step] == pytest.approx(static[task] * 2 * exps[task] / sum(exps.values()), rel=1e-5)
-    assert metrics["task_weight_greet"] == pytest.approx(weights["greet"][8])
+    assert metrics["task_weight_greet"] == pytest.approx(weights["greet"][12])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "loss.png", "adapter"} <= artifacts
-    assert "train" in done.stderr and "8/8" in done.stderr  # the progress bar
+    assert "train" in done.stderr and "12/12" in done.stderr  # the progress bar
     assert_quiet_console(done.stdout + done.stderr)
     logs = out / "logs"
     assert {p.name for p in logs.iterdir()} == {"driver.log", "worker-0.log", "worker-1.log"}
@@ -196,61 +230,20 @@ def test_verbose_shows_everything_on_the_console(tmp_path, broken_model, alpaca_
     assert not (tmp_path / "out" / "logs").exists()
 
 
-def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model, alpaca_file):
-    import ray
-    from ray.util.state import list_actors
-
-    from rayft.raycluster import connect_ray
-
-    connect_ray(None)
-    sections = dict(train={"max_steps": 16, "save_steps": 4, "eval_steps": 8, "logging_steps": 1},
-                    distributed={"max_failures": 2})
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(zip(("cfg", "metrics"), train_in_process(
-        tmp_path, tiny_model, alpaca_file, **sections))))
-    thread.start()
-    out = tmp_path / "out"
-    wait_for(lambda: registered_checkpoints(out, "t") >= 1, 300, "a registered checkpoint")
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-    assert workers
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    thread.join(timeout=600)
-    metrics = result["metrics"]
-    assert metrics["steps"] == 16
-    assert len(metrics["resumed_from_steps"]) == 1 and metrics["resumed_from_steps"][0] % 4 == 0
-    assert metrics["resumed_from_steps"][0] >= 4  # resumed from a checkpoint, not from scratch
-    assert metrics["eval_loss"] < metrics["eval_loss_before"]
-    # every step logs its loss: the steps logged twice are the ones redone after the restart, at
-    # most save_steps (the workers wait for Ray Train to commit each checkpoint before going on).
+def loss_history(uri: str, run_id: str) -> dict[int, float]:
+    """Each step's logged loss; a step logged twice (redone after a restart) by its last value."""
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(result["cfg"].tracking.mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "loss")
-    steps = [m.step for m in history]
-    redone = len(steps) - len(set(steps))
-    assert sorted(set(steps)) == list(range(1, 17)) and redone <= 4, steps
-    assert ray.is_initialized()
+    return {m.step: m.value for m in sorted(MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss"),
+                                            key=lambda m: m.timestamp)}
 
 
-# LoRA under ZeRO-3 with every tensor partitioned, checkpointed every 3 steps: the resumed run and
-# the run with gradient checkpointing must each end as the same run uninterrupted and without it
-RESUMABLE = dict(train={"max_steps": 12, "save_steps": 3, "eval_steps": 6},
-                 distributed={"zero_stage": 3, "zero3_persistence_threshold": 0})
-
-
-def loss_history(cfg, metrics) -> list[float]:
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "loss")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ray_address, tmp_path_factory, tiny_model, alpaca_file):
-    return train_in_process(tmp_path_factory.mktemp("uninterrupted"), tiny_model, alpaca_file, **RESUMABLE)
-
-
-def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file, uninterrupted):
-    config = write_config(tmp_path, base_config(tmp_path, tiny_model, alpaca_file, **RESUMABLE))
+def test_resume_a_stopped_run(tmp_path, cli_run):
+    """The CLI run's driver killed after a checkpoint, then --resume: it ends with the same adapter,
+    so the data order, the partitioned optimizer states, the schedule and the DWA task weights all
+    resume exactly (LoRA dropout is off)."""
+    whole_dir, ran, _ = cli_run
+    config = write_config(tmp_path, same_run(tmp_path, ran))
     driver = subprocess.Popen([RAYFT, "train", str(config)], cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "out"
@@ -266,29 +259,57 @@ def test_resume_a_stopped_run(tmp_path, tiny_model, alpaca_file, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["resumed_from_steps"] and metrics["resumed_from_steps"][0] >= 3
-    # the same run uninterrupted ends with the same adapter: the data order, the partitioned
-    # optimizer states and the schedule all resume exactly (LoRA dropout is off)
-    whole_cfg, whole = uninterrupted
+    whole = json.loads((whole_dir / "out" / "metrics.json").read_text())
     resumed_weights = load_file(out / "adapter" / "adapter_model.safetensors")
-    whole_weights = load_file(Path(whole_cfg.output_dir) / "adapter" / "adapter_model.safetensors")
+    whole_weights = load_file(whole_dir / "out" / "adapter" / "adapter_model.safetensors")
     assert resumed_weights.keys() == whole_weights.keys()
     for name, tensor in resumed_weights.items():
         torch.testing.assert_close(tensor, whole_weights[name], rtol=0, atol=1e-6, msg=name)
     assert whole["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert whole["task_weight_greet"] == pytest.approx(metrics["task_weight_greet"], rel=1e-5)
 
 
-def test_gradient_checkpointing_under_zero3_trains_to_the_same_numbers(tmp_path, tiny_model, alpaca_file,
-                                                                       uninterrupted):
-    """The same LoRA run on 2 workers under ZeRO-3 (every tensor partitioned), with and without
-    train.gradient_checkpointing: the same losses at every logged step, the same eval loss."""
-    plain_cfg, plain = uninterrupted
-    cfg, checkpointed = train_in_process(tmp_path, tiny_model, alpaca_file,
-                                         train={**RESUMABLE["train"], "gradient_checkpointing": True},
-                                         distributed=RESUMABLE["distributed"])
-    plain_losses = loss_history(plain_cfg, plain)
-    assert checkpointed["eval_loss"] < checkpointed["eval_loss_before"]
-    assert len(plain_losses) == 6 and loss_history(cfg, checkpointed) == pytest.approx(plain_losses, rel=1e-5)
-    assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+def test_killed_worker_resumes_from_its_last_checkpoint_with_gradient_checkpointing(tmp_path, cli_run):
+    """The CLI run again with train.gradient_checkpointing, one of its workers killed after a
+    checkpoint: Ray Train restarts the workers from it, and the run ends as the CLI run did, with
+    the same loss at every step (each layer's forward runs again in the backward pass, to the same
+    numbers)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from rayft.raycluster import connect_ray
+    from rayft.train.runner import run_training
+
+    whole_dir, ran, _ = cli_run
+    connect_ray(None)
+    raw = same_run(tmp_path, ran, gradient_checkpointing=True)
+    raw["distributed"] = {**raw["distributed"], "max_failures": 2}
+    cfg = parse_config(raw)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(metrics=run_training(cfg)))
+    thread.start()
+    out = tmp_path / "out"
+    wait_for(lambda: registered_checkpoints(out, "t") >= 1, 300, "a registered checkpoint")
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert workers
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    metrics = result["metrics"]
+    assert metrics["steps"] == 12
+    assert len(metrics["resumed_from_steps"]) == 1 and metrics["resumed_from_steps"][0] % 3 == 0
+    assert metrics["resumed_from_steps"][0] >= 3  # resumed from a checkpoint, not from scratch
+    # every step logs its loss: the steps logged twice are the ones redone after the restart, at
+    # most save_steps (the workers wait for Ray Train to commit each checkpoint before going on).
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(cfg.tracking.mlflow_uri).get_metric_history(metrics["mlflow_run_id"], "loss")]
+    assert sorted(set(steps)) == list(range(1, 13)) and len(steps) - len(set(steps)) <= 3, steps
+    whole = json.loads((whole_dir / "out" / "metrics.json").read_text())
+    losses = loss_history(cfg.tracking.mlflow_uri, metrics["mlflow_run_id"])
+    whole_losses = loss_history(ran["tracking"]["mlflow_uri"], whole["mlflow_run_id"])
+    assert len(whole_losses) == 12 and losses == pytest.approx(whole_losses, rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-5)
+    assert ray.is_initialized()
 
 
 def test_reporter_writes_mlflow_off_the_step_in_order_and_raises_a_failed_write(tmp_path):

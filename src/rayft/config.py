@@ -387,9 +387,6 @@ class TrainJobConfig(Strict):
         if ewc and ewc.set not in self.data.eval_sets:
             raise ValueError(f"train.ewc.set: {ewc.set!r} is not one of data.eval_sets "
                              f"({', '.join(self.data.eval_sets) or 'none set'})")
-        if ewc and self.distributed.zero_stage == 3:
-            raise ValueError("train.ewc: ZeRO-3 partitions each parameter across the ranks, and the penalty needs it "
-                             "whole beside its Fisher and initial value; use distributed.zero_stage 0, 1 or 2")
         if self.distributed.offload_params and self.distributed.zero_stage != 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
         if self.distributed.offload_optimizer and self.distributed.zero_stage == 0:

@@ -6,7 +6,8 @@ as data preparation (data/dataset.py: the source's records, the stage's parse an
 in worker processes for a large corpus). Per source: records, format, token lengths as the stage
 renders them (untruncated: the longest sequence of a sample), how many are longer than
 data.cutoff_len (and how many of those truncation leaves nothing to learn from), exact and near
-duplicates of an earlier record of the source (data/dedup.py), what the stage flags in the
+duplicates of an earlier record of the source, and of a record of an earlier training source
+(data/dedup.py: what dedup would drop, as it spans the sources), what the stage flags in the
 answers (Objective.answer_issues) and the records that do not parse (the Problems counts).
 """
 
@@ -20,7 +21,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from rayft.config import TrainJobConfig
-from rayft.data.dedup import Duplicates, exact_key, record_identity, signature
+from rayft.data.dedup import Duplicates, exact_key, record_identity, same_source, signature
 from rayft.data.formats import Problems, with_task_prompt
 
 UNBOUNDED = 1 << 30  # a cutoff_len no record reaches: the untruncated lengths
@@ -34,8 +35,10 @@ class SourceCheck:
     lengths: list[int] = field(default_factory=list)  # tokens per sample, untruncated
     truncated: int = 0  # longer than data.cutoff_len
     lost: int = 0  # of those, left with nothing to learn from (dropped when prepared)
-    exact_duplicates: int = 0
+    exact_duplicates: int = 0  # of an earlier record of this source
     near_duplicates: int = 0
+    exact_across: int = 0  # of a record of an earlier training source
+    near_across: int = 0
     answer_issues: collections.Counter = field(default_factory=collections.Counter)
     bad_records: int = 0  # records that do not parse (format, roles, the chat template)
     first_problem: str = ""  # the first bad record's reason, as preparation would report it
@@ -84,12 +87,13 @@ def _once_each(stream: Iterator) -> Iterator:
 
 
 def _check_stream(report: SourceCheck, records: Iterator, n_records: int, stage: str, cfg: TrainJobConfig,
-                  tokenizer_dir: Path, found: Problems) -> SourceCheck:
+                  tokenizer_dir: Path, found: Problems, duplicates: Optional[Duplicates] = None) -> SourceCheck:
     """Fill `report` from one stream's records; `found` is the stream's Problems (the reader's
-    own, for records that are not JSON objects), the chunks' are added to it."""
+    own, for records that are not JSON objects), the chunks' are added to it. `duplicates`: the
+    index shared by the training sources (a validation file or an eval set gets its own)."""
     from rayft.data.dataset import _units
 
-    duplicates = Duplicates(cfg.data.filter.near_threshold)
+    duplicates = Duplicates(cfg.data.filter.near_threshold) if duplicates is None else duplicates
     for results, lost, chunk_problems in _units(records, n_records, tokenizer_dir, stage, cfg.data, work=_check_chunk):
         report.lost += lost
         for problems in chunk_problems.values():  # one label: the stream's
@@ -100,8 +104,12 @@ def _check_stream(report: SourceCheck, records: Iterator, n_records: int, stage:
                 report.lengths.append(length)
                 report.truncated += length > cfg.data.cutoff_len
             verdict = duplicates.seen(identity, key, values)
-            report.exact_duplicates += verdict == "exact"
-            report.near_duplicates += verdict == "near"
+            if verdict and same_source(identity, duplicates.repeated):
+                report.exact_duplicates += verdict == "exact"
+                report.near_duplicates += verdict == "near"
+            elif verdict:
+                report.exact_across += verdict == "exact"
+                report.near_across += verdict == "near"
             report.answer_issues.update(issues)
     report.bad_records = sum(count for count, _, _ in found.cases.values())
     report.records += report.bad_records
@@ -122,12 +130,13 @@ def check_data(cfg: TrainJobConfig, tokenizer_dir: Path) -> list[SourceCheck]:
     check_paths(cfg.data, sources)
     seed = cfg.train.seed
     reports = []
+    training = Duplicates(cfg.data.filter.near_threshold)  # across the training sources, as dedup is
     for i, source in enumerate(sources):
         problems: dict[str, Problems] = {}  # per stream label: what its reader and its chunks found
         plan = _SourcePlan(objective, source, i, seed, problems)  # refuses another stage's records
         reports.append(_check_stream(SourceCheck(plan.label, plan.format), _once_each(plan._stream()),
                                      count_records(source), objective.name, cfg, tokenizer_dir,
-                                     problems.setdefault(plan.label, Problems())))
+                                     problems.setdefault(plan.label, Problems()), training))
         if source.val:
             label = source_label(source, source.val)
             reports.append(_check_stream(SourceCheck(f"{label} (val)", plan.format), plan._stream(source.val),
@@ -161,6 +170,7 @@ def report_table(reports: list[SourceCheck], cutoff_len: int, title: str):
                                                  for r in reports],
         "exact duplicates": [str(r.exact_duplicates) for r in reports],
         "near duplicates": [str(r.near_duplicates) for r in reports],
+        "of earlier sources (exact/near)": [f"{r.exact_across}/{r.near_across}" for r in reports],
         "answer issues": ["\n".join(f"{n} {issue}" for issue, n in sorted(r.answer_issues.items())) or "0"
                           for r in reports],
         "bad records": [str(r.bad_records) for r in reports],

@@ -60,6 +60,11 @@ def record_identity(source: str, index: int) -> int:
     return (zlib.crc32(source.encode()) << 40) + index
 
 
+def same_source(identity: int, other: int) -> bool:
+    """Whether two record identities are records of one source."""
+    return identity >> 40 == other >> 40
+
+
 def exact_key(item: Any) -> int:
     """A 64-bit hash of the item's content."""
     text = json.dumps(_plain(item), sort_keys=True, ensure_ascii=False)
@@ -85,6 +90,7 @@ class Duplicates:
 
     def __init__(self, near_threshold: Optional[float] = None):
         self.exact: dict[int, int] = {}  # content hash -> identity of its first record
+        self.repeated: Optional[int] = None  # after a duplicate: the identity of the record it repeats
         self.threshold = near_threshold
         self.signatures: list[np.ndarray] = []
         self.owners: list[int] = []  # identity of each signature's record
@@ -96,7 +102,8 @@ class Duplicates:
 
     def seen(self, identity: int, key: int, values: Optional[np.ndarray] = None) -> Optional[str]:
         """'exact', 'near' (values: the record's signature) or None for a record kept."""
-        if self.exact.setdefault(key, identity) != identity:
+        if (first := self.exact.setdefault(key, identity)) != identity:
+            self.repeated = first
             return "exact"
         if self.lsh is None or values is None:
             return None
@@ -106,7 +113,10 @@ class Duplicates:
         # LSH gives candidates; the signatures' agreement (the Jaccard estimate) decides
         for candidate in self.lsh.query(minhash):
             if np.mean(self.signatures[candidate] == values) >= self.threshold:
-                return None if self.owners[candidate] == identity else "near"
+                if self.owners[candidate] == identity:
+                    return None
+                self.repeated = self.owners[candidate]
+                return "near"
         self.lsh.insert(len(self.signatures), minhash)
         self.signatures.append(values)
         self.owners.append(identity)

@@ -477,8 +477,8 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, normaliser, metrics = loss_of(engine, batch)
         loss = loss_sum / normaliser.clamp(min=1)
         extra = method.extra_loss(opts, engine.module)
-        if ewc:
-            penalty = ewc.penalty(engine.module)
+        penalty = ewc.penalty(engine.module) if ewc else None  # None under ZeRO-3: see before_optimizer_step
+        if penalty is not None:
             extra = penalty if extra is None else extra + penalty
         engine.backward(loss if extra is None else loss + extra)
         window["loss_sum"] += loss_sum.item()
@@ -489,6 +489,8 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary:
             method.before_optimizer_step(opts, engine.module, state.step + 1)
+            if ewc:
+                ewc.before_optimizer_step(engine)
         engine.step()
         if not boundary:
             continue
