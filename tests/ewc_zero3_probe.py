@@ -30,8 +30,11 @@ def run(rank: int, model_dir: str, port: str) -> None:
     from rayft.config import MethodConfig
     from rayft.methods import Run
     from rayft.models.loading import load_for_training
+    from rayft.train.deepspeed_config import skip_the_inference_comm_build
     from rayft.train.ewc import ElasticWeightConsolidation
     from rayft.train.loop import token_losses
+
+    skip_the_inference_comm_build()  # as the training workers do: a fresh environment would compile it first
 
     torch.set_num_threads(1)  # two ranks on the test machine's cores, as Ray's one-CPU workers are
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
