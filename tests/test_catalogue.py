@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_config
+from conftest import _free_port, base_config
 from rayft.config import MethodConfig, parse_config
 from rayft.errors import ConfigError
 from rayft.methods import Run, get_method
@@ -356,13 +356,10 @@ def test_zero3_refusals_prevent_real_failures(models):
     """AdaLoRA and PLoRA refuse ZeRO-3 when the config is read. Under ZeRO-3 (bypassing that check)
     AdaLoRA's allocator and PLoRA's merge both fail on the partitioned tensors (every parameter
     partitioned, as a real model's are)."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(_free_port())
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "zero3_probe.py"), str(models["llama"]), port],
                           capture_output=True, text=True, timeout=300)
     results = {r["method"]: r for r in map(json.loads, (l for l in done.stdout.splitlines() if l.startswith("{")))}

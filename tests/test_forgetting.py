@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import base_config, write_config
+from conftest import _free_port, base_config, write_config
 
 
 # ---------------------------------------------------------------- EWC, in-process
@@ -109,13 +109,10 @@ def test_ewc_under_zero3_takes_the_steps_the_whole_parameters_take(tiny_model):
     the accumulation boundary. After 3 steps (2 micro-batches each, clipped) the gathered LoRA
     weights equal those of the same steps with the penalty in each micro-batch's loss, and the
     logged penalties agree; without EWC they would differ by far more."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(_free_port())
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "ewc_zero3_probe.py"), str(tiny_model), port],
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

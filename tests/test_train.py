@@ -140,7 +140,7 @@ def test_cli_lora_zero3_end_to_end_with_mlflow(cli_run, tiny_model):
     for key in ("eval_general_loss", "eval_task_extract_loss", "eval_task_greet_loss"):  # before, and after
         assert metrics[key] > 0 and metrics[f"{key}_before"] > 0 and metrics[key] != metrics[f"{key}_before"], key
     assert re.search(r"12/12 loss [\d.]+  ewc [\d.e+-]+  eval [\d.]+  general [\d.]+", done.stderr)  # the progress line
-    # EWC under ZeRO-3: its Fisher of the LoRA factors, from 8 rows of the general set, whole on each rank
+    # EWC under ZeRO-3: its Fisher of the LoRA factors, from the general set's 3 packed rows, whole on each rank
     assert re.search(r"ewc: empirical Fisher of 8,192 trainable parameters from 3 rows of eval set 'general'",
                      done.stderr), done.stderr[-3000:]
     assert "data (concat): " in done.stderr and "-> 162 training samples" in done.stderr  # 144 + 36 x 0.5
