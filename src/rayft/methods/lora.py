@@ -124,6 +124,43 @@ def keep_adapter_inputs_in_autocast_dtype(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def fuse_plain_lora_layers(model) -> None:
+    """Plain LoRA layers (peft's `lora.Linear` without a variant such as DoRA) compute
+    base(x) + s B(A(x)) as one addmm: the base output plus s (x A^T) B^T, accumulated in the
+    matmul, where peft scales the adapter's output and adds it in two more passes over the
+    layer's whole output (and two more in the backward). The result is the same sum, rounded once
+    where peft rounds each part in bf16; tests/test_methods.py compares the two. Every other case
+    (adapters disabled or merged, several adapters, mixed batches, a variant, an input that peft
+    would cast, ZeRO-3's partitioned adapter weights) goes to peft's forward."""
+    import types
+
+    from peft.tuners.lora.layer import Linear
+
+    for module in model.modules():
+        if type(module) is Linear and isinstance(module.base_layer, torch.nn.Linear):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    from peft.tuners.lora.layer import Linear
+
+    adapters = self.active_adapters
+    adapter = adapters[0] if len(adapters) == 1 else None
+    if not (adapter is not None and adapter in self.lora_A and adapter not in self.lora_variant
+            and not self.disable_adapters and not self.merged and not args and not kwargs):
+        return Linear.forward(self, x, *args, **kwargs)
+    down_layer, up_layer = self.lora_A[adapter], self.lora_B[adapter]
+    if (up_layer.bias is not None or hasattr(up_layer.weight, "ds_id")  # ZeRO-3 gathers B only in its own forward
+            or not (torch.is_autocast_enabled(x.device.type)
+                    or x.dtype == down_layer.weight.dtype == self.base_layer.weight.dtype)):
+        return Linear.forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    down = down_layer(self.lora_dropout[adapter](x))
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
+                        up_layer.weight.t(), alpha=self.scaling[adapter])
+    return fused.view(result.shape)
+
+
 @register
 class LoraMethod(Method):
     adapters_can_be_disabled = True  # peft's disable_adapter: the base alone
@@ -171,6 +208,7 @@ class LoraMethod(Method):
                         if opts.init != "gaussian" and ("lora_A" in name or "lora_B" in name)}
         if run.precision != "fp32":
             keep_adapter_inputs_in_autocast_dtype(model)
+        fuse_plain_lora_layers(model)
         return model
 
     def param_groups(self, opts, model, lr):

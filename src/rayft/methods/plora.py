@@ -25,7 +25,8 @@ from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, Preset, register
 from rayft.methods.lora import (adapted_base_params, check_target_modules, half_rank,
-                               keep_adapter_inputs_in_autocast_dtype, lora_layer_activations)
+                               keep_adapter_inputs_in_autocast_dtype, lora_layer_activations,
+                               fuse_plain_lora_layers)
 
 ADAPTER = "default"
 MERGES_FILE = "merges.safetensors"
@@ -102,6 +103,7 @@ class PloraMethod(Method):
                                                  lora_dropout=opts.dropout, target_modules=opts.target_modules))
         if run.precision != "fp32":
             keep_adapter_inputs_in_autocast_dtype(model)
+        fuse_plain_lora_layers(model)
         return model
 
     def lr_scale(self, opts, step):
