@@ -3,11 +3,14 @@ and each way of computing the output head's loss.
 
     .venv/bin/python benchmarks/train_step.py [--threads 1] [--steps 6] [--rounds 2]
     .venv/bin/python benchmarks/train_step.py --attention packed --head fused logits --rounds 3
+    .venv/bin/python benchmarks/train_step.py --attention packed --lora-layers fused peft --rounds 3
 
 The step is rayft's own (`token_losses`, backward, AdamW) on SmolLM2-135M-Instruct with LoRA
 r=16 all-linear, on 4 packed rows of the demo task (cutoff 256), in the precision that
 `precision: auto` picks here. `--head fused` is rayft's head returning the summed loss chunk by
-chunk (train/head_loss.py); `--head logits` is the full logits followed by cross-entropy. Each
+chunk (train/head_loss.py); `--head logits` is the full logits followed by cross-entropy.
+`--lora-layers fused` is rayft's plain LoRA layer (the adapter's output added in one addmm:
+methods/lora.py), `peft` peft's own forward. Each
 round times every combination in turn (the first step of each is a warm-up and not counted)
 and prints real tokens/s; `--profile` adds the top operators of one step.
 """
@@ -56,11 +59,15 @@ def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
-def time_steps(attention: str, head: str, model_dir: Path, data: list[dict], precision: str, profile: bool) -> float:
+def time_steps(attention: str, head: str, lora_layers: str, model_dir: Path, data: list[dict], precision: str,
+               profile: bool) -> float:
     from rayft.train import loop
 
     loop.fused_head_loss_applies = FUSED_HEAD_APPLIES if head == "fused" else (lambda *args: False)
     model, optimizer = lora_model_and_optimizer(model_dir, attention, precision)
+    if lora_layers == "peft":
+        for module in model.modules():
+            vars(module).pop("forward", None)  # rayft binds its fused forward per layer
 
     def step(batch):
         loss, tokens = token_losses(model, batch, precision)
@@ -89,6 +96,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attention", nargs="+", default=["sdpa", "eager", "packed"])
     parser.add_argument("--head", nargs="+", choices=["fused", "logits"], default=["fused"])
+    parser.add_argument("--lora-layers", nargs="+", choices=["fused", "peft"], default=["fused"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -100,8 +108,11 @@ def main() -> None:
     for index in range(args.rounds):
         for attention in args.attention:
             for head in args.head:
-                rate = time_steps(attention, head, model_dir, data, precision, args.profile and index == 0)
-                print(f"round {index + 1} attention {attention:6s} head {head:6s} {rate:7.1f} real tokens/s", flush=True)
+                for lora_layers in args.lora_layers:
+                    rate = time_steps(attention, head, lora_layers, model_dir, data, precision,
+                                      args.profile and index == 0)
+                    print(f"round {index + 1} attention {attention:6s} head {head:6s} lora layers {lora_layers:5s} "
+                          f"{rate:7.1f} real tokens/s", flush=True)
 
 
 if __name__ == "__main__":
