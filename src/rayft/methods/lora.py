@@ -142,18 +142,17 @@ def fuse_plain_lora_layers(model) -> None:
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    from peft.tuners.lora.layer import Linear
-
+    peft_forward = type(self).forward  # bound only to peft's own lora.Linear (fuse_plain_lora_layers)
     adapters = self.active_adapters
     adapter = adapters[0] if len(adapters) == 1 else None
     if not (adapter is not None and adapter in self.lora_A and adapter not in self.lora_variant
             and not self.disable_adapters and not self.merged and not args and not kwargs):
-        return Linear.forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     down_layer, up_layer = self.lora_A[adapter], self.lora_B[adapter]
     if (up_layer.bias is not None or hasattr(up_layer.weight, "ds_id")  # ZeRO-3 gathers B only in its own forward
             or not (torch.is_autocast_enabled(x.device.type)
                     or x.dtype == down_layer.weight.dtype == self.base_layer.weight.dtype)):
-        return Linear.forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     down = down_layer(self.lora_dropout[adapter](x))
     fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
