@@ -147,3 +147,45 @@ def test_fused_lora_layers_compute_what_peft_computes(tiny_model, precision):
     peft_error, fused_error = error(run(fused=False, autocast=True)[0]), error(run(fused=True, autocast=True)[0])
     assert fused_error[0] < 0.02  # the logits (the gradients' bf16 errors are 2-5% on either path)
     assert sum(fused_error) <= 1.05 * sum(peft_error), (fused_error, peft_error)
+
+
+def test_lora_stores_frozen_weights_that_bf16_holds_in_bf16_and_computes_the_same(tiny_model, tmp_path):
+    """Under bf16, LoRA keeps the frozen linear weights of a bf16 checkpoint in bf16 (autocast
+    then casts none of them per forward). The loss and every gradient are bit for bit those of
+    the same model with its fp32 weights; the tied embeddings/head and an fp32-only checkpoint's
+    weights stay fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.methods import Run
+
+    bf16_checkpoint = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16_checkpoint)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(bf16_checkpoint)
+    ids = torch.randint(0, 1000, (2, 12))
+    method = MethodConfig(type="lora", lora={"dropout": 0.0})
+
+    def step(model):
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return [loss.detach(), *[p.grad for p in model.parameters() if p.requires_grad]]
+
+    torch.manual_seed(1)  # LoRA's A starts random
+    stored = load_for_training(bf16_checkpoint, method, CPU, run=Run(precision="bf16"))
+    frozen = {name: p.dtype for name, p in stored.named_parameters() if not p.requires_grad}
+    linear = {name: dtype for name, dtype in frozen.items() if "base_layer" in name and name.endswith("weight")}
+    assert len(linear) == 7 * stored.config.num_hidden_layers and set(linear.values()) == {torch.bfloat16}
+    assert {dtype for name, dtype in frozen.items() if name not in linear} == {torch.float32}  # norms, embeddings
+    assert stored.get_output_embeddings().weight.dtype == torch.float32  # tied to the embeddings
+    torch.manual_seed(1)
+    reference = load_for_training(bf16_checkpoint, method, CPU, run=Run(precision="fp32"))
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    for ours, theirs in zip(step(stored), step(reference)):
+        assert torch.equal(ours, theirs)
+
+    not_exact = load_for_training(tiny_model, method, CPU, run=Run(precision="bf16"))  # random fp32 weights
+    assert {p.dtype for p in not_exact.parameters()} == {torch.float32}
