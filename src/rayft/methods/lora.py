@@ -130,7 +130,8 @@ def store_frozen_linear_weights_in(model, dtype: torch.dtype) -> int:
     every one anew (~5% of a one-thread LoRA step of SmolLM2 on CPU; README, Benchmark) and keeps
     the copy for the backward, beside the fp32 original. Every number stays the same: the matmuls
     under autocast get the same bf16 values, and anything else promotes them back exactly. Left
-    alone: trainable weights, quantised ones, ZeRO-3's partitioned ones (ds_id), and a weight
+    alone: trainable weights, quantised ones, ZeRO-3's partitioned ones (ds_id), meta ones (the
+    estimate's model, which counts fp32: an over-estimate for a bf16 checkpoint), and a weight
     that a module other than a linear one also holds (tied embeddings feed the fp32 residual
     stream). Returns how many weights were converted."""
     shared = {id(param) for module in model.modules() if not isinstance(module, torch.nn.Linear)
@@ -139,7 +140,7 @@ def store_frozen_linear_weights_in(model, dtype: torch.dtype) -> int:
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (type(module) is not torch.nn.Linear or weight is None or weight.requires_grad
-                or weight.dtype != torch.float32 or hasattr(weight, "ds_id") or id(weight) in shared):
+                or weight.dtype != torch.float32 or weight.is_meta or hasattr(weight, "ds_id") or id(weight) in shared):
             continue
         stored = weight.detach().to(dtype)
         if torch.equal(stored.to(weight.dtype), weight.detach()):
