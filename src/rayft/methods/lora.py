@@ -124,31 +124,6 @@ def keep_adapter_inputs_in_autocast_dtype(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def store_frozen_linear_weights_in(model, dtype: torch.dtype) -> int:
-    """Frozen linear weights that `dtype` holds exactly (a bf16 checkpoint loaded as fp32) are
-    stored in `dtype`: autocast keeps no copy of a frozen weight, so each forward otherwise casts
-    every one anew (~5% of a one-thread LoRA step of SmolLM2 on CPU; README, Benchmark) and keeps
-    the copy for the backward, beside the fp32 original. Every number stays the same: the matmuls
-    under autocast get the same bf16 values, and anything else promotes them back exactly. Left
-    alone: trainable weights, quantised ones, ZeRO-3's partitioned ones (ds_id), meta ones (the
-    estimate's model, which counts fp32: an over-estimate for a bf16 checkpoint), and a weight
-    that a module other than a linear one also holds (tied embeddings feed the fp32 residual
-    stream). Returns how many weights were converted."""
-    shared = {id(param) for module in model.modules() if not isinstance(module, torch.nn.Linear)
-              for param in module.parameters(recurse=False)}
-    converted = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is not torch.nn.Linear or weight is None or weight.requires_grad
-                or weight.dtype != torch.float32 or weight.is_meta or hasattr(weight, "ds_id") or id(weight) in shared):
-            continue
-        stored = weight.detach().to(dtype)
-        if torch.equal(stored.to(weight.dtype), weight.detach()):
-            weight.data = stored
-            converted += 1
-    return converted
-
-
 def fuse_plain_lora_layers(model) -> None:
     """Plain LoRA layers (peft's `lora.Linear` without a variant such as DoRA) compute
     base(x) + s B(A(x)) as one addmm: the base output plus s (x A^T) B^T, accumulated in the
@@ -232,8 +207,6 @@ class LoraMethod(Method):
                         if opts.init != "gaussian" and ("lora_A" in name or "lora_B" in name)}
         if run.precision != "fp32":
             keep_adapter_inputs_in_autocast_dtype(model)
-        if run.precision == "bf16" and not opts.use_dora:  # (fp16 runs are DeepSpeed's: it halves every weight)
-            store_frozen_linear_weights_in(model, torch.bfloat16)
         fuse_plain_lora_layers(model)
         return model
 
