@@ -746,6 +746,9 @@ def test_hot_swap_while_requests_run(tiny_model, tmp_path):
             second = (await complete("reference")).json()["choices"][0]["text"]
             assert first != second
 
+            # the last response can arrive before its rows have left the worker thread, which would
+            # take the next request in as a joining row (a batch of 1): wait until the worker is idle
+            await asyncio.to_thread(engine.wait_idle)
             engine.batch_wait_s = 60  # the batch starts when both requests below are in: max_batch_size=2
             metrics.armed, metrics.loop = True, asyncio.get_running_loop()
             metrics.seen.clear()
