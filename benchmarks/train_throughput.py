@@ -76,7 +76,7 @@ def lora_flops_per_token(model_dir: Path) -> float:
     return 4.0 * (layers * per_layer + h * cfg.vocab_size)
 
 
-def run_rayft(data_path: Path, work: Path, args) -> dict:  # rayft's own defaults where not set here
+def run_rayft(data_path: Path, work: Path, args, compile_layers: bool = False) -> dict:  # rayft's defaults where not set
     import ray
 
     from rayft.train.runner import run_training
@@ -87,7 +87,8 @@ def run_rayft(data_path: Path, work: Path, args) -> dict:  # rayft's own default
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "data": {"train": str(data_path), "cutoff_len": args.cutoff, "packing": True, "val_size": 0.05},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4,
-                  "eval_steps": 10_000, "save_steps": 10_000, "precision": args.precision},
+                  "eval_steps": 10_000, "save_steps": 10_000, "precision": args.precision,
+                  "compile": compile_layers},
         "distributed": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "zero_stage": 2},
         "tracking": {"mlflow_uri": f"sqlite:///{work / 'mlflow.db'}"},
     })
@@ -154,6 +155,9 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="torch threads per worker follow it")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="default: what rayft's precision=auto picks here (bf16 where the CPU has native bf16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run rayft with train.compile (compiled decoder layers) in every round; the "
+                             "baselines stay as they are")
     parser.add_argument("--baselines", nargs="+", choices=["hf", "lf"], default=["hf", "lf"],
                         help="hf: plain Trainer + peft, padding; lf: LLaMA-Factory, neat packing")
     args = parser.parse_args()
@@ -187,6 +191,12 @@ def main() -> None:
                 tokens_per_sample["llamafactory_base_dtype"] = lf["base_dtype"]
             rayft = run_rayft(data_path, work / f"round{index}", args)["tokens_per_s"]
             result["rayft_tokens_per_s"] = round(rayft, 1)
+            if args.compile:
+                compiled = run_rayft(data_path, work / f"round{index}-compiled", args, compile_layers=True)
+                result["rayft_compiled_tokens_per_s"] = round(compiled["tokens_per_s"], 1)
+                result["compiled_over_plain"] = round(compiled["tokens_per_s"] / rayft, 2)
+                if "lf" in args.baselines:
+                    result["ratio_lf_compiled"] = round(compiled["tokens_per_s"] / result["llamafactory_tokens_per_s"], 2)
             if "hf" in args.baselines:
                 result["ratio_hf"] = round(rayft / result["hf_trainer_tokens_per_s"], 2)
             if "lf" in args.baselines:
@@ -200,10 +210,13 @@ def main() -> None:
         return statistics.median(r[key] for r in rounds)
 
     summary = {"rounds": rounds}
-    for key in ("ratio_hf", "ratio_lf", "hf_trainer_tokens_per_s", "llamafactory_tokens_per_s", "rayft_tokens_per_s"):
+    for key in ("ratio_hf", "ratio_lf", "hf_trainer_tokens_per_s", "llamafactory_tokens_per_s", "rayft_tokens_per_s",
+                "rayft_compiled_tokens_per_s", "compiled_over_plain", "ratio_lf_compiled"):
         if key in rounds[0]:
             summary[f"median_{key}"] = median(key)
     summary["rayft_mfu"] = round(median("rayft_tokens_per_s") * flops_per_token / peak, 3)
+    if args.compile:
+        summary["rayft_compiled_mfu"] = round(median("rayft_compiled_tokens_per_s") * flops_per_token / peak, 3)
     if "lf" in args.baselines:
         summary["llamafactory_mfu"] = round(median("llamafactory_tokens_per_s") * flops_per_token / peak, 3)
     summary.update({"matmul_peak_gflops": round(peak / 1e9, 1), "real_tokens_per_sample": tokens_per_sample,

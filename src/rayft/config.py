@@ -299,6 +299,9 @@ class TrainConfig(Strict):
     # auto: on only where `rayft estimate` predicts the run does not fit its device without it and
     # fits with it (decided before the workers start; stays off for a method that refuses it)
     gradient_checkpointing: Union[bool, Literal["auto"]] = False
+    # torch.compile each decoder layer (models/loading.py): a faster step once compiled, the first
+    # steps slower by the compilation (~15-35 s per worker on this project's CPUs). Not under ZeRO-3.
+    compile: bool = False
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
@@ -383,6 +386,12 @@ class TrainJobConfig(Strict):
             raise ValueError(f"train.gradient_checkpointing: method.type={self.method.type} cannot run with it "
                              f"({method.checkpointing_refusal})")
         method.check_job(self.method.options, self)  # ZeRO stage, offload, precision
+        if self.train.compile and self.distributed.zero_stage == 3:
+            raise ValueError("train.compile: not with distributed.zero_stage=3 (its hooks gather each layer's "
+                             "parameters inside the forward, which a compiled layer would trace)")
+        if self.train.compile and method.compile_refusal:
+            raise ValueError(f"train.compile: method.type={self.method.type} cannot run with it "
+                             f"({method.compile_refusal})")
         ewc = self.train.ewc
         if ewc and ewc.set not in self.data.eval_sets:
             raise ValueError(f"train.ewc.set: {ewc.set!r} is not one of data.eval_sets "

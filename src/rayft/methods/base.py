@@ -67,6 +67,8 @@ class Method:
     mergeable: bool = False
     # Why train.gradient_checkpointing cannot run with this method ("": it can)
     checkpointing_refusal: str = ""
+    # Why train.compile cannot run with this method ("": it can)
+    compile_refusal: str = ""
     # Does the model compute exactly what the base does before the first step? (Then the policy at
     # step 0 is a preference stage's reference.) Soft prompts and AdapterFusion do not.
     equals_base_at_init: bool = True

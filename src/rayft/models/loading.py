@@ -45,6 +45,23 @@ def load_for_training(model_dir: str | Path, method_cfg: MethodConfig, device: t
     return method.apply(method_cfg.options, model, run or Run())
 
 
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (train.compile); returns how many.
+
+    The unit is the layer, not the model: the layers share one code object, so one graph (with
+    the token count dynamic) serves them all, where a whole-model graph would be traced per row
+    width and per batch's packed layout. Inside, inductor fuses what eager runs as separate
+    passes over the activations: RMSNorm, RoPE, SwiGLU, the residual adds and autocast's casts.
+    rayft's packed attention runs eager within it (train/attention.py: its layout is data).
+    The first steps pay the compilation (seconds to a minute on a CPU; cached on disk after)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def load_on_meta(model_dir: str | Path):
     """The model's structure without its weights: for config checks on the driver."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -88,6 +88,7 @@ def _causal_attention(q, k, v, scaling: float, dropout: float, training: bool) -
     return out.reshape(segments, kv_heads, groups, length, -1)
 
 
+@torch.compiler.disable  # the layout is data (a list of buckets): a compiled layer calls this eagerly
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              packed_layout: PackedLayout | None = None, position_ids=None, **kwargs):
     """The transformers attention interface: query (B, H, T, D), key/value (B, KVH, T, D) ->

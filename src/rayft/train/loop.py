@@ -356,7 +356,7 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from rayft.methods import Run, get_method
-    from rayft.models.loading import count_parameters, load_for_training
+    from rayft.models.loading import compile_decoder_layers, count_parameters, load_for_training
     from rayft.train.deepspeed_config import deepspeed_config, skip_the_inference_comm_build
 
     skip_the_inference_comm_build()
@@ -377,6 +377,8 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
     method, opts = get_method(cfg.method.type), cfg.method.options
     model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention,
                               Run(total_steps=plan.total_steps, precision=precision), cfg.train.gradient_checkpointing)
+    if cfg.train.compile:
+        reporter.say(f"[rayft] train.compile: {compile_decoder_layers(model)} decoder layers compile in the first steps")
     trainable_params, total_params = count_parameters(model)
     changed_params = method.changed_base_params(opts, model)
     reporter.say(f"[rayft] {cfg.method.type}: {trainable_params:,} trainable of {total_params:,} parameters "
