@@ -39,6 +39,9 @@ def test_defaults_match_the_documented_contract():
     ({"method": {"lora": {"rank": 4}}}, "unknown key method.lora.rank"),
     ({"method": {"lora": {"target_modules": []}}}, "method.lora.target_modules=[]: names no module; list at least one, or use all-linear"),
     ({"method": {"loraa": {}}}, "unknown key method.loraa"),
+    ({"train": {"compile": True}, "distributed": {"zero_stage": 3}}, "train.compile: not with distributed.zero_stage=3"),
+    ({"train": {"compile": True}, "method": {"type": "qlora"}},
+     "train.compile: method.type=qlora cannot run with it (bitsandbytes' 4-bit layers do not compile)"),
 ])
 def test_bad_values_name_the_key_and_value(sections, fragment):
     with pytest.raises(ConfigError) as error:
