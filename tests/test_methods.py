@@ -155,7 +155,8 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model, p
     attention running eager inside them, two samples per packed row, rows of two widths) gives the
     eager step's loss and gradients in fp32. Under bf16 autocast inductor rounds fused
     intermediates (SwiGLU, RoPE) once instead of per op, so against the fp32 computation it is at
-    least as close as the eager bf16 step. Evaluation (no grad) compiles and agrees too."""
+    least as close as the eager bf16 step. Evaluation (no grad) compiles and agrees too, and so
+    does the fp32 step with gradient checkpointing."""
     from transformers import AutoTokenizer
 
     from rayft.data.packing import collate, pack
@@ -175,11 +176,12 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model, p
     assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]  # the token count varies
     assert (batches[0]["position_ids"] == 0).sum() > batches[0]["input_ids"].shape[0]  # packed rows
 
-    def run(compiled: bool, step_precision: str):
+    def run(compiled: bool, step_precision: str, checkpointing: bool = False):
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
-        model = load_for_training(tiny_model, MethodConfig(type="lora", lora={"dropout": 0.0}), CPU)
+        model = load_for_training(tiny_model, MethodConfig(type="lora", lora={"dropout": 0.0}), CPU,
+                                  gradient_checkpointing=checkpointing)
         assert model.config._attn_implementation == ATTENTION_NAME
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -201,8 +203,9 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model, p
 
     exact = run(compiled=False, step_precision="fp32")
     if precision == "fp32":
-        for a, b in zip(run(compiled=True, step_precision="fp32"), exact):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for checkpointing in (False, True):  # layers recomputed in the backward: compiled there too
+            for a, b in zip(run(compiled=True, step_precision="fp32", checkpointing=checkpointing), exact):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         return
 
     def error(values):  # relative to the fp32 computation, per tensor
