@@ -300,7 +300,7 @@ class TrainConfig(Strict):
     # fits with it (decided before the workers start; stays off for a method that refuses it)
     gradient_checkpointing: Union[bool, Literal["auto"]] = False
     # torch.compile each decoder layer (models/loading.py): a faster step once compiled, the first
-    # steps slower by the compilation (~15-35 s per worker on this project's CPUs). Not under ZeRO-3.
+    # step slower by the compilation (~13 s warm, ~30 s cold per worker on this project's CPUs). Not under ZeRO-3.
     compile: bool = False
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(50, gt=0)
