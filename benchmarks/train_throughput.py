@@ -97,7 +97,7 @@ def run_rayft(data_path: Path, work: Path, args, compile_layers: bool = False) -
     # and the last logging window's (5 steps): the speed once any compilation is done
     import mlflow
 
-    history = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_metric_history(
+    history = mlflow.MlflowClient(cfg.tracking.mlflow_uri).get_metric_history(
         metrics["mlflow_run_id"], "tokens_per_s")
     last = max(history, key=lambda m: m.step).value
     return {"tokens_per_s": metrics["tokens_per_s"], "last_window_tokens_per_s": last, "steps": metrics["steps"]}

@@ -157,12 +157,11 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model, p
     intermediates (SwiGLU, RoPE) once instead of per op, so against the fp32 computation it is at
     least as close as the eager bf16 step. Evaluation (no grad) compiles and agrees too, and so
     does the fp32 step with gradient checkpointing."""
+    from torch._dynamo.utils import counters
     from transformers import AutoTokenizer
 
     from rayft.data.packing import collate, pack
     from rayft.data.tokenize import tokenize_conversation
-    from torch._dynamo.utils import counters
-
     from rayft.models.loading import compile_decoder_layers
     from rayft.train.attention import ATTENTION_NAME
     from rayft.train.loop import token_losses

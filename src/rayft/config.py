@@ -386,12 +386,13 @@ class TrainJobConfig(Strict):
             raise ValueError(f"train.gradient_checkpointing: method.type={self.method.type} cannot run with it "
                              f"({method.checkpointing_refusal})")
         method.check_job(self.method.options, self)  # ZeRO stage, offload, precision
-        if self.train.compile and self.distributed.zero_stage == 3:
-            raise ValueError("train.compile: not with distributed.zero_stage=3 (its hooks gather each layer's "
-                             "parameters inside the forward, which a compiled layer would trace)")
-        if self.train.compile and method.compile_refusal:
-            raise ValueError(f"train.compile: method.type={self.method.type} cannot run with it "
-                             f"({method.compile_refusal})")
+        if self.train.compile:
+            if self.distributed.zero_stage == 3:
+                raise ValueError("train.compile: not with distributed.zero_stage=3 (its hooks gather each layer's "
+                                 "parameters inside the forward, which a compiled layer would trace)")
+            if method.compile_refusal:
+                raise ValueError(f"train.compile: method.type={self.method.type} cannot run with it "
+                                 f"({method.compile_refusal})")
         ewc = self.train.ewc
         if ewc and ewc.set not in self.data.eval_sets:
             raise ValueError(f"train.ewc.set: {ewc.set!r} is not one of data.eval_sets "
