@@ -62,11 +62,17 @@ def train_in_process(tmp_path, tiny_model, alpaca_file, **sections):
     return cfg, run_training(cfg)
 
 
-# LoRA under ZeRO-3 is the CLI run below; LoRA under ZeRO-2 runs in the jobs and service tests
-@pytest.mark.parametrize("method, zero_stage", [("full", 3), ("freeze", 2), ("qlora", 2)])
-def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny_model, alpaca_file, method, zero_stage):
+# LoRA under ZeRO-3 is the CLI run below; LoRA under ZeRO-2 runs in the jobs and service tests.
+# train.compile's run: its evaluations run the compiled layers, its reload the eager ones.
+@pytest.mark.parametrize("method, zero_stage, compiled", [("full", 3, False), ("freeze", 2, False), ("qlora", 2, False),
+                                                          ("lora", 2, True)])
+def test_method_under_zero_trains_and_reloads_to_the_same_numbers(tmp_path, tiny_model, alpaca_file, capfd, method,
+                                                                   zero_stage, compiled):
     cfg, metrics = train_in_process(tmp_path, tiny_model, alpaca_file, method={"type": method},
-                                    distributed={"zero_stage": zero_stage, "zero3_persistence_threshold": 0})
+                                    distributed={"zero_stage": zero_stage, "zero3_persistence_threshold": 0},
+                                    train={"compile": compiled})
+    compile_lines = [line for line in capfd.readouterr().err.splitlines() if "train.compile:" in line]  # the console
+    assert compile_lines == (["[rayft] train.compile: 2 decoder layers compile in the first steps"] if compiled else [])
     out = Path(cfg.output_dir)
     assert metrics["steps"] == 6 and metrics["eval_loss"] < metrics["eval_loss_before"]
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
