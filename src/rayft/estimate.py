@@ -4,8 +4,10 @@ The model is built on the meta device from its config (fp32, as models/loading.p
 training) and the method applied to it by the method's own apply(), so the parameter counts are
 exact. The rest follows what rayft's step does on each rank (train/loop.py), term by term:
 
-- weights as stored (fp32; a quantising method's bytes per weight; halves under fp16), sharded by
-  ZeRO-3 above its persistence threshold, plus the parameters ZeRO-3 holds gathered;
+- weights as stored (fp32; a quantising method's bytes per weight; halves under fp16; the frozen
+  linear weights in the compute dtype where the method stores them so and the checkpoint holds
+  them exactly), sharded by ZeRO-3 above its persistence threshold, plus the parameters ZeRO-3
+  holds gathered;
 - gradients (trainable parameters only, fp32), optimizer states (AdamW: two fp32 moments;
   paged AdamW 8-bit: two bytes plus block scales) and DeepSpeed's fp32 master copy (ZeRO 1-3),
   each sharded as the ZeRO stage shards it, and DeepSpeed's gradient buckets at the sizes of
@@ -121,6 +123,9 @@ class ModelFacts:
     final_norm_trains: bool
     checkpoint_bytes: int = 0  # the model directory's safetensors files
     checkpoint_dtype: str = ""  # as its config states it ("float32", "bfloat16", ...)
+    # the checkpoint's linear weights are bf16 values (a bf16 model saved as fp32 too): read from
+    # one of them, as apply() cannot check values on the meta device
+    linear_weights_exact_in_bf16: bool = False
 
 
 def _decoder_layers(model, count: int) -> torch.nn.ModuleList:
@@ -158,7 +163,8 @@ def model_facts(cfg: TrainJobConfig, model_dir: str | Path, precision: str, tota
     method = copy.copy(get_method(cfg.method.type))
     try:
         with torch.device("meta"):
-            model = method.apply(cfg.method.options, model, Run(total_steps=total_steps, precision=precision))
+            model = method.apply(cfg.method.options, model, Run(total_steps=total_steps, precision=precision,
+                                                                 zero_stage=cfg.distributed.zero_stage))
     except (NotImplementedError, RuntimeError) as exc:
         raise RayftError(f"method.type={cfg.method.type}: cannot be applied on the meta device to estimate "
                          f"({type(exc).__name__}: {exc})") from None
@@ -194,7 +200,23 @@ def model_facts(cfg: TrainJobConfig, model_dir: str | Path, precision: str, tota
                       base_params=base_params, upstream_trains=upstream, head_trains=head.requires_grad,
                       final_norm_trains=any(p.requires_grad for p in final_norm),
                       checkpoint_bytes=sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
-                      checkpoint_dtype=str(dtype or "").replace("torch.", ""))
+                      checkpoint_dtype=str(dtype or "").replace("torch.", ""),
+                      linear_weights_exact_in_bf16=_linear_weight_exact_in_bf16(model_dir))
+
+
+def _linear_weight_exact_in_bf16(model_dir: str | Path) -> bool:
+    """Whether the checkpoint's first decoder-layer linear weight (a 2-d `...layers.N....weight`)
+    holds bf16 values: a sample that stands for all of them (a model is saved in one dtype)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as checkpoint:
+            for name in checkpoint.keys():
+                if re.search(r"\.layers\.\d+\..*proj\.weight$", name):
+                    weight = checkpoint.get_tensor(name)
+                    if weight.dim() == 2:
+                        return bool(torch.equal(weight.to(torch.bfloat16).to(weight.dtype), weight))
+    return False
 
 
 # ---------------------------------------------------------------- the estimate
@@ -276,7 +298,7 @@ class _Step:
     """The memory of one rank's step for one config: the pieces the phases add up."""
 
     def __init__(self, cfg: TrainJobConfig, facts: ModelFacts, device: Device, checkpointing: bool):
-        from rayft.methods import get_method
+        from rayft.methods import Run, get_method
         from rayft.objectives import get_objective
 
         self.cfg, self.facts, self.device = cfg, facts, device
@@ -295,6 +317,10 @@ class _Step:
         # DeepSpeed's fp16 mode halves every weight; otherwise they stay fp32 (bf16 runs under autocast)
         self.weight_bytes = 2 if self.precision == "fp16" else 4
         self.quantized = self.method.quantized_weight_bytes(self.opts)
+        # frozen base linear weights the method keeps in the compute dtype (no autocast copies)
+        stored = self.method.frozen_linear_dtype(self.opts, Run(precision=self.precision, zero_stage=self.stage))
+        self.frozen_linear_bytes = (self.c if stored is not None and stored.itemsize == self.c
+                                    and facts.linear_weights_exact_in_bf16 and not self.quantized else None)
         self.rows = cfg.train.micro_batch_size
         self.sequences = self.objective.sequences_per_row
         self.sequence_len = cfg.data.cutoff_len + self.method.virtual_tokens(self.opts)
@@ -313,8 +339,12 @@ class _Step:
         first = next((i for i, layer in enumerate(layers) if layer.trainable), len(layers))
         return layers[first:]
 
-    def param_bytes(self, numel: int, base_linear: bool) -> float:
-        return numel * (self.quantized if base_linear and self.quantized else self.weight_bytes)
+    def param_bytes(self, numel: int, base_linear: bool, trains: bool = False) -> float:
+        if base_linear and self.quantized:
+            return numel * self.quantized
+        if base_linear and not trains and self.frozen_linear_bytes:
+            return numel * self.frozen_linear_bytes
+        return numel * self.weight_bytes
 
     def sharded(self, numel: int) -> bool:
         return self.stage == 3 and numel > self.zero.param_persistence_threshold
@@ -322,8 +352,8 @@ class _Step:
     def weights(self) -> float:
         """This rank's share of the weights as stored (ZeRO-3: a 1/world shard of each big one)."""
         total = 0.0
-        for numel, _, base_linear in self.facts.params:
-            size = self.param_bytes(numel, base_linear)
+        for numel, trains, base_linear in self.facts.params:
+            size = self.param_bytes(numel, base_linear, trains)
             total += size / self.world if self.sharded(numel) else size
         return total
 
@@ -334,12 +364,12 @@ class _Step:
         apart, so the last max_reuse_distance / 2 elements stay gathered at the turn."""
         if self.stage != 3 or self.world == 1:
             return 0.0  # at world size 1 a shard is the whole parameter: nothing to gather
-        sharded = [(n, base) for n, _, base in self.facts.params if self.sharded(n)]
-        elements = sum(n for n, _ in sharded)
+        sharded = [(n, base, trains) for n, trains, base in self.facts.params if self.sharded(n)]
+        elements = sum(n for n, _, _ in sharded)
         if not elements:
             return 0.0
-        kept = min(elements, self.zero.max_reuse_distance / 2 + max(n for n, _ in sharded))
-        return kept * sum(self.param_bytes(n, b) for n, b in sharded) / elements
+        kept = min(elements, self.zero.max_reuse_distance / 2 + max(n for n, _, _ in sharded))
+        return kept * sum(self.param_bytes(n, b, t) for n, b, t in sharded) / elements
 
     def trainable(self) -> int:
         return self.facts.trainable_params
@@ -443,8 +473,9 @@ class _Step:
         else:  # the linears keep each normalisation's output itself
             kept += len({name in layer.attention_side for name in readers}) * t * h * residual
         if self.casts_weights() and not self.zero3_linear():
-            # each weight's compute-dtype copy, for the input's gradient (a trainable one is also cached)
-            kept += c * sum(i * o for i, o, _ in layer.linears.values())
+            # each weight's compute-dtype copy, for the input's gradient (a trainable one is also
+            # cached); none of a frozen weight stored in the compute dtype
+            kept += c * sum(i * o for i, o, trains in layer.linears.values() if trains or not self.frozen_linear_bytes)
         kept += self.attention_kept()
         down_reads = any(name in OUTPUT_PROJECTIONS and name not in layer.attention_side and (trains or name in reads)
                          for name, (_, _, trains) in layer.linears.items())
@@ -602,11 +633,12 @@ class _Step:
         and a mapped file counts as allocated (torch.profiler reports it so; its pages are resident
         once read, and the loader reads them all). Weights loaded in the file's own dtype are views
         of the map; weights converted or quantised are built beside it, until the map is released
-        (methods/qlora.py). On a GPU the map is in host memory: nothing on the device."""
+        (models/loading.py release_checkpoint_map). On a GPU the map is in host memory: nothing on the device."""
         if self.device.kind != "cpu" or not self.facts.checkpoint_bytes:
             return 0.0
-        if self.quantized:  # 4-bit linear weights and fp32 copies of the rest; the adapters come after
-            built = sum(self.param_bytes(numel, linear) for numel, trains, linear in self.facts.params if not trains)
+        if self.quantized or (self.frozen_linear_bytes and self.facts.checkpoint_dtype == "float32"):
+            # 4-bit (or bf16) linear weights and fp32 copies of the rest; the adapters come after
+            built = sum(self.param_bytes(numel, linear, trains) for numel, trains, linear in self.facts.params if not trains)
         elif self.facts.checkpoint_dtype == "float32":
             built = 0.0  # loaded in fp32, as stored: the weights are the map
         else:
@@ -617,6 +649,8 @@ class _Step:
         parts = ["fp16" if self.weight_bytes == 2 else "fp32"]
         if self.quantized:
             parts.append(f"linear weights {self.quantized:.3g} bytes each")
+        if self.frozen_linear_bytes:
+            parts.append(f"frozen linear weights {self.frozen_linear_bytes:g} bytes each")
         if self.stage == 3:
             parts.append(f"sharded / {self.world} above {self.zero.param_persistence_threshold:,} elements")
         return ", ".join(parts)

@@ -207,7 +207,8 @@ def _measure(cfg: TrainJobConfig, model_dir, steps: int, device: torch.device, o
     objective = get_objective(cfg.stage)
     with (CudaCount(device) if on_gpu else CpuCount()) as count:
         model = load_for_training(model_dir, cfg.method, device, cfg.train.attention,
-                                  Run(total_steps=max(steps, 10), precision=precision), cfg.train.gradient_checkpointing)
+                                  Run(total_steps=max(steps, 10), precision=precision, zero_stage=cfg.distributed.zero_stage),
+                                  cfg.train.gradient_checkpointing)
         count.mark("loaded")
         optimizer = build_optimizer(model, cfg, on_gpu)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1, on_gpu),

@@ -25,6 +25,7 @@ class Run:
     """What a method may need to know of the run it joins."""
     total_steps: int = 1
     precision: str = "fp32"  # resolved: bf16 | fp16 | fp32
+    zero_stage: int = 0
 
 
 class NoOptions(Strict):
@@ -158,6 +159,11 @@ class Method:
         """Bytes per element of the base's linear weights (the output head excepted) as this method
         loads them, quantisation state included; None: they stay in the loaded dtype. A quantised
         weight is dequantised for each use and not kept for the backward pass."""
+        return None
+
+    def frozen_linear_dtype(self, opts, run) -> Optional[torch.dtype]:
+        """The dtype in which apply() stores each frozen linear weight of the base (the output head
+        excepted) that this dtype holds exactly; None: they stay in the loaded dtype."""
         return None
 
     def smaller(self, opts) -> Optional[tuple[str, dict]]:

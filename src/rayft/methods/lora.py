@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from rayft.config import Strict
 from rayft.errors import ConfigError
 from rayft.methods.base import Method, Preset, host_copy, register
+from rayft.models.loading import release_checkpoint_map
 
 
 class LoraOptions(Strict):
@@ -124,6 +125,34 @@ def keep_adapter_inputs_in_autocast_dtype(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def store_frozen_linear_weights_in(model, dtype: torch.dtype) -> int:
+    """Frozen linear weights that `dtype` holds exactly (a bf16 checkpoint loaded as fp32) are
+    stored in `dtype`: autocast keeps no copy of a frozen weight, so each forward otherwise casts
+    every one anew (~5% of a one-thread LoRA step of SmolLM2 on CPU; README, Benchmark) and keeps
+    the copy for the backward, beside the fp32 original. Every number stays the same: the matmuls
+    under autocast get the same bf16 values, and anything else promotes them back exactly. Left
+    alone: trainable weights, quantised ones, meta ones (the estimate's model: it predicts the
+    outcome from the checkpoint, estimate.py), the output head, and a weight that a module other
+    than a linear one also holds (tied embeddings feed the fp32 residual stream). Returns how many
+    weights were converted."""
+    head = model.get_output_embeddings()
+    shared = {id(param) for module in model.modules() if not isinstance(module, torch.nn.Linear)
+              for param in module.parameters(recurse=False)}
+    converted = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (type(module) is not torch.nn.Linear or module is head or weight is None or weight.requires_grad
+                or weight.dtype != torch.float32 or weight.is_meta or id(weight) in shared):
+            continue
+        stored = weight.detach().to(dtype)
+        if torch.equal(stored.to(weight.dtype), weight.detach()):
+            weight.data = stored
+            converted += 1
+    if converted:  # the fp32 originals were views of the checkpoint file: let it go
+        release_checkpoint_map(model, keep=lambda tensor: tensor.dtype == dtype or tensor.requires_grad)
+    return converted
+
+
 def fuse_plain_lora_layers(model) -> None:
     """Plain LoRA layers (peft's `lora.Linear` without a variant such as DoRA) compute
     base(x) + s B(A(x)) as one addmm: the base output plus s (x A^T) B^T, accumulated in the
@@ -207,8 +236,19 @@ class LoraMethod(Method):
                         if opts.init != "gaussian" and ("lora_A" in name or "lora_B" in name)}
         if run.precision != "fp32":
             keep_adapter_inputs_in_autocast_dtype(model)
+        stored = self.frozen_linear_dtype(opts, run)
+        if stored is not None:
+            store_frozen_linear_weights_in(model, stored)
         fuse_plain_lora_layers(model)
         return model
+
+    def frozen_linear_dtype(self, opts, run):
+        # Under bf16 autocast only. fp16 runs are DeepSpeed's (it halves every weight itself);
+        # DoRA's weight norm reads the base weight in its stored dtype; ZeRO-3 would partition
+        # bf16 and fp32 parameters together, which has not been run.
+        if run.precision == "bf16" and not opts.use_dora and run.zero_stage != 3:
+            return torch.bfloat16
+        return None
 
     def param_groups(self, opts, model, lr):
         if opts.plus_lr_ratio is None:

@@ -8,6 +8,7 @@ import torch
 
 from rayft.methods.base import register
 from rayft.methods.lora import LoraMethod, LoraOptions
+from rayft.models.loading import release_checkpoint_map
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,28 +58,14 @@ class QloraMethod(LoraMethod):
         absmax = 1 + 4 / 256 if opts.double_quant else 4
         return 0.5 + absmax / 64
 
+    def frozen_linear_dtype(self, opts, run):
+        return None  # the base's linear weights are bitsandbytes' 4-bit ones
+
     def apply(self, opts, model, run):
+        from bitsandbytes.nn import Params4bit
         from peft import prepare_model_for_kbit_training
 
-        release_checkpoint_map(model)
+        release_checkpoint_map(model, keep=lambda tensor: isinstance(tensor, Params4bit))  # the 4-bit weights are new
         # Norms to fp32 and input grads on; checkpointing stays the trainer's choice.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return super().apply(opts, model, run)
-
-
-def release_checkpoint_map(model) -> None:
-    """Copy the parameters left on the CPU unquantised (embeddings, norms, the head).
-
-    transformers loads a CPU model from a memory map of its safetensors file, and a tensor it
-    keeps in the file's dtype stays a view of that map; one such view keeps the whole file mapped,
-    and the loader has read every page of it to quantise the linear weights. So the process would
-    hold the file (4 bytes per weight of an fp32 checkpoint) beside the 4-bit copies: 407 MiB for
-    SmolLM2-135M. Once these few tensors are copies, the map is released. On a GPU they are
-    copies already (moved off the file), so nothing here runs there.
-    """
-    from bitsandbytes.nn import Params4bit
-
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:  # tied weights are listed once: they stay tied
-            if tensor.device.type == "cpu" and not isinstance(tensor, Params4bit):
-                tensor.data = tensor.data.clone()

@@ -375,8 +375,9 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
     train_rows, val_rows = RowFile(data.train_file), RowFile(data.val_file)
     plan = StepPlan.build(cfg.train, batches_per_epoch(len(train_rows), world, cfg.train.micro_batch_size))
     method, opts = get_method(cfg.method.type), cfg.method.options
-    model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention,
-                              Run(total_steps=plan.total_steps, precision=precision), cfg.train.gradient_checkpointing)
+    run = Run(total_steps=plan.total_steps, precision=precision, zero_stage=cfg.distributed.zero_stage)
+    model = load_for_training(loop_config["model_dir"], cfg.method, device, cfg.train.attention, run,
+                              cfg.train.gradient_checkpointing)
     if cfg.train.compile:
         reporter.say(f"[rayft] train.compile: {compile_decoder_layers(model)} decoder layers compile in the first steps")
     trainable_params, total_params = count_parameters(model)
