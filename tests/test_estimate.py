@@ -105,40 +105,38 @@ def test_qlora_weights_count_half_a_byte_each_plus_their_quantisation_state(tmp_
 
 
 def test_lora_under_bf16_counts_the_frozen_linear_weights_it_stores_in_bf16(tmp_path, tiny_model):
-    """A checkpoint of bf16 values saved as fp32 (as SmolLM2's converted one is): under bf16 LoRA
-    stores its frozen linear weights in bf16 (methods/lora.py), and the estimate, which cannot see
-    values on the meta device, reads one weight from the file to know it. Its weights term equals
-    the loaded model's tensors' bytes, with bf16 storage and without it (ZeRO-3, or a checkpoint
-    of other values)."""
+    """Under bf16 LoRA stores its frozen linear weights in bf16 (methods/lora.py) and lets the
+    checkpoint's memory map go. The estimate's weights term equals the loaded model's tensors'
+    bytes with that storage and without it (ZeRO-3, fp32), and its loading moment is the file
+    plus what was built beside it."""
+    import shutil
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayft.config import MethodConfig
     from rayft.methods import Run
     from rayft.models.loading import load_for_training
 
-    bf16_values = tmp_path / "bf16-values"
-    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).float().save_pretrained(bf16_values)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(bf16_values)
+    private = shutil.copytree(tiny_model, tmp_path / "model")  # a file no other test's model maps
     block = {"type": "lora", "lora": {"r": 8, "dropout": 0.0}}
-    for model_dir, zero, stored_in_bf16 in [(bf16_values, 2, True), (bf16_values, 3, False), (tiny_model, 2, False)]:
-        model = load_for_training(model_dir, MethodConfig.model_validate(block), torch.device("cpu"),
-                                  run=Run(precision="bf16", zero_stage=zero))
-        assert (torch.bfloat16 in {p.dtype for p in model.parameters()}) == stored_in_bf16, (model_dir, zero)
+    for precision, zero, in_bf16 in [("bf16", 2, True), ("bf16", 3, False), ("fp32", 2, False)]:
+        model = load_for_training(private, MethodConfig.model_validate(block), torch.device("cpu"),
+                                  run=Run(precision=precision, zero_stage=zero))
+        assert (torch.bfloat16 in {p.dtype for p in model.parameters()}) == in_bf16, (precision, zero)
         stored = sum(p.untyped_storage().nbytes() for p in model.parameters())
-        raw = base_config(tmp_path, model_dir, tmp_path / "unused.jsonl", method=block,
-                          train={"precision": "bf16"}, distributed={"num_workers": 1, "zero_stage": zero})
-        result = predicted(raw, model_dir)
-        weights = next(term for term in result.terms if term.name == "weights")
-        assert weights.bytes["forward"] == pytest.approx(stored, rel=0.01), (model_dir, zero)
-        assert ("frozen linear weights 2 bytes each" in weights.note) == stored_in_bf16
-        # with bf16 storage none of its tensors views the checkpoint file: the map is released
-        mapped = str(model_dir / "model.safetensors") in Path("/proc/self/maps").read_text()
-        assert mapped != stored_in_bf16, (model_dir, zero)
-        if stored_in_bf16:
-            loading = next(term for term in result.terms if term.name == "checkpoint, loading").bytes["loading"]
-            adapters = 4 * result.trainable_params  # made after loading, by the method
-            assert loading == pytest.approx((model_dir / "model.safetensors").stat().st_size + stored - adapters)
+        raw = base_config(tmp_path, private, tmp_path / "unused.jsonl", method=block,
+                          train={"precision": precision}, distributed={"num_workers": 1, "zero_stage": zero})
+        result = predicted(raw, private)
+        terms = {term.name: term for term in result.terms}
+        assert terms["weights"].bytes["forward"] == pytest.approx(stored, rel=0.01), (precision, zero)
+        assert ("frozen linear weights 2 bytes each" in terms["weights"].note) == in_bf16
+        # with bf16 storage none of its tensors views the checkpoint file any more
+        file_bytes = (private / "model.safetensors").stat().st_size
+        assert (str(private / "model.safetensors") in Path("/proc/self/maps").read_text()) != in_bf16
+        adapters = 4 * result.trainable_params  # made after loading, by the method
+        loading = terms["checkpoint, loading"].bytes["loading"]
+        assert loading == pytest.approx(file_bytes + (stored - adapters if in_bf16 else 0)), (precision, zero)
+        del model
 
 
 def test_loading_on_cpu_counts_the_mapped_checkpoint_and_what_is_built_beside_it(tmp_path, tiny_model):

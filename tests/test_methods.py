@@ -220,20 +220,18 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model, p
     assert sum(compiled_error) <= 1.05 * sum(eager_error), (compiled_error, eager_error)
 
 
-def test_lora_stores_frozen_weights_that_bf16_holds_in_bf16_and_computes_the_same(tiny_model, tmp_path):
-    """Under bf16, LoRA keeps the frozen linear weights of a bf16 checkpoint in bf16 (autocast
-    then casts none of them per forward). The loss and every gradient are bit for bit those of
-    the same model with its fp32 weights; the tied embeddings/head and an fp32-only checkpoint's
-    weights stay fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_under_bf16_stores_the_frozen_linear_weights_in_bf16_and_computes_the_same(tiny_model, targets):
+    """Under bf16 autocast every use of a frozen linear weight is a matmul that casts it to bf16
+    first, so LoRA stores it in bf16 (autocast then casts none per forward). The loss, every
+    gradient and the base's own output (DPO's reference: the adapter disabled) are bit for bit
+    those of the same model with its fp32 weights (random ones here: not bf16 values), for
+    wrapped and unwrapped linears alike. The tied embeddings/head and the norms stay fp32; an fp32
+    run and a ZeRO-3 run store nothing in bf16."""
     from rayft.methods import Run
 
-    bf16_checkpoint = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16_checkpoint)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(bf16_checkpoint)
-    ids = torch.randint(0, 1000, (2, 12))
-    method = MethodConfig(type="lora", lora={"dropout": 0.0})
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    method = MethodConfig(type="lora", lora={"dropout": 0.0, "target_modules": targets})
 
     def step(model):
         torch.manual_seed(0)
@@ -242,23 +240,23 @@ def test_lora_stores_frozen_weights_that_bf16_holds_in_bf16_and_computes_the_sam
                 param.data.normal_(0, 0.1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            with torch.no_grad(), model.disable_adapter():
+                base = model(input_ids=ids, use_cache=False).logits
         loss.backward()
-        return [loss.detach(), *[p.grad for p in model.parameters() if p.requires_grad]]
+        return [loss.detach(), base, *[p.grad for p in model.parameters() if p.requires_grad]]
 
     torch.manual_seed(1)  # LoRA's A starts random
-    stored = load_for_training(bf16_checkpoint, method, CPU, run=Run(precision="bf16"))
+    stored = load_for_training(tiny_model, method, CPU, run=Run(precision="bf16"))
     frozen = {name: p.dtype for name, p in stored.named_parameters() if not p.requires_grad}
-    linear = {name: dtype for name, dtype in frozen.items() if "base_layer" in name and name.endswith("weight")}
+    linear = {name: dtype for name, dtype in frozen.items() if "proj" in name and name.endswith("weight")}
     assert len(linear) == 7 * stored.config.num_hidden_layers and set(linear.values()) == {torch.bfloat16}
     assert {dtype for name, dtype in frozen.items() if name not in linear} == {torch.float32}  # norms, embeddings
     assert stored.get_output_embeddings().weight.dtype == torch.float32  # tied to the embeddings
     torch.manual_seed(1)
-    reference = load_for_training(bf16_checkpoint, method, CPU, run=Run(precision="fp32"))
+    reference = load_for_training(tiny_model, method, CPU, run=Run(precision="fp32"))
     assert {p.dtype for p in reference.parameters()} == {torch.float32}
     for ours, theirs in zip(step(stored), step(reference)):
         assert torch.equal(ours, theirs)
 
-    not_exact = load_for_training(tiny_model, method, CPU, run=Run(precision="bf16"))  # random fp32 weights
-    assert {p.dtype for p in not_exact.parameters()} == {torch.float32}
-    under_zero3 = load_for_training(bf16_checkpoint, method, CPU, run=Run(precision="bf16", zero_stage=3))
+    under_zero3 = load_for_training(tiny_model, method, CPU, run=Run(precision="bf16", zero_stage=3))
     assert {p.dtype for p in under_zero3.parameters()} == {torch.float32}  # not run with mixed dtypes

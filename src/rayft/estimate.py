@@ -4,10 +4,9 @@ The model is built on the meta device from its config (fp32, as models/loading.p
 training) and the method applied to it by the method's own apply(), so the parameter counts are
 exact. The rest follows what rayft's step does on each rank (train/loop.py), term by term:
 
-- weights as stored (fp32; a quantising method's bytes per weight; halves under fp16; the frozen
-  linear weights in the compute dtype where the method stores them so and the checkpoint holds
-  them exactly), sharded by ZeRO-3 above its persistence threshold, plus the parameters ZeRO-3
-  holds gathered;
+- weights as stored (fp32; a quantising method's bytes per weight; halves under fp16; frozen
+  linear weights in the compute dtype where the method stores them so), sharded by ZeRO-3 above
+  its persistence threshold, plus the parameters ZeRO-3 holds gathered;
 - gradients (trainable parameters only, fp32), optimizer states (AdamW: two fp32 moments;
   paged AdamW 8-bit: two bytes plus block scales) and DeepSpeed's fp32 master copy (ZeRO 1-3),
   each sharded as the ZeRO stage shards it, and DeepSpeed's gradient buckets at the sizes of
@@ -123,9 +122,6 @@ class ModelFacts:
     final_norm_trains: bool
     checkpoint_bytes: int = 0  # the model directory's safetensors files
     checkpoint_dtype: str = ""  # as its config states it ("float32", "bfloat16", ...)
-    # the checkpoint's linear weights are bf16 values (a bf16 model saved as fp32 too): read from
-    # one of them, as apply() cannot check values on the meta device
-    linear_weights_exact_in_bf16: bool = False
 
 
 def _decoder_layers(model, count: int) -> torch.nn.ModuleList:
@@ -200,23 +196,8 @@ def model_facts(cfg: TrainJobConfig, model_dir: str | Path, precision: str, tota
                       base_params=base_params, upstream_trains=upstream, head_trains=head.requires_grad,
                       final_norm_trains=any(p.requires_grad for p in final_norm),
                       checkpoint_bytes=sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")),
-                      checkpoint_dtype=str(dtype or "").replace("torch.", ""),
-                      linear_weights_exact_in_bf16=_linear_weight_exact_in_bf16(model_dir))
+                      checkpoint_dtype=str(dtype or "").replace("torch.", ""))
 
-
-def _linear_weight_exact_in_bf16(model_dir: str | Path) -> bool:
-    """Whether the checkpoint's first decoder-layer linear weight (a 2-d `...layers.N....weight`)
-    holds bf16 values: a sample that stands for all of them (a model is saved in one dtype)."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as checkpoint:
-            for name in checkpoint.keys():
-                if re.search(r"\.layers\.\d+\..*proj\.weight$", name):
-                    weight = checkpoint.get_tensor(name)
-                    if weight.dim() == 2:
-                        return bool(torch.equal(weight.to(torch.bfloat16).to(weight.dtype), weight))
-    return False
 
 
 # ---------------------------------------------------------------- the estimate
@@ -319,8 +300,8 @@ class _Step:
         self.quantized = self.method.quantized_weight_bytes(self.opts)
         # frozen base linear weights the method keeps in the compute dtype (no autocast copies)
         stored = self.method.frozen_linear_dtype(self.opts, Run(precision=self.precision, zero_stage=self.stage))
-        self.frozen_linear_bytes = (self.c if stored is not None and stored.itemsize == self.c
-                                    and facts.linear_weights_exact_in_bf16 and not self.quantized else None)
+        self.frozen_linear_bytes = self.c if stored is not None and stored.itemsize == self.c and not self.quantized \
+            else None
         self.rows = cfg.train.micro_batch_size
         self.sequences = self.objective.sequences_per_row
         self.sequence_len = cfg.data.cutoff_len + self.method.virtual_tokens(self.opts)
@@ -486,8 +467,8 @@ class _Step:
         return kept
 
     def attention_kept(self) -> float:
-        """The attention's kept tensors: queries, keys and values expanded to every head, its
-        output, and the scores where the kernel materialises them."""
+        """The attention's kept tensors: queries, keys and values (expanded to every head but in
+        rayft's packed CPU path), its output, and the scores where the kernel materialises them."""
         from rayft.train import attention as packed
 
         t, h, c = self.tokens, self.hidden, self.c
@@ -496,7 +477,10 @@ class _Step:
         scores = segments * self.heads * self.sequence_len * length
         kind = self.attention_kind()
         if kind == "packed" and self.device.kind == "cpu" and scores <= packed._MATH_MAX_SCORES:
-            return 4 * t * h * c + scores * (4 + c)  # fp32 softmax and its compute-dtype copy
+            # queries and output, keys and values once per key-value head (a group's query heads
+            # share them in one product), the fp32 softmax and its compute-dtype copy
+            kv_share = getattr(self.facts.config, "num_key_value_heads", None) or self.heads
+            return (2 + 2 * kv_share / self.heads) * t * h * c + scores * (4 + c)
         if kind == "eager":
             return 4 * t * h * c + scores * (4 + c) + segments * length * length * c / self.heads
         return 4 * t * h * c + segments * self.heads * self.sequence_len * 4  # fused: log-sum-exp per row

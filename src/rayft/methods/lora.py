@@ -126,28 +126,26 @@ def keep_adapter_inputs_in_autocast_dtype(model) -> None:
 
 
 def store_frozen_linear_weights_in(model, dtype: torch.dtype) -> int:
-    """Frozen linear weights that `dtype` holds exactly (a bf16 checkpoint loaded as fp32) are
-    stored in `dtype`: autocast keeps no copy of a frozen weight, so each forward otherwise casts
-    every one anew (~5% of a one-thread LoRA step of SmolLM2 on CPU; README, Benchmark) and keeps
-    the copy for the backward, beside the fp32 original. Every number stays the same: the matmuls
-    under autocast get the same bf16 values, and anything else promotes them back exactly. Left
-    alone: trainable weights, quantised ones, meta ones (the estimate's model: it predicts the
-    outcome from the checkpoint, estimate.py), the output head, and a weight that a module other
-    than a linear one also holds (tied embeddings feed the fp32 residual stream). Returns how many
-    weights were converted."""
+    """Frozen linear weights (the output head excepted) are stored in `dtype`, autocast's compute
+    dtype: every use of one under autocast is a matmul that casts it to `dtype` first, so the
+    numbers stay the same, bit for bit (tested), where autocast otherwise keeps no copy of a
+    frozen weight and casts every one anew in each forward, keeping the copy for the backward
+    beside the fp32 original. Left alone: trainable weights, quantised ones, meta ones (the
+    estimate's model: estimate.py counts them from the method's frozen_linear_dtype), the output
+    head (rayft's fused head casts it itself), and a weight that a module other than a linear one
+    also holds (tied embeddings feed the fp32 residual stream). Returns how many were converted."""
     head = model.get_output_embeddings()
     shared = {id(param) for module in model.modules() if not isinstance(module, torch.nn.Linear)
               for param in module.parameters(recurse=False)}
     converted = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is not torch.nn.Linear or module is head or weight is None or weight.requires_grad
-                or weight.dtype != torch.float32 or weight.is_meta or id(weight) in shared):
-            continue
-        stored = weight.detach().to(dtype)
-        if torch.equal(stored.to(weight.dtype), weight.detach()):
-            weight.data = stored
-            converted += 1
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (type(module) is torch.nn.Linear and module is not head and weight is not None
+                    and not weight.requires_grad and weight.dtype == torch.float32 and not weight.is_meta
+                    and id(weight) not in shared):
+                weight.data = weight.data.to(dtype)
+                converted += 1
     if converted:  # the fp32 originals were views of the checkpoint file: let it go
         release_checkpoint_map(model, keep=lambda tensor: tensor.dtype == dtype or tensor.requires_grad)
     return converted
@@ -243,9 +241,9 @@ class LoraMethod(Method):
         return model
 
     def frozen_linear_dtype(self, opts, run):
-        # Under bf16 autocast only. fp16 runs are DeepSpeed's (it halves every weight itself);
-        # DoRA's weight norm reads the base weight in its stored dtype; ZeRO-3 would partition
-        # bf16 and fp32 parameters together, which has not been run.
+        # Under bf16 autocast only (~5% of a one-thread CPU step; README, Benchmark). fp16 runs are
+        # DeepSpeed's (it halves every weight itself); DoRA's weight norm reads the base weight
+        # outside a matmul; ZeRO-3 would partition bf16 and fp32 parameters together, not run.
         if run.precision == "bf16" and not opts.use_dora and run.zero_stage != 3:
             return torch.bfloat16
         return None
