@@ -199,7 +199,6 @@ def model_facts(cfg: TrainJobConfig, model_dir: str | Path, precision: str, tota
                       checkpoint_dtype=str(dtype or "").replace("torch.", ""))
 
 
-
 # ---------------------------------------------------------------- the estimate
 PHASES = ("loading", "forward", "backward start", "backward end", "step")
 
@@ -300,8 +299,7 @@ class _Step:
         self.quantized = self.method.quantized_weight_bytes(self.opts)
         # frozen base linear weights the method keeps in the compute dtype (no autocast copies)
         stored = self.method.frozen_linear_dtype(self.opts, Run(precision=self.precision, zero_stage=self.stage))
-        self.frozen_linear_bytes = self.c if stored is not None and stored.itemsize == self.c and not self.quantized \
-            else None
+        self.frozen_linear_bytes = stored.itemsize if stored is not None and not self.quantized else None
         self.rows = cfg.train.micro_batch_size
         self.sequences = self.objective.sequences_per_row
         self.sequence_len = cfg.data.cutoff_len + self.method.virtual_tokens(self.opts)
@@ -617,7 +615,8 @@ class _Step:
         and a mapped file counts as allocated (torch.profiler reports it so; its pages are resident
         once read, and the loader reads them all). Weights loaded in the file's own dtype are views
         of the map; weights converted or quantised are built beside it, until the map is released
-        (models/loading.py release_checkpoint_map). On a GPU the map is in host memory: nothing on the device."""
+        (release_checkpoint_map, models/loading.py). On a GPU the map is in host memory: nothing
+        on the device."""
         if self.device.kind != "cpu" or not self.facts.checkpoint_bytes:
             return 0.0
         if self.quantized or (self.frozen_linear_bytes and self.facts.checkpoint_dtype == "float32"):

@@ -206,8 +206,8 @@ def _measure(cfg: TrainJobConfig, model_dir, steps: int, device: torch.device, o
     method, opts = get_method(cfg.method.type), cfg.method.options
     objective = get_objective(cfg.stage)
     with (CudaCount(device) if on_gpu else CpuCount()) as count:
-        model = load_for_training(model_dir, cfg.method, device, cfg.train.attention,
-                                  Run(total_steps=max(steps, 10), precision=precision, zero_stage=cfg.distributed.zero_stage),
+        run = Run(total_steps=max(steps, 10), precision=precision, zero_stage=cfg.distributed.zero_stage)
+        model = load_for_training(model_dir, cfg.method, device, cfg.train.attention, run,
                                   cfg.train.gradient_checkpointing)
         count.mark("loaded")
         optimizer = build_optimizer(model, cfg, on_gpu)

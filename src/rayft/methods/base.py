@@ -162,8 +162,9 @@ class Method:
         return None
 
     def frozen_linear_dtype(self, opts, run) -> Optional[torch.dtype]:
-        """The dtype in which apply() stores each frozen linear weight of the base (the output head
-        excepted) that this dtype holds exactly; None: they stay in the loaded dtype."""
+        """The dtype in which apply() stores the base's frozen linear weights (the output head
+        excepted), rounded: only where every use of them rounds them to it anyway (a matmul under
+        autocast); None: they stay in the loaded dtype."""
         return None
 
     def smaller(self, opts) -> Optional[tuple[str, dict]]:
