@@ -26,11 +26,12 @@ class Clock(TrainerCallback):
     def __init__(self):
         self.step_start, self.seconds, self.steps = None, 0.0, 0
         self.batches, self.samples, self.widths = [], [], []
-        self.model_dtype = None
+        self.model_dtype = self.attention = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         base = [p for n, p in model.named_parameters() if "lora_" not in n]
         self.model_dtype = str(base[0].dtype) if base else None
+        self.attention = getattr(model.config, "_attn_implementation", None)
 
     def on_step_begin(self, *a, **k):
         self.step_start = time.perf_counter()
@@ -66,7 +67,7 @@ def main() -> None:
         json.dump({"tokens_per_s": tokens / clock.seconds, "steps": clock.steps, "tokens": tokens,
                    "seconds": clock.seconds, "real_tokens_per_row": tokens / rows,
                    "real_tokens_per_sample": tokens / sum(clock.samples[:steps]),
-                   "row_width": max(clock.widths[:steps]), "base_dtype": clock.model_dtype,
+                   "row_width": max(clock.widths[:steps]), "base_dtype": clock.model_dtype, "attention": clock.attention,
                    "threads": torch.get_num_threads()}, f)
 
 

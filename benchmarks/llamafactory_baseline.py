@@ -24,10 +24,24 @@ TORCH_VERSION = "2.13.0"
 VENV = ROOT / ".bench" / "llamafactory" / "venv"
 LF_PYTHON = VENV / "bin" / "python"
 LF_CLI = VENV / "bin" / "llamafactory-cli"
+# A host without registry access (benchmarks/gpu_check.sh) brings LLaMA-Factory as a site folder
+# instead: a Python to run it with, and the folder put first on that Python's path.
+PREPARED_PYTHON, PREPARED_PATH = os.environ.get("RAYFT_BENCH_LF_PYTHON"), os.environ.get("RAYFT_BENCH_LF_PATH")
+
+
+def lf_python() -> str:
+    return PREPARED_PYTHON or str(LF_PYTHON)
 
 
 def ensure_venv(log=print) -> Path:
     """Create LF's venv on first use; afterwards only check it imports and its CLI answers."""
+    if PREPARED_PYTHON:
+        check = subprocess.run([PREPARED_PYTHON, "-c", "import llamafactory; print(llamafactory.__version__)"],
+                               capture_output=True, text=True, env=lf_env())
+        if check.returncode != 0 or check.stdout.strip() != LF_VERSION:
+            raise RuntimeError(f"llamafactory on {PREPARED_PATH} does not import as {LF_VERSION}: "
+                               f"{check.stderr[-2000:]}")
+        return Path(PREPARED_PATH or "")
     marker = VENV / f".ready-{LF_VERSION}"
     if not marker.exists():
         log(f"creating {VENV} (torch=={TORCH_VERSION}, then llamafactory=={LF_VERSION}); this takes minutes")
@@ -77,11 +91,14 @@ def replace_audio_and_vision() -> None:
     (stub / "__init__.py").write_text(TORCHAUDIO_STUB)
 
 
-def lf_env(threads: int | None = None) -> dict:
+def lf_env(threads: int | None = None, device: str = "cpu") -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(DISABLE_VERSION_CHECK="1", CUDA_VISIBLE_DEVICES="", WANDB_DISABLED="true",
+    env.update(DISABLE_VERSION_CHECK="1", WANDB_DISABLED="true",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PATH=f"{VENV / 'bin'}:{env.get('PATH', '')}")
-    if threads:
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if PREPARED_PATH:
+        env["PYTHONPATH"] = PREPARED_PATH
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
@@ -97,7 +114,11 @@ def write_dataset(data_path: Path, dataset_dir: Path) -> str:
 
 
 def lf_arguments(model_dir: Path, dataset_dir: Path, output_dir: Path, args, threads: int) -> dict:
-    """The benchmark's settings in LF's own terms (what a `llamafactory-cli train` YAML holds)."""
+    """The benchmark's settings in LF's own terms (what a `llamafactory-cli train` YAML holds). On a
+    GPU LF is asked for FlashAttention-2 (with neat packing it then runs varlen attention); where
+    the flash-attn package is missing LF says so and keeps sdpa under its block-diagonal 4D mask,
+    and lf_worker.py records which one ran."""
+    on_gpu = getattr(args, "device", "cpu") == "cuda"
     return {
         "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True,
         "finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all",
@@ -108,8 +129,8 @@ def lf_arguments(model_dir: Path, dataset_dir: Path, output_dir: Path, args, thr
         "output_dir": str(output_dir), "overwrite_output_dir": True,
         "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
         "max_steps": args.steps, "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
-        "plot_loss": False, "bf16": args.precision == "bf16", "use_cpu": True, "dataloader_num_workers": 0,
-        "seed": 42,
+        "plot_loss": False, "bf16": args.precision == "bf16", "use_cpu": not on_gpu, "dataloader_num_workers": 0,
+        "seed": 42, **({"flash_attn": "fa2"} if on_gpu else {}),
         "threads": threads,
     }
 
@@ -126,9 +147,9 @@ def run_llamafactory(data_path: Path, model_dir: Path, work: Path, args, threads
     result = work / "lf_result.json"
     log = work / "lf.log"
     with open(log, "w") as out:
-        proc = subprocess.run([str(LF_PYTHON), str(Path(__file__).with_name("lf_worker.py")),
+        proc = subprocess.run([lf_python(), str(Path(__file__).with_name("lf_worker.py")),
                                str(work / "lf_args.json"), str(result)], stdout=out, stderr=subprocess.STDOUT,
-                              env=lf_env(threads), cwd=work)
+                              env=lf_env(threads, getattr(args, "device", "cpu")), cwd=work)
     if proc.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory run failed (exit {proc.returncode}); its log {log}:\n"
                            + log.read_text()[-4000:])

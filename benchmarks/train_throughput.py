@@ -48,8 +48,21 @@ from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
 
 
-def matmul_peak_flops(dtype: torch.dtype, threads: int) -> float:
+def matmul_peak_flops(dtype: torch.dtype, threads: int, device: str = "cpu") -> float:
     """The best of several timings: a peak, not an average over the machine's noise."""
+    if device == "cuda":  # large enough to fill the GPU; timed with CUDA events after a warm-up
+        a, b = (torch.randn(8192, 8192, dtype=dtype, device="cuda") for _ in range(2))
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return 2 * 8192 ** 3 / best
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
@@ -89,7 +102,8 @@ def run_rayft(data_path: Path, work: Path, args, compile_layers: bool = False) -
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "lr": 2e-4,
                   "eval_steps": 10_000, "save_steps": 10_000, "precision": args.precision,
                   "compile": compile_layers},
-        "distributed": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "zero_stage": 2},
+        "distributed": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "zero_stage": 2,
+                        "use_gpu": args.device == "cuda"},
         "tracking": {"mlflow_uri": f"sqlite:///{work / 'mlflow.db'}"},
     })
     metrics = run_training(cfg)  # tokens_per_s: real tokens over step time, every step counted
@@ -142,7 +156,7 @@ def run_hf_baseline(data_path: Path, model_dir: Path, args) -> dict:
         trainer = Trainer(model=model, train_dataset=dataset, data_collator=counting_collator, callbacks=[clock],
                           args=TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch,
                                                  max_steps=args.steps, learning_rate=2e-4, logging_steps=1000,
-                                                 save_strategy="no", report_to=[], use_cpu=True,
+                                                 save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
                                                  bf16=args.precision == "bf16", dataloader_num_workers=0,
                                                  remove_unused_columns=False))
         trainer.train()
@@ -157,7 +171,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda where torch sees a GPU (then one worker per GPU), else cpu")
+    parser.add_argument("--rows", type=int, default=2000, help="training rows (the demo's extraction task)")
+    parser.add_argument("--workers", type=int, help="rayft's Ray Train workers (default: 2 on CPU, 1 per GPU)")
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="torch threads per worker follow it")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="default: what rayft's precision=auto picks here (bf16 where the CPU has native bf16)")
@@ -167,10 +184,13 @@ def main() -> None:
     parser.add_argument("--baselines", nargs="+", choices=["hf", "lf"], default=["hf", "lf"],
                         help="hf: plain Trainer + peft, padding; lf: LLaMA-Factory, neat packing")
     args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.workers is None:
+        args.workers = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.precision is None:
         from rayft.train.loop import resolve_precision
 
-        args.precision = resolve_precision("auto", torch.device("cpu"))
+        args.precision = resolve_precision("auto", torch.device(args.device))
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
     if "lf" in args.baselines:
@@ -178,11 +198,11 @@ def main() -> None:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     # the peak before the rounds and after them (the better of both): a measurement taken while
     # the machine is busy (say, a Ray instance still shutting down) would inflate the MFU
-    peak_before = matmul_peak_flops(dtype, os.cpu_count())
+    peak_before = matmul_peak_flops(dtype, os.cpu_count(), args.device)
     rounds, tokens_per_sample = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data_path = write_demo_data(work / "people.jsonl", n=2000)
+        data_path = write_demo_data(work / "people.jsonl", n=args.rows)
         for index in range(args.rounds):
             result = {}
             if "hf" in args.baselines:
@@ -195,6 +215,7 @@ def main() -> None:
                 tokens_per_sample["llamafactory"] = round(lf["real_tokens_per_sample"], 1)
                 tokens_per_sample["llamafactory_tokens_per_packed_row"] = round(lf["real_tokens_per_row"], 1)
                 tokens_per_sample["llamafactory_base_dtype"] = lf["base_dtype"]
+                tokens_per_sample["llamafactory_attention"] = lf.get("attention")
             plain = run_rayft(data_path, work / f"round{index}", args)
             rayft = plain["tokens_per_s"]
             result["rayft_tokens_per_s"] = round(rayft, 1)
@@ -214,7 +235,7 @@ def main() -> None:
                 result["ratio_lf"] = round(rayft / result["llamafactory_tokens_per_s"], 2)
             rounds.append(result)
             print(f"round {index + 1}: {json.dumps(rounds[-1])}", flush=True)
-    peak = max(peak_before, matmul_peak_flops(dtype, os.cpu_count()))
+    peak = max(peak_before, matmul_peak_flops(dtype, os.cpu_count(), args.device))
     flops_per_token = lora_flops_per_token(model_dir)
 
     def median(key):
@@ -235,7 +256,8 @@ def main() -> None:
     summary.update({"matmul_peak_gflops": round(peak / 1e9, 1), "real_tokens_per_sample": tokens_per_sample,
                     "precision": args.precision, "cutoff": args.cutoff, "batch": args.batch,
                     "workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "steps": args.steps,
-                    "cpus": os.cpu_count()})
+                    "rows": args.rows, "cpus": os.cpu_count(), "device": args.device,
+                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None})
     print(json.dumps(summary, indent=2))
 
 

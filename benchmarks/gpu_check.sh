@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# rayft's GPU checks on a CUDA host without registry access, in one go: tests/test_gpu.py, then
+# benchmarks/train_throughput.py against LLaMA-Factory (neat packing) on the GPU.
+#
+#   .venv/bin/python benchmarks/gpu_bundle.py     # here: packs .device/ (see its docstring)
+#   bash benchmarks/gpu_check.sh [ROUNDS] [STEPS]  # there, in the repository root, with .device/ beside it
+#
+# The host's python3 must hold a CUDA torch (and the image's other packages, gpu_bundle.py says
+# which). Logs go to $OUT (default /tmp/gpu-check). The model is SmolLM2-135M-Instruct's shape
+# and tokenizer with random weights (its weights do not travel): speeds are the real model's,
+# losses are not. Each stage has a time limit, so a stuck stage still leaves the others' logs.
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+ROUNDS=${1:-3}
+STEPS=${2:-100}
+mkdir -p "$OUT"
+start=$(date +%s)
+stage() { echo "=== $1 ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.log"; }
+
+stage "unpack"
+mkdir -p /tmp/rayft-site /tmp/lf-site
+xz -dc -T0 .device/rayft-site.tar.xz | tar -C /tmp/rayft-site -xf - || exit 1
+xz -dc -T0 .device/lf-site.tar.xz | tar -C /tmp/lf-site -xf - || exit 1
+export PYTHONPATH="$PWD/src:/tmp/rayft-site" RAYFT_HOME=/tmp/rayft-home PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+export RAYFT_BENCH_LF_PYTHON=python3 RAYFT_BENCH_LF_PATH=/tmp/lf-site
+
+stage "versions and the model"
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/summary.log" || exit 1
+import subprocess
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import bitsandbytes, deepspeed, mlflow, peft, ray, transformers
+
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0),
+      "| ray", ray.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__,
+      "peft", peft.__version__, "mlflow", mlflow.__version__, "bitsandbytes", bitsandbytes.__version__)
+target = Path("/tmp/rayft-home/models/smollm2-135m-instruct")
+if not (target / "model.safetensors").is_file():
+    staging = target.with_name("smollm2.tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-C", str(staging), "-xJf", ".device/smollm2.tar.xz"], check=True)
+    torch.manual_seed(0)  # SmolLM2's shape, random weights
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(staging), dtype=torch.float32).save_pretrained(staging)
+    staging.rename(target)
+print("model", target, sorted(p.name for p in target.iterdir()))
+EOF
+PYTHONPATH=/tmp/lf-site python3 -c "import llamafactory, transformers, peft; print('llamafactory', llamafactory.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -3 | tee -a "$OUT/summary.log"
+
+stage "tests/test_gpu.py"
+timeout 300 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 240 \
+    > "$OUT/tests.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/summary.log"
+grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.log"
+
+stage "train_throughput: rayft and LLaMA-Factory on the GPU"
+timeout 420 python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
+    --cutoff 2048 --batch 8 --rows 20000 > "$OUT/bench.log" 2>&1
+echo "benchmark exit $?" | tee -a "$OUT/summary.log"
+grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
+find /tmp -maxdepth 4 -name "lf.log" -newer "$OUT/tests.log" 2>/dev/null | head -1 | xargs -r tail -c 20000 > "$OUT/lf_last.log"
+stage "done"

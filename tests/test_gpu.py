@@ -1,0 +1,216 @@
+"""The GPU path, on a CUDA device: packed attention through the flash kernel, the LoRA step, QLoRA
+with CUDA bitsandbytes, serving's mixed batches, and a run through Ray Train on one GPU.
+
+Skipped where torch sees no CUDA device (CI has none): benchmarks/gpu_check.sh runs them on a GPU
+host. RAYFT_GPU_TEST_DEVICE=cpu runs them all on the CPU instead (a rehearsal of the file itself,
+not a GPU check; the flash-only backend is then not forced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayft.config import MethodConfig, parse_config
+from rayft.models.loading import load_for_training
+
+DEVICE = torch.device(os.environ.get("RAYFT_GPU_TEST_DEVICE", "cuda"))
+ON_CUDA = DEVICE.type == "cuda"
+pytestmark = pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(dtype):
+    """rayft's packed attention on the device equals sdpa under the block-diagonal mask computed in
+    float64 on the CPU, forward and gradients: to rounding in fp32; in bf16 within bf16's error,
+    and there it runs on the flash kernel (the only backend allowed)."""
+    from test_attention import Attention, block_diagonal_reference
+
+    from rayft.train.attention import PackedLayout, packed_attention_forward
+
+    torch.manual_seed(0)
+    lengths = [[5, 40, 3, 16, 64, 128], [200, 56]]  # buckets of 16, 64, 128 and 256 slots
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    batch, tokens = position_ids.shape
+    heads, kv_heads, dim = 9, 3, 64  # SmolLM2's grouped-query shape
+    q, k, v = (torch.randn(batch, h, tokens, dim, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    upstream = torch.randn(batch, tokens, heads, dim, dtype=torch.float64)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = block_diagonal_reference(*ref_inputs, position_ids)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_inputs)
+
+    inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    layout = PackedLayout.of(position_ids.to(DEVICE))
+    if dtype == torch.bfloat16 and ON_CUDA:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    else:
+        from contextlib import nullcontext
+
+        context = nullcontext()
+    with context:
+        out, _ = packed_attention_forward(Attention().train(), *inputs, None, scaling=dim ** -0.5,
+                                          packed_layout=layout)
+        grads = torch.autograd.grad((out * upstream.to(DEVICE, dtype)).sum(), inputs)
+    bound = 1e-4 if dtype == torch.float32 else 1e-2
+    assert relative_error(out, ref) < bound
+    for got, want in zip(grads, ref_grads):
+        assert relative_error(got, want) < bound
+
+
+def packed_batches(tokenizer):
+    from rayft.data.packing import collate, pack
+    from rayft.data.tokenize import tokenize_conversation
+
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": "Name a city " * (i + 1)},
+                                                 {"role": "assistant", "content": "Oslo " * (i + 2)}], 256, False)
+               for i in range(6)]
+    rows = list(pack(samples, 96))
+    return [collate(rows[1:3], tokenizer.pad_token_id), collate([rows[0], rows[3]], tokenizer.pad_token_id)]
+
+
+def lora_step(model_dir, device, precision, method=None, run=None):
+    """LoRA's loss and gradients on two packed batches (B given values: it starts at zero)."""
+    from transformers import AutoTokenizer
+
+    from rayft.train.loop import token_losses
+
+    torch.manual_seed(0)
+    model = load_for_training(model_dir, method or MethodConfig(type="lora", lora={"dropout": 0.0}), device, run=run)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    results = []
+    for batch in packed_batches(AutoTokenizer.from_pretrained(model_dir)):
+        model.zero_grad()
+        loss, count = token_losses(model, {k: v.to(device) for k, v in batch.items()}, precision)
+        (loss / count).backward()
+        results += [loss.detach(), *[p.grad.clone() for p in model.parameters() if p.requires_grad]]
+    return model, results
+
+
+def test_lora_step_on_the_device_computes_what_the_cpu_step_computes(tiny_model):
+    """The training step (packed attention, the fused head loss, rayft's fused LoRA layers) on the
+    device: in fp32 the CPU step's loss and gradients; under bf16 autocast within bf16's error of
+    them."""
+    _, cpu = lora_step(tiny_model, torch.device("cpu"), "fp32")
+    _, fp32 = lora_step(tiny_model, DEVICE, "fp32")
+    for got, want in zip(fp32, cpu):
+        assert relative_error(got, want) < 1e-4
+    _, bf16 = lora_step(tiny_model, DEVICE, "bf16")
+    errors = [relative_error(got, want) for got, want in zip(bf16, cpu)]
+    assert errors[0] < 1e-2 and max(errors) < 0.1, errors
+
+
+def test_lora_bf16_storage_computes_the_same_on_the_device(tiny_model):
+    """LoRA under bf16 stores the frozen linear weights in bf16 on the device too, and the step's
+    loss and gradients are bit for bit those with fp32 weights that autocast rounds per use."""
+    from rayft.methods import Run
+
+    stored, ours = lora_step(tiny_model, DEVICE, "bf16", run=Run(precision="bf16"))
+    assert {p.dtype for n, p in stored.named_parameters() if "proj.base_layer.weight" in n} == {torch.bfloat16}
+    _, theirs = lora_step(tiny_model, DEVICE, "bf16", run=Run(precision="fp32"))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_qlora_trains_4bit_layers_on_the_device(tiny_model):
+    """QLoRA on bitsandbytes' CUDA backend: the linear layers hold NF4 weights on the GPU, the step's loss is
+    within 4-bit quantization's error of the fp32 model's, and only the adapter gets gradients."""
+    import bitsandbytes as bnb
+
+    method = MethodConfig(type="qlora", qlora={"dropout": 0.0})
+    model, results = lora_step(tiny_model, DEVICE, "bf16", method=method)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 7 * model.config.num_hidden_layers
+    assert all(m.weight.quant_type == "nf4" and m.weight.device.type == DEVICE.type for m in four_bit)
+    _, exact = lora_step(tiny_model, DEVICE, "fp32")
+    assert abs(results[0].item() - exact[0].item()) / exact[0].item() < 0.05
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in results[1:])
+
+
+def test_serving_mixes_every_kind_on_the_device(tiny_model, tmp_path):
+    """Serving on the device (fp32): LoRA, DoRA, per-module ranks, IA3 and prompt-tuning adapters
+    and the base in one batch give the greedy tokens each gives alone, and each row's next-token
+    logits are peft's own model's on the same device."""
+    from peft import PeftModel
+    from test_serve import PROMPTS, Batches, _prefill_logits, _tokens, every_kind
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayft.models import base_fingerprint
+    from rayft.serve.engine import Engine, GenerationRequest, batched_lora_model, load_base_model
+    from rayft.serve.lora import load_adapter
+    from rayft.serve.validate import BaseShape, check_fits_base, inspect_adapter
+
+    paths = every_kind(tiny_model, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = load_base_model(tiny_model, torch.float32, DEVICE)
+    base = BaseShape.of_model(model, base_fingerprint(tiny_model))
+    lora = batched_lora_model(model, use_kernel=False)  # the stacks: the device path
+    metrics = Batches()
+    engine = Engine(model, lora, [tokenizer.eos_token_id], tokenizer.pad_token_id, metrics=metrics,
+                    max_batch_size=16, batch_wait_ms=50)
+
+    def load(kind, path):
+        spec = inspect_adapter(path, 64, 10**9)
+        check_fits_base(spec, base)
+        return load_adapter(spec, f"t/{kind}@1", torch.float32, DEVICE, engine.backend.layers)
+
+    loaded = {kind: load(kind, path) for kind, path in paths.items()}
+    rows = [(prompt, kind) for prompt in PROMPTS[:2] for kind in [None, *paths]]
+
+    def request(prompt, kind):
+        return GenerationRequest(tokenizer(prompt)["input_ids"], 10, "m", loaded.get(kind))
+
+    solo = [asyncio.run(_tokens(engine, [request(p, k)]))[0] for p, k in rows]
+    metrics.seen.clear()
+    mixed = asyncio.run(_tokens(engine, [request(p, k) for p, k in rows]))
+    assert metrics.seen == [(len(rows), 5)]
+    assert mixed == solo
+    for kind in [None, *paths]:
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model).to(DEVICE)
+        if kind is not None:
+            reference = PeftModel.from_pretrained(reference, paths[kind]).to(DEVICE)
+        ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]], device=DEVICE)
+        with torch.no_grad():
+            expected = reference(input_ids=ids).logits[0, -1]
+        got = _prefill_logits(engine, request(PROMPTS[0], kind))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=str(kind))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_training_on_one_gpu_through_ray_train_reloads_to_the_same_numbers(tmp_path, tiny_model, alpaca_file,
+                                                                           zero_stage):
+    """`run_training` on one GPU worker (Ray Train, NCCL, DeepSpeed ZeRO-2/3; fp32, so the reload
+    on the CPU can be compared): the eval loss falls, the adapter is safetensors, and the adapter reloaded on
+    the CPU evaluates as the GPU run measured it. A bf16 run follows the ZeRO-2 one."""
+    from conftest import base_config
+    from safetensors.torch import load_file
+    from test_train import eval_loss_of, reload_output
+
+    from rayft.train.runner import run_training
+
+    raw = base_config(tmp_path, tiny_model, alpaca_file, distributed={"num_workers": 1, "zero_stage": zero_stage,
+                                                                      "use_gpu": ON_CUDA,
+                                                                      "zero3_persistence_threshold": 0},
+                      tracking={"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    cfg = parse_config(raw)
+    metrics = run_training(cfg)
+    assert metrics["steps"] == 6 and metrics["eval_loss"] < metrics["eval_loss_before"]
+    tensors = load_file(Path(cfg.output_dir) / "adapter" / "adapter_model.safetensors")
+    assert len([k for k in tensors if "lora_B" in k]) == 14 and all(t.numel() > 0 for t in tensors.values())
+    assert eval_loss_of(reload_output(cfg, Path(cfg.output_dir)), cfg) == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    if zero_stage == 2:
+        raw["output_dir"] = str(tmp_path / "bf16")
+        raw["train"]["precision"] = "bf16"
+        bf16 = run_training(parse_config(raw))
+        assert bf16["eval_loss"] < bf16["eval_loss_before"]
