@@ -37,7 +37,7 @@ PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary
 # rayft's closure (pyproject's dependencies, ray[default,train,tune]) less what the host image has
 RAYFT_SITE = [
     "ray==2.60.0", "transformers==5.25.0", "huggingface-hub==2.4.0", "peft==0.21.2", "accelerate==1.16.0",
-    "bitsandbytes==0.50.2", "mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1",
+    "kernels==0.19.1", "bitsandbytes==0.50.2", "mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1",
     "mako==1.4.3", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
     "typing-inspection==0.4.5", "hjson==3.1.0", "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1",
     "referencing==0.37.0", "rpds-py==2026.9.1", "tensorboardx==2.6.5", "cachetools==7.3.3", "cffi==2.1.1",
@@ -53,8 +53,8 @@ RAYFT_SITE = [
     "opencensus==0.11.4", "opencensus-context==0.1.3", "opentelemetry-exporter-prometheus==0.66b2",
     "platformdirs==4.14.9", "proto-plus==1.29.0", "smart-open==9.0.4",
 ]
-# Left out to fit what travels, as nothing the checks run imports them: transformers' optional
-# `kernels` (hub kernels), and ray[default]'s virtualenv and py-spy (runtime-env venvs, profiling).
+# Left out to fit what travels, as nothing the checks run imports them: ray[default]'s virtualenv
+# and py-spy (runtime-env virtual environments, profiling).
 # LLaMA-Factory's training path (the modules lf_worker.py loads), less what the host image has
 LF_SITE = [
     "llamafactory==0.9.5", "transformers==5.6.0", "peft==0.18.1", "trl==0.24.0", "accelerate==1.11.0",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# rayft's GPU checks on a CUDA host without registry access, in one go: tests/test_gpu.py, then
-# benchmarks/train_throughput.py against LLaMA-Factory (neat packing) on the GPU.
+# rayft's GPU checks on a CUDA host without registry access, in one go: benchmarks/train_throughput.py
+# against LLaMA-Factory (neat packing) on the GPU, then tests/test_gpu.py.
 #
 #   .venv/bin/python benchmarks/gpu_bundle.py     # here: packs .device/ (see its docstring)
 #   bash benchmarks/gpu_check.sh [ROUNDS] [STEPS]  # there, in the repository root, with .device/ beside it
@@ -9,7 +9,7 @@
 # which). Logs go to $OUT (default /tmp/gpu-check). The model is SmolLM2-135M-Instruct's shape
 # and tokenizer with random weights (its weights do not travel): speeds are the real model's,
 # losses are not. Each stage has a time limit, so a stuck stage still leaves the others' logs.
-set -u
+set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-check}
 ROUNDS=${1:-3}
 STEPS=${2:-100}
@@ -22,9 +22,10 @@ mkdir -p /tmp/rayft-site /tmp/lf-site
 xz -dc -T0 .device/rayft-site.tar.xz | tar -C /tmp/rayft-site -xf - || exit 1
 xz -dc -T0 .device/lf-site.tar.xz | tar -C /tmp/lf-site -xf - || exit 1
 export PYTHONPATH="$PWD/src:/tmp/rayft-site" RAYFT_HOME=/tmp/rayft-home PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-export RAYFT_BENCH_LF_PYTHON=python3 RAYFT_BENCH_LF_PATH=/tmp/lf-site
+export RAYFT_BENCH_LF_PYTHON=python3 RAYFT_BENCH_LF_PATH=/tmp/lf-site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 stage "versions and the model"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 | tee -a "$OUT/summary.log"
 python3 - <<'EOF' 2>&1 | tee -a "$OUT/summary.log" || exit 1
 import subprocess
 from pathlib import Path
@@ -49,16 +50,15 @@ print("model", target, sorted(p.name for p in target.iterdir()))
 EOF
 PYTHONPATH=/tmp/lf-site python3 -c "import llamafactory, transformers, peft; print('llamafactory', llamafactory.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -3 | tee -a "$OUT/summary.log"
 
+stage "train_throughput: rayft and LLaMA-Factory on the GPU"
+timeout 300 python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
+    --cutoff 2048 --batch 8 --rows 10000 > "$OUT/bench.log" 2>&1
+echo "benchmark exit $?" | tee -a "$OUT/summary.log"
+grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
+
 stage "tests/test_gpu.py"
-timeout 300 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 240 \
+timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 170 \
     > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.log"
 grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.log"
-
-stage "train_throughput: rayft and LLaMA-Factory on the GPU"
-timeout 420 python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
-    --cutoff 2048 --batch 8 --rows 20000 > "$OUT/bench.log" 2>&1
-echo "benchmark exit $?" | tee -a "$OUT/summary.log"
-grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
-find /tmp -maxdepth 4 -name "lf.log" -newer "$OUT/tests.log" 2>/dev/null | head -1 | xargs -r tail -c 20000 > "$OUT/lf_last.log"
 stage "done"

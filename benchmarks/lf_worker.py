@@ -24,7 +24,7 @@ from llamafactory.train.tuner import run_exp
 
 class Clock(TrainerCallback):
     def __init__(self):
-        self.step_start, self.seconds, self.steps = None, 0.0, 0
+        self.step_start, self.seconds, self.steps, self.step_seconds = None, 0.0, 0, []
         self.batches, self.samples, self.widths = [], [], []
         self.model_dtype = self.attention = None
 
@@ -36,8 +36,13 @@ class Clock(TrainerCallback):
     def on_step_begin(self, *a, **k):
         self.step_start = time.perf_counter()
 
-    def on_step_end(self, *a, **k):
-        self.seconds += time.perf_counter() - self.step_start
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and state.global_step >= args.max_steps - 5:
+            # the GPU runs behind the host: the last window's steps (and so the total) end with
+            # their work done, as rayft's do (its loop reads each step's loss back)
+            torch.cuda.synchronize()
+        self.step_seconds.append(time.perf_counter() - self.step_start)
+        self.seconds += self.step_seconds[-1]
         self.steps += 1
 
 
@@ -66,6 +71,7 @@ def main() -> None:
     with open(result_path, "w") as f:
         json.dump({"tokens_per_s": tokens / clock.seconds, "steps": clock.steps, "tokens": tokens,
                    "seconds": clock.seconds, "real_tokens_per_row": tokens / rows,
+                   "last_5_steps_tokens_per_s": sum(clock.batches[steps - 5:steps]) / sum(clock.step_seconds[-5:]),
                    "real_tokens_per_sample": tokens / sum(clock.samples[:steps]),
                    "row_width": max(clock.widths[:steps]), "base_dtype": clock.model_dtype, "attention": clock.attention,
                    "threads": torch.get_num_threads()}, f)

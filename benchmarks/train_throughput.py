@@ -212,6 +212,7 @@ def main() -> None:
             if "lf" in args.baselines:
                 lf = llamafactory_baseline.run_llamafactory(data_path, model_dir, work / f"lf{index}", args)
                 result["llamafactory_tokens_per_s"] = round(lf["tokens_per_s"], 1)
+                result["llamafactory_last_5_steps_tokens_per_s"] = round(lf["last_5_steps_tokens_per_s"], 1)
                 tokens_per_sample["llamafactory"] = round(lf["real_tokens_per_sample"], 1)
                 tokens_per_sample["llamafactory_tokens_per_packed_row"] = round(lf["real_tokens_per_row"], 1)
                 tokens_per_sample["llamafactory_base_dtype"] = lf["base_dtype"]
@@ -233,6 +234,8 @@ def main() -> None:
                 result["ratio_hf"] = round(rayft / result["hf_trainer_tokens_per_s"], 2)
             if "lf" in args.baselines:
                 result["ratio_lf"] = round(rayft / result["llamafactory_tokens_per_s"], 2)
+                result["ratio_lf_last_5_steps"] = round(
+                    plain["last_window_tokens_per_s"] / result["llamafactory_last_5_steps_tokens_per_s"], 2)
             rounds.append(result)
             print(f"round {index + 1}: {json.dumps(rounds[-1])}", flush=True)
     peak = max(peak_before, matmul_peak_flops(dtype, os.cpu_count(), args.device))
@@ -245,7 +248,8 @@ def main() -> None:
     for key in ("ratio_hf", "ratio_lf", "hf_trainer_tokens_per_s", "llamafactory_tokens_per_s", "rayft_tokens_per_s",
                 "rayft_compiled_tokens_per_s", "compiled_over_plain", "ratio_lf_compiled",
                 "rayft_last_5_steps_tokens_per_s", "rayft_compiled_last_5_steps_tokens_per_s",
-                "compiled_over_plain_last_5_steps"):
+                "compiled_over_plain_last_5_steps", "llamafactory_last_5_steps_tokens_per_s",
+                "ratio_lf_last_5_steps"):
         if key in rounds[0]:
             summary[f"median_{key}"] = median(key)
     summary["rayft_mfu"] = round(median("rayft_tokens_per_s") * flops_per_token / peak, 3)
