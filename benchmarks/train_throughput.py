@@ -199,6 +199,8 @@ def main() -> None:
     # the peak before the rounds and after them (the better of both): a measurement taken while
     # the machine is busy (say, a Ray instance still shutting down) would inflate the MFU
     peak_before = matmul_peak_flops(dtype, os.cpu_count(), args.device)
+    print(f"matmul peak before the rounds: {peak_before / 1e9:.1f} GFLOP/s ({args.precision}); model FLOPs per "
+          f"LoRA token: {lora_flops_per_token(model_dir) / 1e9:.3f} G", flush=True)
     rounds, tokens_per_sample = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -29,6 +29,13 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict
         # the same on CPU and GPU; fp16 needs DeepSpeed's dynamic loss scaling (GPU only).
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "bf16": {"enabled": False},
+        # DeepSpeed's engine turns an enclosing CUDA autocast off inside its forward unless its own
+        # torch_autocast section is on (runtime/torch_autocast.py; a CPU autocast it leaves alone):
+        # without this, bf16 jobs computed in fp32 on GPUs, and failed on LoRA's bf16-stored frozen
+        # weights (seen on an H200). No module is listed as safe for bf16 communication, so the
+        # gradients are still all-reduced in fp32.
+        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+           if train.precision == "bf16" else {}),
         # rayft builds the optimizer itself (torch AdamW or bitsandbytes paged AdamW 8-bit).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
