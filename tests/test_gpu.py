@@ -86,7 +86,8 @@ def lora_step(model_dir, device, precision, method=None, run=None):
 
     torch.manual_seed(0)
     model = load_for_training(model_dir, method or MethodConfig(type="lora", lora={"dropout": 0.0}), device, run=run)
-    model.to(device)  # the training loop leaves this to DeepSpeed
+    if any(p.device.type != device.type for p in model.parameters()):
+        model.to(device)  # the training loop leaves this to DeepSpeed (QLoRA's 4-bit layers load there)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.1)
