@@ -106,11 +106,12 @@ def test_lora_step_on_the_device_computes_what_the_cpu_step_computes(tiny_model)
     them."""
     _, cpu = lora_step(tiny_model, torch.device("cpu"), "fp32")
     _, fp32 = lora_step(tiny_model, DEVICE, "fp32")
-    for got, want in zip(fp32, cpu):
-        assert relative_error(got, want) < 1e-4
+    fp32_errors = [relative_error(got, want) for got, want in zip(fp32, cpu)]
     _, bf16 = lora_step(tiny_model, DEVICE, "bf16")
-    errors = [relative_error(got, want) for got, want in zip(bf16, cpu)]
-    assert errors[0] < 1e-2 and max(errors) < 0.1, errors
+    bf16_errors = [relative_error(got, want) for got, want in zip(bf16, cpu)]
+    # every error in the message: this failed once on an H200 with its message cut off
+    assert max(fp32_errors) < 1e-4, (fp32_errors, bf16_errors)
+    assert bf16_errors[0] < 1e-2 and max(bf16_errors) < 0.1, (fp32_errors, bf16_errors)
 
 
 def test_lora_bf16_storage_computes_the_same_on_the_device(tiny_model):

@@ -62,6 +62,37 @@ def train_in_process(tmp_path, tiny_model, alpaca_file, **sections):
     return cfg, run_training(cfg)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_deepspeeds_engine_keeps_the_loss_steps_autocast_on(tmp_path, tiny_model, alpaca_file, monkeypatch,
+                                                            precision):
+    """rayft's bf16 is torch.autocast around the loss step. DeepSpeed's engine forward turns an
+    enclosing CUDA autocast off unless its own torch_autocast section is on: on an H200 bf16 runs
+    computed in fp32 and failed on LoRA's bf16-stored weights. CI has no GPU, so DeepSpeed's
+    context manager runs here with the enclosing autocast reported on, as CUDA's is on a GPU.
+    Under rayft's bf16 config the autocast stays on in bf16 inside it; under the fp32 config
+    (which has no autocast to keep) the engine turns it off, as it did to bf16 runs before."""
+    from types import SimpleNamespace
+
+    import deepspeed.runtime.torch_autocast as ds_autocast
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from rayft.train.deepspeed_config import deepspeed_config
+
+    cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, train={"precision": precision}))
+    ds = DeepSpeedConfig(deepspeed_config(cfg, 1, on_gpu=True))
+    engine = SimpleNamespace(torch_autocast_enabled=lambda: ds.torch_autocast_enabled,
+                             torch_autocast_dtype=lambda: ds.torch_autocast_dtype)
+    if precision == "bf16":  # and no module's gradients are marked for bf16 communication
+        assert ds.torch_autocast_lower_precision_safe_modules == []
+    is_enabled = torch.is_autocast_enabled
+    # DeepSpeed asks without a device, which means CUDA; its one-time log asks torch.distributed
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: is_enabled(*device) if device else True)
+    monkeypatch.setattr(ds_autocast, "_WARNED_NESTED_AUTOCAST", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), ds_autocast.autocast_if_enabled(engine):
+        inside = is_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    assert inside == ((True, torch.bfloat16) if precision == "bf16" else (False, torch.bfloat16))
+
+
 # LoRA under ZeRO-3 is the CLI run below; LoRA under ZeRO-2 runs in the jobs and service tests.
 # train.compile's run: its evaluations run the compiled layers, its reload the eager ones.
 @pytest.mark.parametrize("method, zero_stage, compiled", [("full", 3, False), ("freeze", 2, False), ("qlora", 2, False),
