@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# rayft's GPU checks on a CUDA host without registry access, in one go: benchmarks/train_throughput.py
-# against LLaMA-Factory (neat packing) on the GPU, then tests/test_gpu.py.
+# rayft's GPU checks on a CUDA host without registry access, in one go: rayft's step in one process
+# by attention and head (train_step.py), benchmarks/train_throughput.py against LLaMA-Factory (neat
+# packing), then tests/test_gpu.py. On an H200 (2026-12-04) a throughput round took 2-4 minutes and
+# seven of the eight tests ~140 s: `gpu_check.sh 1 100` fits a 15-minute lease with its start.
 #
 #   .venv/bin/python benchmarks/gpu_bundle.py     # here: packs .device/ (see its docstring)
 #   bash benchmarks/gpu_check.sh [ROUNDS] [STEPS]  # there, in the repository root, with .device/ beside it
@@ -50,6 +52,14 @@ print("model", target, sorted(p.name for p in target.iterdir()))
 EOF
 PYTHONPATH=/tmp/lf-site python3 -c "import llamafactory, transformers, peft; print('llamafactory', llamafactory.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -3 | tee -a "$OUT/summary.log"
 
+stage "train_step: rayft's step in one process, by attention and head (no Ray, no DeepSpeed)"
+timeout 150 python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --steps 10 --rounds 2 \
+    --attention packed sdpa --head fused logits > "$OUT/step.log" 2>&1
+timeout 60 python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --steps 10 --rounds 1 \
+    --attention packed --head fused --host-reads >> "$OUT/step.log" 2>&1
+echo "train_step exit $?" | tee -a "$OUT/summary.log"
+grep -E "^round|^precision|Error" "$OUT/step.log" | tee -a "$OUT/summary.log"
+
 stage "train_throughput: rayft and LLaMA-Factory on the GPU"
 timeout 230 python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
     --cutoff 2048 --batch 8 --rows 6000 > "$OUT/bench.log" 2>&1
@@ -57,7 +67,7 @@ echo "benchmark exit $?" | tee -a "$OUT/summary.log"
 grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
 
 stage "tests/test_gpu.py"
-timeout 150 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 130 \
+timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 150 \
     > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.log"
 grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.log"

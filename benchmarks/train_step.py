@@ -4,10 +4,13 @@ and each way of computing the output head's loss.
     .venv/bin/python benchmarks/train_step.py [--threads 1] [--steps 6] [--rounds 2]
     .venv/bin/python benchmarks/train_step.py --attention packed --head fused logits --rounds 3
     .venv/bin/python benchmarks/train_step.py --attention packed --lora-layers fused peft --rounds 3
+    python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --attention sdpa packed --head fused logits
 
 The step is rayft's own (`token_losses`, backward, AdamW) on SmolLM2-135M-Instruct with LoRA
-r=16 all-linear, on 4 packed rows of the demo task (cutoff 256), in the precision that
-`precision: auto` picks here. `--head fused` is rayft's head returning the summed loss chunk by
+r=16 all-linear, on 4 packed rows of the demo task (cutoff 256; --batch, --cutoff), in the
+precision that `precision: auto` picks on the device (--device cuda: a GPU, each timing ended by a
+synchronize; `--host-reads` reads the loss and its token count back every step, as the training
+loop does for its logging window). `--head fused` is rayft's head returning the summed loss chunk by
 chunk (train/head_loss.py); `--head logits` is the full logits followed by cross-entropy.
 `--lora-layers fused` is rayft's plain LoRA layer (the adapter's output added in one addmm:
 methods/lora.py), `peft` peft's own forward. Each
@@ -43,28 +46,31 @@ def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> l
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_demo_data(Path(tmp) / "people.jsonl", n=40 * count)
+        path = write_demo_data(Path(tmp) / "people.jsonl", n=40 * count * max(1, batch * cutoff // 1024))
         conversations = to_messages(read_records(path), "auto", str(path))
     samples = [tokenize_conversation(tokenizer, m, cutoff, False) for m in conversations]
     rows = list(pack(samples, cutoff))
     return [collate(rows[i:i + batch], tokenizer.pad_token_id) for i in range(0, batch * count, batch)]
 
 
-def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str):
+def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str, device=torch.device("cpu")):
     """SmolLM2 with LoRA r=16 all-linear, prepared as rayft's training loop prepares it, and AdamW
     over the adapter (also used by train_overhead.py)."""
     torch.manual_seed(0)
     model = load_for_training(model_dir, MethodConfig(type="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0}),
-                              torch.device("cpu"), attention, Run(precision=precision))
-    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                              device, attention, Run(precision=precision)).to(device)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                    fused=device.type == "cuda" or None)  # as build_optimizer picks
 
 
 def time_steps(attention: str, head: str, lora_layers: str, model_dir: Path, data: list[dict], precision: str,
-               profile: bool) -> float:
+               profile: bool, device=torch.device("cpu"), host_reads: bool = False) -> float:
     from rayft.train import loop
 
     loop.fused_head_loss_applies = FUSED_HEAD_APPLIES if head == "fused" else (lambda *args: False)
-    model, optimizer = lora_model_and_optimizer(model_dir, attention, precision)
+    model, optimizer = lora_model_and_optimizer(model_dir, attention, precision, device)
+    data = [{k: v.to(device) for k, v in batch.items()} for batch in data]
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if lora_layers == "peft":
         for module in model.modules():
             vars(module).pop("forward", None)  # rayft binds its fused forward per layer
@@ -72,13 +78,17 @@ def time_steps(attention: str, head: str, lora_layers: str, model_dir: Path, dat
     def step(batch):
         loss, tokens = token_losses(model, batch, precision)
         (loss / tokens).backward()
+        if host_reads:
+            loss.item(), tokens.item()
         optimizer.step()
         optimizer.zero_grad()
 
     step(data[0])  # warm-up
+    synchronize()
     start = time.perf_counter()
     for batch in data[1:]:
         step(batch)
+    synchronize()
     seconds = time.perf_counter() - start
     if profile:
         from torch.profiler import profile as torch_profile
@@ -98,19 +108,25 @@ def main() -> None:
     parser.add_argument("--head", nargs="+", choices=["fused", "logits"], default=["fused"])
     parser.add_argument("--lora-layers", nargs="+", choices=["fused", "peft"], default=["fused"])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cutoff", type=int, default=256)
+    parser.add_argument("--host-reads", action="store_true", help="read the loss back every step, as the loop does")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    precision = resolve_precision("auto", torch.device("cpu"))
+    device = torch.device(args.device)
+    precision = resolve_precision("auto", device)
     model_dir = resolve_model_path("smollm2-135m-instruct")
-    data = batches(model_dir, args.steps + 1)
-    print(f"precision {precision}, {args.threads} thread(s), rows {tuple(data[1]['input_ids'].shape)}", flush=True)
+    data = batches(model_dir, args.steps + 1, args.batch, args.cutoff)
+    print(f"precision {precision}, {args.device}, {args.threads} thread(s), rows {tuple(data[1]['input_ids'].shape)}"
+          f"{', host reads' if args.host_reads else ''}", flush=True)
     for index in range(args.rounds):
         for attention in args.attention:
             for head in args.head:
                 for lora_layers in args.lora_layers:
                     rate = time_steps(attention, head, lora_layers, model_dir, data, precision,
-                                      args.profile and index == 0)
+                                      args.profile and index == 0, device, args.host_reads)
                     print(f"round {index + 1} attention {attention:6s} head {head:6s} lora layers {lora_layers:5s} "
                           f"{rate:7.1f} real tokens/s", flush=True)
 
