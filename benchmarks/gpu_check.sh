@@ -2,7 +2,7 @@
 # rayft's GPU checks on a CUDA host without registry access, in one go: rayft's step in one process
 # by attention and head (train_step.py), benchmarks/train_throughput.py against LLaMA-Factory (neat
 # packing), then tests/test_gpu.py. On an H200 (2026-12-04) a throughput round took 2-4 minutes and
-# seven of the eight tests ~140 s: `gpu_check.sh 1 100` fits a 15-minute lease with its start.
+# seven of the eight tests ~140 s: the default, one round of 100 steps, fits a 15-minute lease.
 #
 #   .venv/bin/python benchmarks/gpu_bundle.py     # here: packs .device/ (see its docstring)
 #   bash benchmarks/gpu_check.sh [ROUNDS] [STEPS]  # there, in the repository root, with .device/ beside it
@@ -13,7 +13,7 @@
 # losses are not. Each stage has a time limit, so a stuck stage still leaves the others' logs.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-check}
-ROUNDS=${1:-3}
+ROUNDS=${1:-1}
 STEPS=${2:-100}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -61,7 +61,7 @@ echo "train_step exit $?" | tee -a "$OUT/summary.log"
 grep -E "^round|^precision|Error" "$OUT/step.log" | tee -a "$OUT/summary.log"
 
 stage "train_throughput: rayft and LLaMA-Factory on the GPU"
-timeout 230 python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
+timeout $((40 + 200 * ROUNDS)) python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
     --cutoff 2048 --batch 8 --rows 6000 > "$OUT/bench.log" 2>&1
 echo "benchmark exit $?" | tee -a "$OUT/summary.log"
 grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
