@@ -8,7 +8,6 @@ not a GPU check; the flash-only backend is then not forced).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -146,39 +145,14 @@ def test_serving_mixes_every_kind_on_the_device(tiny_model, tmp_path):
     and the base in one batch give the greedy tokens each gives alone, and each row's next-token
     logits are peft's own model's on the same device."""
     from peft import PeftModel
-    from test_serve import PROMPTS, Batches, _prefill_logits, _tokens, every_kind
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rayft.models import base_fingerprint
-    from rayft.serve.engine import Engine, GenerationRequest, batched_lora_model, load_base_model
-    from rayft.serve.lora import load_adapter
-    from rayft.serve.validate import BaseShape, check_fits_base, inspect_adapter
+    from test_serve import PROMPTS, _engine, _load, _prefill_logits, every_kind, every_kind_mixed_equals_solo
+    from transformers import AutoModelForCausalLM
 
     paths = every_kind(tiny_model, tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = load_base_model(tiny_model, torch.float32, DEVICE)
-    base = BaseShape.of_model(model, base_fingerprint(tiny_model))
-    lora = batched_lora_model(model, use_kernel=False)  # the stacks: the device path
-    metrics = Batches()
-    engine = Engine(model, lora, [tokenizer.eos_token_id], tokenizer.pad_token_id, metrics=metrics,
-                    max_batch_size=16, batch_wait_ms=50)
-
-    def load(kind, path):
-        spec = inspect_adapter(path, 64, 10**9)
-        check_fits_base(spec, base)
-        return load_adapter(spec, f"t/{kind}@1", torch.float32, DEVICE, engine.backend.layers)
-
-    loaded = {kind: load(kind, path) for kind, path in paths.items()}
-    rows = [(prompt, kind) for prompt in PROMPTS[:2] for kind in [None, *paths]]
-
-    def request(prompt, kind):
-        return GenerationRequest(tokenizer(prompt)["input_ids"], 10, "m", loaded.get(kind))
-
-    solo = [asyncio.run(_tokens(engine, [request(p, k)]))[0] for p, k in rows]
-    metrics.seen.clear()
-    mixed = asyncio.run(_tokens(engine, [request(p, k) for p, k in rows]))
-    assert metrics.seen == [(len(rows), 5)]
-    assert mixed == solo
+    # the stacks (use_kernel False): the device path; the C kernel is the CPU's
+    engine, tokenizer, base, metrics = _engine(tiny_model, False, device=DEVICE, max_batch_size=16, batch_wait_ms=50)
+    loaded = {kind: _load(path, base, f"t/{kind}@1", engine, DEVICE) for kind, path in paths.items()}
+    _, _, request = every_kind_mixed_equals_solo(engine, tokenizer, metrics, loaded)
     for kind in [None, *paths]:
         reference = AutoModelForCausalLM.from_pretrained(tiny_model).to(DEVICE)
         if kind is not None:

@@ -62,7 +62,7 @@ def _kernel_available() -> bool:
     return c_compiler() is not None
 
 
-def _engine(model_dir: Path, use_kernel: bool = True, metrics=None, **kwargs):
+def _engine(model_dir: Path, use_kernel: bool = True, metrics=None, device=torch.device("cpu"), **kwargs):
     from transformers import AutoTokenizer
 
     from rayft.models import base_fingerprint
@@ -72,7 +72,7 @@ def _engine(model_dir: Path, use_kernel: bool = True, metrics=None, **kwargs):
     if use_kernel:
         _built_kernel()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_base_model(model_dir, torch.float32, torch.device("cpu"))
+    model = load_base_model(model_dir, torch.float32, device)
     base = BaseShape.of_model(model, base_fingerprint(model_dir))  # before the layers are wrapped
     metrics = metrics or Batches()
     lora = batched_lora_model(model, use_kernel)
@@ -93,13 +93,13 @@ def _built_kernel():
     return kernel
 
 
-def _load(path: Path, base, model_id: str, engine=None):
+def _load(path: Path, base, model_id: str, engine=None, device=torch.device("cpu")):
     from rayft.serve.lora import load_adapter
     from rayft.serve.validate import check_fits_base, inspect_adapter
 
     spec = inspect_adapter(path, 64, 10**9)
     check_fits_base(spec, base)
-    return load_adapter(spec, model_id, torch.float32, torch.device("cpu"), engine and engine.backend.layers)
+    return load_adapter(spec, model_id, torch.float32, device, engine and engine.backend.layers)
 
 
 async def _tokens(engine, requests):
@@ -156,6 +156,24 @@ def every_kind(model_dir: Path, folder: Path) -> dict[str, Path]:
     }
 
 
+def every_kind_mixed_equals_solo(engine, tokenizer, metrics, loaded: dict):
+    """Rows of every loaded adapter and of the base, two prompts each, in one batch: each row's
+    greedy tokens are the ones it gives alone. Returns (rows, their tokens, a request builder)."""
+    from rayft.serve.engine import GenerationRequest
+
+    rows = [(prompt, kind) for prompt in PROMPTS[:2] for kind in [None, *loaded]]
+
+    def request(prompt, kind):
+        return GenerationRequest(tokenizer(prompt)["input_ids"], 10, "m", loaded.get(kind))
+
+    solo = [asyncio.run(_tokens(engine, [request(p, k)]))[0] for p, k in rows]
+    metrics.seen.clear()
+    mixed = asyncio.run(_tokens(engine, [request(p, k) for p, k in rows]))
+    assert metrics.seen == [(len(rows), len(loaded))]  # one batch: every kind of adapter and the base
+    assert mixed == solo
+    return rows, solo, request
+
+
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["cpu-kernel", "per-row-stacks"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # Qwen2's q/k/v biases: DoRA keeps them, IA3 scales them
 def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tmp_path, use_kernel, arch):
@@ -164,8 +182,6 @@ def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tm
     tokens it gives alone, and those are peft's own model's tokens."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from rayft.serve.engine import GenerationRequest
 
     model_dir = tiny_model if arch == "llama" else tiny_qwen2
     paths = every_kind(model_dir, tmp_path)
@@ -176,16 +192,7 @@ def test_every_kind_in_one_batch_equals_solo_and_peft(tiny_model, tiny_qwen2, tm
     assert {kind: a.kind for kind, a in loaded.items()} == {"lora": "lora", "dora": "dora", "ia3": "ia3",
                                                              "rank-pattern": "lora_rank_pattern",
                                                              "prompt-tuning": "prompt_tuning"}
-    rows = [(prompt, kind) for prompt in PROMPTS[:2] for kind in [None, *paths]]
-
-    def request(prompt, kind):
-        return GenerationRequest(tokenizer(prompt)["input_ids"], 10, "m", loaded.get(kind))
-
-    solo = [asyncio.run(_tokens(engine, [request(p, k)]))[0] for p, k in rows]
-    metrics.seen.clear()
-    mixed = asyncio.run(_tokens(engine, [request(p, k) for p, k in rows]))
-    assert metrics.seen == [(len(rows), 5)]  # one batch: five kinds of adapter and the base
-    assert mixed == solo
+    rows, solo, request = every_kind_mixed_equals_solo(engine, tokenizer, metrics, loaded)
     first_logits = {}
     for (prompt, kind), tokens in zip(rows, solo):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
