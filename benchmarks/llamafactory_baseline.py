@@ -99,6 +99,7 @@ def lf_env(threads: int | None = None, device: str = "cpu") -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if PREPARED_PATH:
         env["PYTHONPATH"] = PREPARED_PATH
+    if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
