@@ -19,6 +19,11 @@ Baselines:
   using every core, in its own virtual environment (benchmarks/llamafactory_baseline.py creates
   it under .bench/ on first use; its pins conflict with rayft's).
 
+On a GPU (--device cuda, the default where torch sees one; benchmarks/gpu_check.sh runs it so):
+rayft runs one Ray Train worker per GPU, LLaMA-Factory is asked for FlashAttention-2 (it keeps
+sdpa where the flash-attn package is missing, and the summary says which ran), and the peak is an
+8192^3 matmul timed with CUDA events. Each side's last 5 steps are timed with the GPU's work done.
+
 Real tokens are each side's non-padding tokens of the rows it trains on, counted from its own
 tokenized rows: rayft's packed rows' lengths; the HF collator's attention mask; LLaMA-Factory's
 packed rows' non-zero attention-mask entries (see lf_worker.py). Every step is timed on every
@@ -177,7 +182,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="rayft's Ray Train workers (default: 2 on CPU, 1 per GPU)")
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="torch threads per worker follow it")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
-                        help="default: what rayft's precision=auto picks here (bf16 where the CPU has native bf16)")
+                        help="default: what rayft's precision=auto picks on the device (bf16 where it has native bf16)")
     parser.add_argument("--compile", action="store_true",
                         help="also run rayft with train.compile (compiled decoder layers) in every round; the "
                              "baselines stay as they are")
