@@ -25,6 +25,22 @@ def test_lora_at_init_leaves_outputs_unchanged(tiny_model):
         torch.testing.assert_close(logits(model, ids), logits(base, ids))
 
 
+def test_models_load_without_hub_kernels(tiny_model, monkeypatch):
+    """transformers 5 swaps a loaded model's layers for kernels it downloads from the Hugging Face
+    Hub unless USE_HUB_KERNELS says no (on an H200 without a hub every load then failed at its
+    first forward). Importing rayft says no; a user's own setting is kept."""
+    import importlib
+    import os
+
+    import rayft
+
+    assert os.environ["USE_HUB_KERNELS"] == "NO"
+    assert not load_for_training(tiny_model, MethodConfig(type="lora"), CPU).get_base_model().use_kernels
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    importlib.reload(rayft)
+    assert os.environ["USE_HUB_KERNELS"] == "YES"
+
+
 def test_lora_switches_reach_peft(tiny_model):
     model = load_for_training(tiny_model, MethodConfig(type="lora", lora={"r": 4, "alpha": 8, "use_rslora": True,
                                                                           "use_dora": True}), CPU)
