@@ -67,8 +67,13 @@ echo "benchmark exit $?" | tee -a "$OUT/summary.log"
 grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
 
 stage "tests/test_gpu.py"
-timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 150 \
+# the quick checks first, in their own run, so that their failures are reported even if the Ray
+# Train runs after them hit the time limit (pytest reports failures at the end of a run)
+timeout 60 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 50 -k "not ray_train" \
     > "$OUT/tests.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/summary.log"
+timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 150 -k ray_train \
+    >> "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.log"
 grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/tests.log" | tail -15 | tee -a "$OUT/summary.log"
 # the Ray Train runs' worker logs (pytest keeps its temporary folders): their tracebacks in full
