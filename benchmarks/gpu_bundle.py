@@ -1,7 +1,7 @@
 """Pack what a CUDA host without package-registry access needs to run rayft's GPU checks
 (benchmarks/gpu_check.sh): two Python site folders as .tar.xz and SmolLM2's config and tokenizer.
 
-    .venv/bin/python benchmarks/gpu_bundle.py            # writes .device/ (git-ignored), ~55 MB
+    .venv/bin/python benchmarks/gpu_bundle.py            # writes .device/ (git-ignored), ~59 MiB
 
 The host is expected to hold Python 3.12 with a CUDA torch, numpy, pandas, pyarrow, scipy,
 tokenizers, safetensors and the other packages of the image this was written for (the lent
@@ -104,9 +104,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             site("rayft-site", RAYFT_SITE, [deepspeed_wheel(Path(tmp))])
         site("lf-site", LF_SITE, [])
+    model_dir = resolve_model_path("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODEL_FILES:
-            shutil.copy(resolve_model_path("smollm2-135m-instruct") / name, Path(tmp) / name)
+            shutil.copy(model_dir / name, Path(tmp) / name)
         subprocess.run(f"tar -C {tmp} -cf - . | xz -9 > {OUT / 'smollm2.tar.xz'}", shell=True, check=True)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{OUT}: {total / 2**20:.1f} MiB in all")

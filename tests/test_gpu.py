@@ -66,19 +66,9 @@ def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(dtype):
         assert relative_error(got, want) < bound
 
 
-def packed_batches(tokenizer):
-    from rayft.data.packing import collate, pack
-    from rayft.data.tokenize import tokenize_conversation
-
-    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": "Name a city " * (i + 1)},
-                                                 {"role": "assistant", "content": "Oslo " * (i + 2)}], 256, False)
-               for i in range(6)]
-    rows = list(pack(samples, 96))
-    return [collate(rows[1:3], tokenizer.pad_token_id), collate([rows[0], rows[3]], tokenizer.pad_token_id)]
-
-
 def lora_step(model_dir, device, precision, method=None, run=None):
     """LoRA's loss and gradients on two packed batches (B given values: it starts at zero)."""
+    from tiny import packed_batches
     from transformers import AutoTokenizer
 
     from rayft.train.loop import token_losses

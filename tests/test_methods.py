@@ -177,21 +177,16 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model, p
     intermediates (SwiGLU, RoPE) once instead of per op, so against the fp32 computation it is at
     least as close as the eager bf16 step. Evaluation (no grad) compiles and agrees too, and so
     does the fp32 step with gradient checkpointing."""
+    from tiny import packed_batches
     from torch._dynamo.utils import counters
     from transformers import AutoTokenizer
 
-    from rayft.data.packing import collate, pack
-    from rayft.data.tokenize import tokenize_conversation
     from rayft.models.loading import compile_decoder_layers
     from rayft.train.attention import ATTENTION_NAME
     from rayft.train.loop import token_losses
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": "Name a city " * (i + 1)},
-                                                 {"role": "assistant", "content": "Oslo " * (i + 2)}], 256, False)
-               for i in range(6)]
-    rows = list(pack(samples, 96))
-    batches = [collate(rows[1:3], tokenizer.pad_token_id), collate([rows[0], rows[3]], tokenizer.pad_token_id)]
+    batches = packed_batches(tokenizer)
     assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]  # the token count varies
     assert (batches[0]["position_ids"] == 0).sum() > batches[0]["input_ids"].shape[0]  # packed rows
 

@@ -106,3 +106,14 @@ def build_other_tiny_model(target: Path, vocab_size: int) -> Path:
         LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
     return target
 
+
+def packed_batches(tokenizer) -> list[dict]:
+    """Two batches of packed rows (two short conversations per 96-token row) of different widths."""
+    from rayft.data.packing import collate, pack
+    from rayft.data.tokenize import tokenize_conversation
+
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": "Name a city " * (i + 1)},
+                                                 {"role": "assistant", "content": "Oslo " * (i + 2)}], 256, False)
+               for i in range(6)]
+    rows = list(pack(samples, 96))
+    return [collate(rows[1:3], tokenizer.pad_token_id), collate([rows[0], rows[3]], tokenizer.pad_token_id)]
