@@ -4,13 +4,17 @@ and each way of computing the output head's loss.
     .venv/bin/python benchmarks/train_step.py [--threads 1] [--steps 6] [--rounds 2]
     .venv/bin/python benchmarks/train_step.py --attention packed --head fused logits --rounds 3
     .venv/bin/python benchmarks/train_step.py --attention packed --lora-layers fused peft --rounds 3
-    python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --attention sdpa packed --head fused logits
+    python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --attention packed buckets sdpa --compile
 
 The step is rayft's own (`token_losses`, backward, AdamW) on SmolLM2-135M-Instruct with LoRA
 r=16 all-linear, on 4 packed rows of the demo task (cutoff 256; --batch, --cutoff), in the
 precision that `precision: auto` picks on the device (--device cuda: a GPU, each timing ended by a
 synchronize; `--host-reads` reads the loss and its token count back every step, as the training
-loop does for its logging window). `--head fused` is rayft's head returning the summed loss chunk by
+loop does for its logging window). `--attention packed` is rayft's packed attention as training
+runs it (on a CUDA device in bf16: the flash kernel's variable-length attention), `buckets` the
+same with that kernel switched off (its per-length buckets, as on the CPU), `sdpa` and `eager`
+transformers' own under the block-diagonal mask. `--compile` also times each with the decoder
+layers compiled (train.compile), after a warm-up step that compiles them. `--head fused` is rayft's head returning the summed loss chunk by
 chunk (train/head_loss.py); `--head logits` is the full logits followed by cross-entropy.
 `--lora-layers fused` is rayft's plain LoRA layer (the adapter's output added in one addmm:
 methods/lora.py), `peft` peft's own forward. Each
@@ -37,7 +41,7 @@ from rayft.data.tokenize import tokenize_conversation  # noqa: E402
 from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
 from rayft.methods import Run  # noqa: E402
-from rayft.models.loading import load_for_training  # noqa: E402
+from rayft.models.loading import compile_decoder_layers, load_for_training  # noqa: E402
 from rayft.train.loop import fused_head_loss_applies as FUSED_HEAD_APPLIES, resolve_precision, token_losses  # noqa: E402
 
 
@@ -56,6 +60,10 @@ def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> l
 def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str, device=torch.device("cpu")):
     """SmolLM2 with LoRA r=16 all-linear, prepared as rayft's training loop prepares it, and AdamW
     over the adapter (also used by train_overhead.py)."""
+    from rayft.train import attention as packed
+
+    packed.USE_FLASH_VARLEN = attention != "buckets"
+    attention = "packed" if attention == "buckets" else attention
     torch.manual_seed(0)
     model = load_for_training(model_dir, MethodConfig(type="lora", lora={"r": 16, "alpha": 32, "dropout": 0.0}),
                               device, attention, Run(precision=precision)).to(device)
@@ -64,11 +72,13 @@ def lora_model_and_optimizer(model_dir: Path, attention: str, precision: str, de
 
 
 def time_steps(attention: str, head: str, lora_layers: str, model_dir: Path, data: list[dict], precision: str,
-               profile: bool, device=torch.device("cpu"), host_reads: bool = False) -> float:
+               profile: bool, device=torch.device("cpu"), host_reads: bool = False, compiled: bool = False) -> float:
     from rayft.train import loop
 
     loop.fused_head_loss_applies = FUSED_HEAD_APPLIES if head == "fused" else (lambda *args: False)
     model, optimizer = lora_model_and_optimizer(model_dir, attention, precision, device)
+    if compiled:
+        compile_decoder_layers(model)
     data = [{k: v.to(device) for k, v in batch.items()} for batch in data]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if lora_layers == "peft":
@@ -104,7 +114,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--attention", nargs="+", default=["sdpa", "eager", "packed"])
+    parser.add_argument("--attention", nargs="+", choices=["sdpa", "eager", "packed", "buckets"],
+                        default=["sdpa", "eager", "packed"])
+    parser.add_argument("--compile", action="store_true", help="also time each with the decoder layers compiled")
     parser.add_argument("--head", nargs="+", choices=["fused", "logits"], default=["fused"])
     parser.add_argument("--lora-layers", nargs="+", choices=["fused", "peft"], default=["fused"])
     parser.add_argument("--profile", action="store_true")
@@ -125,10 +137,11 @@ def main() -> None:
         for attention in args.attention:
             for head in args.head:
                 for lora_layers in args.lora_layers:
-                    rate = time_steps(attention, head, lora_layers, model_dir, data, precision,
-                                      args.profile and index == 0, device, args.host_reads)
-                    print(f"round {index + 1} attention {attention:6s} head {head:6s} lora layers {lora_layers:5s} "
-                          f"{rate:7.1f} real tokens/s", flush=True)
+                    for compiled in [False, True] if args.compile else [False]:
+                        rate = time_steps(attention, head, lora_layers, model_dir, data, precision,
+                                          args.profile and index == 0, device, args.host_reads, compiled)
+                        print(f"round {index + 1} attention {attention:7s} head {head:6s} lora layers {lora_layers:5s} "
+                              f"{'compiled ' if compiled else ''}{rate:7.1f} real tokens/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,69 @@ def test_auto_picks_packed_attention_only_where_it_matches_the_model(tmp_path, t
     check_method(cfg, tiny_model)
     with pytest.raises(ConfigError, match="train.attention: packed does not fit model type 'mistral'"):
         check_method(cfg, windowed)
+
+
+def reference_varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size,
+                               enable_gqa):
+    """varlen_attn's documented contract, on the CPU: each sequence of the flattened batch
+    (cu_seq offsets) attends causally to itself alone; a query head h reads key/value head
+    h // (H / H_kv)."""
+    assert window_size == (-1, 0) and enable_gqa and cu_seq_q is cu_seq_k and max_q == max_k
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    for a, b in zip(bounds, bounds[1:]):
+        q, k, v = (x[a:b].transpose(0, 1) for x in (query, key, value))
+        outputs.append(F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0),
+                                                      is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def test_packed_attention_through_the_varlen_kernel_matches_the_block_diagonal_mask(monkeypatch):
+    """The flash varlen path's glue (offsets from the position ids, the flattening and the output's
+    shape), with a CPU stand-in for the CUDA-only kernel; tests/test_gpu.py runs the kernel itself."""
+    import rayft.train.attention as attention
+
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (reference_varlen_attention, None))
+    monkeypatch.setattr(attention, "_flash_varlen_arguments", lambda q, k, scaling, *_: {
+        "scale": scaling, "window_size": (-1, 0), "enable_gqa": True})
+    torch.manual_seed(0)
+    position_ids = torch.tensor([list(range(5)) + list(range(40)) + list(range(3)) + list(range(16)),
+                                 list(range(60)) + list(range(4))])
+    batch, tokens = position_ids.shape
+    heads, kv_heads, dim = 6, 2, 8
+    # as the model hands them over: transposed views of (B, T, H, D) projections
+    q, k, v = (torch.randn(batch, tokens, h, dim).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    layout = PackedLayout.of(position_ids)
+    out, _ = packed_attention_forward(Attention().train(), q, k, v, None, scaling=dim ** -0.5, packed_layout=layout)
+    assert layout.offsets[0].tolist() == [0, 5, 45, 48, 64, 124, 128] and layout.offsets[1] == 60
+    assert "_bucketed" not in vars(layout)  # the buckets are never built on this path
+    ref = block_diagonal_reference(q, k, v, position_ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad((out * upstream).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_this_torchs_varlen_kernel_takes_the_arguments_rayft_passes():
+    """torch's varlen_attn, on meta tensors (its CUDA kernel cannot run here), accepts the causal,
+    scaled, grouped-query call that rayft builds for this torch's signature, forward and backward;
+    and without a CUDA bf16 input rayft does not take that path."""
+    from rayft.train.attention import _flash_varlen_arguments, _varlen_kernel, causal_varlen_arguments
+
+    kernel, names = _varlen_kernel()  # torch >= 2.10, as rayft pins
+    tokens, heads, kv_heads, dim = 40, 9, 3, 64  # SmolLM2's grouped-query shape
+    q, k, v = (torch.empty(tokens, h, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    offsets = torch.tensor([0, 10, 40], dtype=torch.int32, device="meta")
+    out = kernel(q, k, v, offsets, offsets, 30, 30, **causal_varlen_arguments(names, dim ** -0.5, dim, grouped=True))
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape, k.shape, v.shape]
+    # older signatures: torch 2.10 took is_causal and no scale
+    assert causal_varlen_arguments(frozenset({"is_causal"}), dim ** -0.5, dim, grouped=True) == {"is_causal": True}
+    assert causal_varlen_arguments(frozenset({"is_causal"}), 0.1, dim, grouped=True) is None
+    cpu = torch.randn(1, heads, 4, dim, dtype=torch.bfloat16)
+    assert _flash_varlen_arguments(cpu, cpu[:, :kv_heads], dim ** -0.5, 0.0, True) is None

@@ -162,6 +162,25 @@ def test_loading_on_cpu_counts_the_mapped_checkpoint_and_what_is_built_beside_it
     assert not any(on_gpu["checkpoint, loading"].bytes.values())
 
 
+def test_packed_attention_on_a_gpu_in_bf16_keeps_its_keys_and_values_unexpanded(tmp_path, tiny_model):
+    """On a GPU in bf16 the packed attention is the flash kernel's varlen attention, which reads
+    the keys and values in their key-value heads: per layer it keeps 2 (1 - kv_heads / heads)
+    tokens x hidden compute-dtype elements less than sdpa, which expands them to every head."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    cuda = Device("cuda", 80 * GiB)
+
+    def kept(attention: str) -> float:
+        raw = config_of(tmp_path, tiny_model, train={"precision": "bf16", "attention": attention, "micro_batch_size": 2})
+        return next(t for t in predicted(raw, tiny_model, cuda).terms if t.name == "activations").bytes["forward"]
+
+    tokens = 2 * 128
+    expected = (config.num_hidden_layers * 2 * (1 - config.num_key_value_heads / config.num_attention_heads)
+                * tokens * config.hidden_size * 2)
+    assert config.num_key_value_heads < config.num_attention_heads and kept("sdpa") - kept("packed") == pytest.approx(expected)
+
+
 def test_parse_device():
     assert parse_device("cuda:80GB") == Device("cuda", 80 * GiB)
     assert parse_device("cpu:24GiB") == Device("cpu", 24 * GiB)

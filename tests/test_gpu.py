@@ -26,15 +26,18 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(dtype):
+@pytest.mark.parametrize("dtype,varlen", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(monkeypatch, dtype, varlen):
     """rayft's packed attention on the device equals sdpa under the block-diagonal mask computed in
     float64 on the CPU, forward and gradients: to rounding in fp32; in bf16 within bf16's error,
-    and there it runs on the flash kernel (the only backend allowed)."""
+    through the flash kernel's variable-length attention (varlen; on CUDA it must take that path)
+    and through the buckets with the flash sdpa kernel as the only backend allowed."""
     from test_attention import Attention, block_diagonal_reference
 
+    import rayft.train.attention as attention
     from rayft.train.attention import PackedLayout, packed_attention_forward
 
+    monkeypatch.setattr(attention, "USE_FLASH_VARLEN", varlen)
     torch.manual_seed(0)
     lengths = [[5, 40, 3, 16, 64, 128], [200, 56]]  # buckets of 16, 64, 128 and 256 slots
     position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
@@ -46,9 +49,12 @@ def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(dtype):
     ref = block_diagonal_reference(*ref_inputs, position_ids)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_inputs)
 
-    inputs = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    # as the model hands them over: transposed views of (B, T, H, D) projections
+    inputs = [t.transpose(1, 2).contiguous().to(DEVICE, dtype).transpose(1, 2).requires_grad_() for t in (q, k, v)]
     layout = PackedLayout.of(position_ids.to(DEVICE))
-    if dtype == torch.bfloat16 and ON_CUDA:
+    if varlen and ON_CUDA:
+        assert attention._flash_varlen_arguments(inputs[0], inputs[1], dim ** -0.5, 0.0, True) is not None
+    if dtype == torch.bfloat16 and ON_CUDA and not varlen:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         context = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
@@ -61,6 +67,7 @@ def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(dtype):
                                           packed_layout=layout)
         grads = torch.autograd.grad((out * upstream.to(DEVICE, dtype)).sum(), inputs)
     bound = 1e-4 if dtype == torch.float32 else 1e-2
+    assert ("_bucketed" in vars(layout)) == (not (varlen and ON_CUDA))  # which path ran
     assert relative_error(out, ref) < bound
     for got, want in zip(grads, ref_grads):
         assert relative_error(got, want) < bound

@@ -466,7 +466,8 @@ class _Step:
 
     def attention_kept(self) -> float:
         """The attention's kept tensors: queries, keys and values (expanded to every head but in
-        rayft's packed CPU path), its output, and the scores where the kernel materialises them."""
+        rayft's packed paths: on the CPU, and the varlen kernel on a GPU in half precision), its
+        output, and the scores where the kernel materialises them."""
         from rayft.train import attention as packed
 
         t, h, c = self.tokens, self.hidden, self.c
@@ -474,11 +475,15 @@ class _Step:
         length = self.sequence_len + self._kv_prefix()
         scores = segments * self.heads * self.sequence_len * length
         kind = self.attention_kind()
+        kv_share = getattr(self.facts.config, "num_key_value_heads", None) or self.heads
         if kind == "packed" and self.device.kind == "cpu" and scores <= packed._MATH_MAX_SCORES:
             # queries and output, keys and values once per key-value head (a group's query heads
             # share them in one product), the fp32 softmax and its compute-dtype copy
-            kv_share = getattr(self.facts.config, "num_key_value_heads", None) or self.heads
             return (2 + 2 * kv_share / self.heads) * t * h * c + scores * (4 + c)
+        if kind == "packed" and self.device.kind == "cuda" and c == 2:
+            # the flash kernel's varlen attention: queries, output, keys and values unexpanded, and
+            # its log-sum-exp per row and head
+            return (2 + 2 * kv_share / self.heads) * t * h * c + segments * self.heads * self.sequence_len * 4
         if kind == "eager":
             return 4 * t * h * c + scores * (4 + c) + segments * length * length * c / self.heads
         return 4 * t * h * c + segments * self.heads * self.sequence_len * 4  # fused: log-sum-exp per row

@@ -3,8 +3,12 @@
 Stock attention runs a packed row of T tokens as one T x T problem under a block-diagonal mask:
 the work and memory grow with T^2 though each sample only needs its own L^2, and on CPU the
 masked sdpa kernel is slow (its backward took a quarter of a SmolLM2 LoRA step; see README).
-Here the samples of a batch are gathered into buckets of similar length, each bucket runs one
-plain causal attention, and the outputs are put back in place. No mask is built at all.
+Here each packed sample attends only to itself, and no mask is built at all:
+- on a CUDA device in bf16 or fp16, one call of the flash kernel's variable-length attention
+  (torch.nn.attention.varlen, torch >= 2.10) takes every sample of the batch by its offsets, as
+  flash-attn's varlen function does for LLaMA-Factory's neat packing;
+- elsewhere (the CPU, fp32, attention dropout) the samples are gathered into buckets of similar
+  length, each bucket runs one plain causal attention, and the outputs are put back in place.
 
 The layout (which token goes where) depends only on the batch's position ids: it is built once
 per batch (`PackedLayout.of`) and handed to every layer through the model's keyword arguments.
@@ -12,7 +16,10 @@ per batch (`PackedLayout.of`) and handed to every layer through the model's keyw
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,9 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3",
 # matmul-softmax-matmul (on CPU ~4x faster than the fused kernel at these sizes); a bigger one
 # runs the fused kernel, which never holds the scores.
 _MATH_MAX_SCORES = 1 << 23
+# Whether a CUDA bf16/fp16 forward may take the flash kernel's variable-length attention (a switch
+# for benchmarks/train_step.py to time the buckets against it on a GPU).
+USE_FLASH_VARLEN = True
 
 
 @dataclass
@@ -36,8 +46,9 @@ class Bucket:
 
 @dataclass
 class PackedLayout:
-    buckets: list[Bucket]
-    scatter: torch.Tensor  # (batch * tokens,) each token's slot in the buckets' outputs laid end to end
+    begin: torch.Tensor  # (segments,) on the CPU: each segment's first token in the flattened batch
+    lengths: torch.Tensor  # (segments,) on the CPU
+    device: torch.device
 
     @classmethod
     def of(cls, position_ids: torch.Tensor) -> "PackedLayout":
@@ -49,11 +60,31 @@ class PackedLayout:
         starts[1:] = flat[1:] != flat[:-1] + 1
         starts[::tokens] = True  # a new row always starts a segment
         begin = torch.nonzero(starts).flatten()
-        lengths = torch.diff(begin, append=torch.tensor([flat.numel()]))
+        return cls(begin, torch.diff(begin, append=torch.tensor([flat.numel()])), position_ids.device)
+
+    @cached_property
+    def offsets(self) -> tuple[torch.Tensor, int]:
+        """(each segment's first token and, last, the token count: int32 on the device; the
+        longest segment's length): the variable-length kernel's cu_seqlens and max_seqlen."""
+        total = self.begin.new_tensor([int(self.begin[-1] + self.lengths[-1])])
+        return torch.cat([self.begin, total]).to(torch.int32).to(self.device), int(self.lengths.max())
+
+    @cached_property
+    def buckets(self) -> list[Bucket]:
+        return self._bucketed[0]
+
+    @cached_property
+    def scatter(self) -> torch.Tensor:
+        """(batch * tokens,) each token's slot in the buckets' outputs laid end to end."""
+        return self._bucketed[1]
+
+    @cached_property
+    def _bucketed(self) -> tuple[list[Bucket], torch.Tensor]:
+        begin, lengths = self.begin, self.lengths
         # power-of-two buckets (at least 16): padding at most doubles a segment's length
         sizes = torch.clamp(lengths, min=16)
         bucket_of = torch.ceil(torch.log2(sizes.double())).long()
-        scatter = torch.empty_like(flat)
+        scatter = torch.empty(int(begin[-1] + lengths[-1]), dtype=torch.long)
         buckets, offset = [], 0
         for exponent in torch.unique(bucket_of).tolist():
             members = torch.nonzero(bucket_of == exponent).flatten()
@@ -66,9 +97,47 @@ class PackedLayout:
             gather = (seg_begin[:, None] + torch.where(real, slot, 0)).reshape(-1)
             token = seg_begin[:, None] + slot
             scatter[token[real]] = offset + (torch.arange(len(members))[:, None] * length + slot)[real]
-            buckets.append(Bucket(gather.to(position_ids.device), len(members), length))
+            buckets.append(Bucket(gather.to(self.device), len(members), length))
             offset += len(members) * length
-        return cls(buckets, scatter.to(position_ids.device))
+        return buckets, scatter.to(self.device)
+
+
+@functools.cache
+def _varlen_kernel():
+    """torch's variable-length flash attention and the keyword names its version takes, or None
+    (torch < 2.10). Its signature moved: 2.10 takes is_causal and no scale, 2.11 window_size and
+    scale, 2.12 also enable_gqa (and then requires it for grouped-query shapes)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_varlen_arguments(query, key, scaling: float, dropout: float, training: bool) -> dict | None:
+    """The keyword arguments of a causal varlen_attn call for these inputs, or None where the
+    flash kernel does not run them (not CUDA, not half precision, dropout, an unsupported head size
+    or GPU, or a scale this torch's varlen_attn cannot take)."""
+    kernel = _varlen_kernel()
+    head_dim = query.shape[-1]
+    if (not USE_FLASH_VARLEN or kernel is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16)
+            or (dropout and training) or head_dim % 8 or head_dim > 256
+            or torch.cuda.get_device_capability(query.device) < (8, 0)):  # the flash kernels need Ampere or later
+        return None
+    return causal_varlen_arguments(kernel[1], scaling, head_dim, grouped=key.shape[1] != query.shape[1])
+
+
+def causal_varlen_arguments(names: frozenset, scaling: float, head_dim: int, grouped: bool) -> dict | None:
+    """varlen_attn's keyword arguments for causal attention at this scale, given the names its
+    signature takes; None if it cannot take this scale."""
+    arguments = {"window_size": (-1, 0)} if "window_size" in names else {"is_causal": True}
+    if "scale" in names:
+        arguments["scale"] = scaling
+    elif scaling != head_dim ** -0.5:
+        return None
+    if "enable_gqa" in names:
+        arguments["enable_gqa"] = grouped
+    return arguments
 
 
 def _causal_attention(q, k, v, scaling: float, dropout: float, training: bool) -> torch.Tensor:
@@ -108,6 +177,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scaling = head_dim ** -0.5 if scaling is None else scaling
+    arguments = _flash_varlen_arguments(query, key, scaling, dropout, module.training)
+    if arguments is not None:
+        # (B, H, T, D) is a transposed view of the projections' (B, T, H, D): these are views
+        flat = [x.transpose(1, 2).reshape(batch * tokens, x.shape[1], head_dim) for x in (query, key, value)]
+        cu_seqlens, max_length = packed_layout.offsets
+        out = _varlen_kernel()[0](*flat, cu_seqlens, cu_seqlens, max_length, max_length, **arguments)
+        return out.view(batch, tokens, heads, head_dim), None
     q_flat = query.transpose(1, 2).reshape(batch * tokens, kv_heads, groups, head_dim)
     k_flat = key.transpose(1, 2).reshape(batch * tokens, kv_heads, 1, head_dim)
     v_flat = value.transpose(1, 2).reshape(batch * tokens, kv_heads, 1, head_dim)
