@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# rayft's GPU checks on a CUDA host without registry access, in one go: rayft's step in one process
-# by attention and head (train_step.py), benchmarks/train_throughput.py against LLaMA-Factory (neat
-# packing), then tests/test_gpu.py. On an H200 (2026-12-04) a throughput round took 2-4 minutes and
-# seven of the eight tests ~140 s: the default, one round of 100 steps, fits a 15-minute lease.
+# rayft's GPU checks on a CUDA host without registry access, in one go: the quick tests of
+# tests/test_gpu.py, rayft's step in one process by attention, head and compilation, with a
+# profile (train_step.py), benchmarks/train_throughput.py against LLaMA-Factory (neat packing),
+# then the tests through Ray Train. On an H200 (2026-12-04) a throughput round took 2-4 minutes
+# and seven of the eight tests then ~140 s. STAGES picks stages (default all: tests step bench
+# ray); their time limits add up to ~9 minutes for "tests step bench" (one device call of at most
+# 10 minutes, with the unpacking) and ~3.5 for "ray".
 #
 #   .venv/bin/python benchmarks/gpu_bundle.py     # here: packs .device/ (see its docstring)
 #   bash benchmarks/gpu_check.sh [ROUNDS] [STEPS]  # there, in the repository root, with .device/ beside it
+#   STAGES="tests step bench" bash benchmarks/gpu_check.sh; STAGES=ray bash benchmarks/gpu_check.sh
 #
 # The host's python3 must hold a CUDA torch (and the image's other packages, gpu_bundle.py says
 # which). Logs go to $OUT (default /tmp/gpu-check). The model is SmolLM2-135M-Instruct's shape
@@ -17,6 +21,8 @@ ROUNDS=${1:-1}
 STEPS=${2:-100}
 mkdir -p "$OUT"
 start=$(date +%s)
+STAGES=${STAGES:-tests step bench ray}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo "=== $1 ($(( $(date +%s) - start )) s)" | tee -a "$OUT/summary.log"; }
 
 stage "unpack"
@@ -52,28 +58,37 @@ print("model", target, sorted(p.name for p in target.iterdir()))
 EOF
 PYTHONPATH=/tmp/lf-site python3 -c "import llamafactory, transformers, peft; print('llamafactory', llamafactory.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -3 | tee -a "$OUT/summary.log"
 
+if want tests; then
+stage "tests/test_gpu.py, the quick ones (the varlen attention's correctness first)"
+# in their own run, so that their failures are reported even if a later stage hits its time limit
+timeout 75 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 60 -k "not ray_train" \
+    > "$OUT/tests.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/summary.log"
+grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/tests.log" | tail -20 | tee -a "$OUT/summary.log"
+fi
+
+if want step; then
 stage "train_step: rayft's step in one process, by attention, head and compilation (no Ray, no DeepSpeed)"
 # packed: the flash kernel's varlen attention; buckets: the per-length buckets (sdpa per bucket)
-timeout 240 python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --steps 10 --rounds 1 \
-    --attention packed buckets sdpa --head fused --compile > "$OUT/step.log" 2>&1
-echo "train_step exit $?" | tee -a "$OUT/summary.log"
-timeout 60 python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --steps 10 --rounds 1 \
-    --attention packed --head fused logits --host-reads >> "$OUT/step.log" 2>&1
-echo "train_step exit $?" | tee -a "$OUT/summary.log"
-grep -E "^round|^precision|Error" "$OUT/step.log" | tee -a "$OUT/summary.log"
+step() { timeout "$1" python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --rounds 1 "${@:2}" \
+    >> "$OUT/step.log" 2>&1; echo "train_step ${*:2} exit $?" | tee -a "$OUT/summary.log"; }
+step 60 --steps 10 --attention packed buckets sdpa
+step 90 --steps 10 --attention packed --compile
+step 45 --steps 10 --attention packed --head logits --host-reads
+step 45 --steps 2 --attention packed buckets --profile
+grep -E "^round|^precision|^profiled|Error" "$OUT/step.log" | tee -a "$OUT/summary.log"
+fi
 
+if want bench; then
 stage "train_throughput: rayft and LLaMA-Factory on the GPU"
 timeout $((40 + 200 * ROUNDS)) python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
     --cutoff 2048 --batch 8 --rows 6000 > "$OUT/bench.log" 2>&1
 echo "benchmark exit $?" | tee -a "$OUT/summary.log"
 grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"
+fi
 
-stage "tests/test_gpu.py"
-# the quick checks first, in their own run, so that their failures are reported even if the Ray
-# Train runs after them hit the time limit (pytest reports failures at the end of a run)
-timeout 60 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 50 -k "not ray_train" \
-    > "$OUT/tests.log" 2>&1
-echo "pytest exit $?" | tee -a "$OUT/summary.log"
+if want ray; then
+stage "tests/test_gpu.py, through Ray Train"
 timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 150 -k ray_train \
     >> "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.log"
@@ -81,4 +96,5 @@ grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/tests.log" | tail -15 
 # the Ray Train runs' worker logs (pytest keeps its temporary folders): their tracebacks in full
 find /tmp/pytest-of-* -name "worker-0.log" 2>/dev/null | head -4 | while read -r log; do
     echo "== $log"; tail -c 6000 "$log"; done > "$OUT/worker_logs.txt"
+fi
 stage "done"

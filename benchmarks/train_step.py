@@ -103,9 +103,26 @@ def time_steps(attention: str, head: str, lora_layers: str, model_dir: Path, dat
     if profile:
         from torch.profiler import profile as torch_profile
 
-        with torch_profile() as prof:
+        from torch.profiler import ProfilerActivity
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        synchronize()
+        with torch_profile(activities=activities) as prof:
+            begin = time.perf_counter()
             step(data[1])
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            synchronize()
+            wall = time.perf_counter() - begin
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+        if device.type == "cuda":
+            # the GPU's busy time against the step's wall time: how far the host keeps it fed
+            from torch.autograd import DeviceType
+
+            busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+            launches = sum(e.count for e in events if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+            print(events.table(sort_by="self_device_time_total", row_limit=15))
+            print(f"profiled step: wall {wall * 1e3:.1f} ms, device busy {busy * 1e3:.1f} ms, "
+                  f"{launches} kernel launches", flush=True)
     return sum(int(b["real_tokens"]) for b in data[1:]) / seconds
 
 
