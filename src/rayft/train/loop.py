@@ -469,8 +469,11 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         state.eval_loss_before = before["eval_loss"]
         reporter.log(0, {**before, "total_steps": plan.total_steps}, state)
 
-    window = {"loss_sum": 0.0, "normaliser": 0.0, "tokens": 0.0, "seconds": 0.0}
-    metric_sums: dict[str, float] = {}
+    # The logging window's sums stay on the device (float64: the same sums as Python floats) and
+    # are read back once per window, so the step never waits on the GPU to read them.
+    window_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, normaliser, real tokens
+    window_seconds = 0.0
+    metric_sums: dict[str, torch.Tensor] = {}
     step_start = time.perf_counter()
     engine.train()
     task_weights = loss_weights()
@@ -484,11 +487,9 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         if penalty is not None:
             extra = penalty if extra is None else extra + penalty
         engine.backward(loss if extra is None else loss + extra)
-        window["loss_sum"] += loss_sum.item()
-        window["normaliser"] += normaliser.item()
-        window["tokens"] += batch["real_tokens"].item()
+        window_sums += torch.stack([x.detach().double() for x in (loss_sum, normaliser, batch["real_tokens"])])
         for name, value in metrics.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + value.item()
+            metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary:
             method.before_optimizer_step(opts, engine.module, state.step + 1)
@@ -500,26 +501,27 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         state.step += 1
         method.after_optimizer_step(opts, engine, state.step)
         now = time.perf_counter()
-        window["seconds"] += now - step_start
+        window_seconds += now - step_start
         step_start = now
 
         if state.step % cfg.train.logging_steps == 0 or state.step == plan.total_steps:
             names = sorted(metric_sums)
-            loss_sum, normaliser, tokens, *metric_totals = all_sum(
-                [window["loss_sum"], window["normaliser"], window["tokens"], *[metric_sums[n] for n in names]], device)
+            totals = torch.cat([window_sums, *[metric_sums[n].reshape(1) for n in names]])
+            dist.all_reduce(totals)
+            loss_sum, normaliser, tokens, *metric_totals = totals.tolist()
             state.tokens_seen += int(tokens)
-            state.train_seconds += window["seconds"]
+            state.train_seconds += window_seconds
             grad_norm = engine.get_global_grad_norm()
             reporter.log(state.step, {
                 "loss": loss_sum / max(normaliser, 1.0),
                 **{name: total / max(normaliser, 1.0) for name, total in zip(names, metric_totals)},
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens_per_s": tokens / max(window["seconds"], 1e-9),
+                "tokens_per_s": tokens / max(window_seconds, 1e-9),
                 **(ewc.window_metrics() if ewc else {}),
                 "total_steps": plan.total_steps,
             }, state)
-            window, metric_sums = dict.fromkeys(window, 0.0), {}
+            window_sums, window_seconds, metric_sums = torch.zeros_like(window_sums), 0.0, {}
 
         last = state.step == plan.total_steps
         evaluated = state.step % cfg.train.eval_steps == 0 or last
