@@ -4,12 +4,13 @@
 # profile (train_step.py), benchmarks/train_throughput.py against LLaMA-Factory (neat packing),
 # then the tests through Ray Train. On an H200 (2026-12-04) a throughput round took 2-4 minutes
 # and seven of the eight tests then ~140 s. STAGES picks stages (default all: tests step bench
-# ray); their time limits add up to ~9 minutes for "tests step bench" (one device call of at most
-# 10 minutes, with the unpacking) and ~3.5 for "ray".
+# ray). A device call runs at most 10 minutes and a session has 15 with the machine's start: the
+# time limits of "tests step bench" with STEPS=60 add up to ~9 minutes with the unpacking, and
+# "ray" (the ZeRO-2 and ZeRO-3 runs) to ~4, for a second call if time is left.
 #
 #   .venv/bin/python benchmarks/gpu_bundle.py     # here: packs .device/ (see its docstring)
 #   bash benchmarks/gpu_check.sh [ROUNDS] [STEPS]  # there, in the repository root, with .device/ beside it
-#   STAGES="tests step bench" bash benchmarks/gpu_check.sh; STAGES=ray bash benchmarks/gpu_check.sh
+#   STAGES="tests step bench" bash benchmarks/gpu_check.sh 1 60; STAGES=ray bash benchmarks/gpu_check.sh
 #
 # The host's python3 must hold a CUDA torch (and the image's other packages, gpu_bundle.py says
 # which). Logs go to $OUT (default /tmp/gpu-check). The model is SmolLM2-135M-Instruct's shape
@@ -72,16 +73,16 @@ stage "train_step: rayft's step in one process, by attention, head and compilati
 # packed: the flash kernel's varlen attention; buckets: the per-length buckets (sdpa per bucket)
 step() { timeout "$1" python3 benchmarks/train_step.py --device cuda --cutoff 2048 --batch 8 --rounds 1 "${@:2}" \
     >> "$OUT/step.log" 2>&1; echo "train_step ${*:2} exit $?" | tee -a "$OUT/summary.log"; }
-step 60 --steps 10 --attention packed buckets sdpa
-step 90 --steps 10 --attention packed --compile
-step 45 --steps 10 --attention packed --head logits --host-reads
-step 45 --steps 2 --attention packed buckets --profile
+step 50 --steps 10 --attention packed buckets sdpa
+step 80 --steps 10 --attention packed --compile
+step 40 --steps 10 --attention packed --head logits --host-reads
+step 40 --steps 2 --attention packed buckets --profile
 grep -E "^round|^precision|^profiled|Error" "$OUT/step.log" | tee -a "$OUT/summary.log"
 fi
 
 if want bench; then
 stage "train_throughput: rayft and LLaMA-Factory on the GPU"
-timeout $((40 + 200 * ROUNDS)) python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
+timeout $((40 + (100 + STEPS) * ROUNDS)) python3 benchmarks/train_throughput.py --device cuda --baselines lf --rounds "$ROUNDS" --steps "$STEPS" \
     --cutoff 2048 --batch 8 --rows 6000 > "$OUT/bench.log" 2>&1
 echo "benchmark exit $?" | tee -a "$OUT/summary.log"
 grep -E "^round|median|mfu|peak|attention|Error|error" "$OUT/bench.log" | tail -30 | tee -a "$OUT/summary.log"

@@ -9,8 +9,8 @@ wall-clock timers wrapped around its parts (no profiler): fetching and collating
 moving it to the device, the loss step (forward, fused head), DeepSpeed's backward (the autograd
 backward) and within it the gradient all-reduce, the optimizer step (DeepSpeed's step: clipping,
 AdamW, ZeRO-2's parameter all-gather), and the logging calls (the metrics all-reduce, MLflow
-and the progress queue). What is left of a step is the loop's own Python (the `.item()` reads,
-method hooks, the schedule). Figures are seconds per 1,000 real tokens of a rank (rows differ
+and the progress queue). What is left of a step is the loop's own Python (method hooks, the
+schedule, the logging window's sums; until 2026-12-04 also three `.item()` reads per micro-batch). Figures are seconds per 1,000 real tokens of a rank (rows differ
 between the two ways, so per token is what compares), each rank's and their mean.
 """
 

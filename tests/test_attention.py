@@ -96,40 +96,47 @@ def reference_varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max
 
 
 def test_packed_attention_through_the_varlen_kernel_matches_the_block_diagonal_mask(monkeypatch):
-    """The flash varlen path's glue (offsets from the position ids, the flattening and the output's
-    shape), with a CPU stand-in for the CUDA-only kernel; tests/test_gpu.py runs the kernel itself."""
+    """The flash varlen path's glue (offsets from the position ids, the cast to the call's dtype,
+    the flattening and the output's shape), with a CPU stand-in for the CUDA-only kernel;
+    tests/test_gpu.py runs the kernel itself."""
     import rayft.train.attention as attention
 
     monkeypatch.setattr(attention, "_varlen_kernel", lambda: (reference_varlen_attention, None))
-    monkeypatch.setattr(attention, "_flash_varlen_arguments", lambda q, k, scaling, *_: {
-        "scale": scaling, "window_size": (-1, 0), "enable_gqa": True})
+    monkeypatch.setattr(attention, "_flash_varlen_call", lambda q, k, v, scaling, *_: (
+        {"scale": scaling, "window_size": (-1, 0), "enable_gqa": True}, torch.float64))
     torch.manual_seed(0)
     position_ids = torch.tensor([list(range(5)) + list(range(40)) + list(range(3)) + list(range(16)),
                                  list(range(60)) + list(range(4))])
     batch, tokens = position_ids.shape
     heads, kv_heads, dim = 6, 2, 8
-    # as the model hands them over: transposed views of (B, T, H, D) projections
-    q, k, v = (torch.randn(batch, tokens, h, dim).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    # as the model hands them over: transposed views of (B, T, H, D) projections, and (as under
+    # autocast, where the rotary embedding promotes queries and keys) not all in the call's dtype
+    q, k, v = (torch.randn(batch, tokens, h, dim, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h, dtype in ((heads, torch.float64), (kv_heads, torch.float64), (kv_heads, torch.float32)))
     layout = PackedLayout.of(position_ids)
     out, _ = packed_attention_forward(Attention().train(), q, k, v, None, scaling=dim ** -0.5, packed_layout=layout)
     assert layout.offsets[0].tolist() == [0, 5, 45, 48, 64, 124, 128] and layout.offsets[1] == 60
     assert "_bucketed" not in vars(layout)  # the buckets are never built on this path
-    ref = block_diagonal_reference(q, k, v, position_ids)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ref = block_diagonal_reference(q, k, v.double(), position_ids)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref)
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad((out * upstream).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
+    assert grads[2].dtype == torch.float32
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want)
 
 
 def test_this_torchs_varlen_kernel_takes_the_arguments_rayft_passes():
     """torch's varlen_attn, on meta tensors (its CUDA kernel cannot run here), accepts the causal,
     scaled, grouped-query call that rayft builds for this torch's signature, forward and backward;
-    and without a CUDA bf16 input rayft does not take that path."""
-    from rayft.train.attention import _flash_varlen_arguments, _varlen_kernel, causal_varlen_arguments
+    the older signatures get theirs; and without CUDA rayft does not take that path."""
+    from rayft.train.attention import _flash_varlen_call, _varlen_kernel, causal_varlen_arguments
 
-    kernel, names = _varlen_kernel()  # torch >= 2.10, as rayft pins
+    if _varlen_kernel() is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen (2.10 added it)")
+    kernel, names = _varlen_kernel()
     tokens, heads, kv_heads, dim = 40, 9, 3, 64  # SmolLM2's grouped-query shape
     q, k, v = (torch.empty(tokens, h, dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
                for h in (heads, kv_heads, kv_heads))
@@ -137,8 +144,10 @@ def test_this_torchs_varlen_kernel_takes_the_arguments_rayft_passes():
     out = kernel(q, k, v, offsets, offsets, 30, 30, **causal_varlen_arguments(names, dim ** -0.5, dim, grouped=True))
     assert out.shape == q.shape and out.dtype == torch.bfloat16
     assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape, k.shape, v.shape]
-    # older signatures: torch 2.10 took is_causal and no scale
+    # torch 2.11: window_size and scale, no enable_gqa; 2.10: is_causal and no scale
+    assert causal_varlen_arguments(frozenset({"window_size", "scale"}), 0.1, dim, grouped=True) == {
+        "window_size": (-1, 0), "scale": 0.1}
     assert causal_varlen_arguments(frozenset({"is_causal"}), dim ** -0.5, dim, grouped=True) == {"is_causal": True}
     assert causal_varlen_arguments(frozenset({"is_causal"}), 0.1, dim, grouped=True) is None
     cpu = torch.randn(1, heads, 4, dim, dtype=torch.bfloat16)
-    assert _flash_varlen_arguments(cpu, cpu[:, :kv_heads], dim ** -0.5, 0.0, True) is None
+    assert _flash_varlen_call(cpu, cpu[:, :kv_heads], cpu[:, :kv_heads], dim ** -0.5, 0.0, True) is None

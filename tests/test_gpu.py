@@ -26,12 +26,15 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm()).item()
 
 
-@pytest.mark.parametrize("dtype,varlen", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,varlen", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True),
+                                          ("autocast", True)])
 def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(monkeypatch, dtype, varlen):
     """rayft's packed attention on the device equals sdpa under the block-diagonal mask computed in
     float64 on the CPU, forward and gradients: to rounding in fp32; in bf16 within bf16's error,
     through the flash kernel's variable-length attention (varlen; on CUDA it must take that path)
-    and through the buckets with the flash sdpa kernel as the only backend allowed."""
+    and through the buckets with the flash sdpa kernel as the only backend allowed. `autocast`:
+    queries and keys in fp32 and values in bf16 under bf16 autocast, as the rotary embedding hands
+    them over in a bf16 run: the varlen path too."""
     from test_attention import Attention, block_diagonal_reference
 
     import rayft.train.attention as attention
@@ -50,22 +53,26 @@ def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(monkeypa
     ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_inputs)
 
     # as the model hands them over: transposed views of (B, T, H, D) projections
-    inputs = [t.transpose(1, 2).contiguous().to(DEVICE, dtype).transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    dtypes = (torch.float32, torch.float32, torch.bfloat16) if dtype == "autocast" else (dtype,) * 3
+    inputs = [t.transpose(1, 2).contiguous().to(DEVICE, d).transpose(1, 2).requires_grad_()
+              for t, d in zip((q, k, v), dtypes)]
     layout = PackedLayout.of(position_ids.to(DEVICE))
-    if varlen and ON_CUDA:
-        assert attention._flash_varlen_arguments(inputs[0], inputs[1], dim ** -0.5, 0.0, True) is not None
     if dtype == torch.bfloat16 and ON_CUDA and not varlen:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         context = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    elif dtype == "autocast":
+        context = torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     else:
         from contextlib import nullcontext
 
         context = nullcontext()
     with context:
+        if varlen and ON_CUDA:
+            assert attention._flash_varlen_call(*inputs, dim ** -0.5, 0.0, True) is not None
         out, _ = packed_attention_forward(Attention().train(), *inputs, None, scaling=dim ** -0.5,
                                           packed_layout=layout)
-        grads = torch.autograd.grad((out * upstream.to(DEVICE, dtype)).sum(), inputs)
+        grads = torch.autograd.grad((out * upstream.to(DEVICE, out.dtype)).sum(), inputs)
     bound = 1e-4 if dtype == torch.float32 else 1e-2
     assert ("_bucketed" in vars(layout)) == (not (varlen and ON_CUDA))  # which path ran
     assert relative_error(out, ref) < bound
@@ -97,13 +104,17 @@ def lora_step(model_dir, device, precision, method=None, run=None):
     return model, results
 
 
-def test_lora_step_on_the_device_computes_what_the_cpu_step_computes(tiny_model):
+def test_lora_step_on_the_device_computes_what_the_cpu_step_computes(monkeypatch, tiny_model):
     """The training step (packed attention, the fused head loss, rayft's fused LoRA layers) on the
     device: in fp32 the CPU step's loss and gradients; under bf16 autocast within bf16's error of
-    them."""
+    them, and there (on an Ampere or later GPU) every attention runs the flash varlen kernel."""
+    from rayft.train.attention import PackedLayout
+
     _, cpu = lora_step(tiny_model, torch.device("cpu"), "fp32")
     _, fp32 = lora_step(tiny_model, DEVICE, "fp32")
     fp32_errors = [relative_error(got, want) for got, want in zip(fp32, cpu)]
+    if ON_CUDA and torch.cuda.get_device_capability() >= (8, 0):
+        monkeypatch.setattr(PackedLayout, "_bucketed", property(lambda _: pytest.fail("a bf16 step built buckets")))
     _, bf16 = lora_step(tiny_model, DEVICE, "bf16")
     bf16_errors = [relative_error(got, want) for got, want in zip(bf16, cpu)]
     # every error in the message. On an H200 (2026-12-04) this failed, its message cut off: B's

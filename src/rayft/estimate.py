@@ -480,9 +480,12 @@ class _Step:
             # queries and output, keys and values once per key-value head (a group's query heads
             # share them in one product), the fp32 softmax and its compute-dtype copy
             return (2 + 2 * kv_share / self.heads) * t * h * c + scores * (4 + c)
-        if kind == "packed" and self.device.kind == "cuda" and c == 2:
-            # the flash kernel's varlen attention: queries, output, keys and values unexpanded, and
-            # its log-sum-exp per row and head
+        config = self.facts.config
+        head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
+        if (kind == "packed" and self.device.kind == "cuda" and c == 2 and head_dim <= 128
+                and not getattr(config, "attention_dropout", 0.0)):
+            # the flash kernel's varlen attention (train/attention.py says where it runs): queries,
+            # output, keys and values unexpanded, and its log-sum-exp per row and head
             return (2 + 2 * kv_share / self.heads) * t * h * c + segments * self.heads * self.sequence_len * 4
         if kind == "eager":
             return 4 * t * h * c + scores * (4 + c) + segments * length * length * c / self.heads

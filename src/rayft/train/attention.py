@@ -114,17 +114,31 @@ def _varlen_kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _flash_varlen_arguments(query, key, scaling: float, dropout: float, training: bool) -> dict | None:
-    """The keyword arguments of a causal varlen_attn call for these inputs, or None where the
-    flash kernel does not run them (not CUDA, not half precision, dropout, an unsupported head size
-    or GPU, or a scale this torch's varlen_attn cannot take)."""
+def _flash_varlen_call(query, key, value, scaling: float, dropout: float, training: bool
+                       ) -> tuple[dict, torch.dtype] | None:
+    """(the keyword arguments of a causal varlen_attn call, the dtype to run it in) for these
+    inputs, or None where the flash kernel does not run them: not CUDA (nor ROCm, unchecked),
+    not half precision, dropout, a head size over 128 (the backward's limits vary by GPU above),
+    a GPU before Ampere, or a scale this torch's varlen_attn cannot take.
+
+    Under autocast the dtype is autocast's: there the rotary embedding hands the queries and keys
+    over in the residual stream's fp32 and the values in bf16, and sdpa, which autocast casts,
+    would run all three in bf16. The custom op is not autocast's, so the call casts them itself."""
     kernel = _varlen_kernel()
     head_dim = query.shape[-1]
-    if (not USE_FLASH_VARLEN or kernel is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16)
-            or (dropout and training) or head_dim % 8 or head_dim > 256
-            or torch.cuda.get_device_capability(query.device) < (8, 0)):  # the flash kernels need Ampere or later
+    if (not USE_FLASH_VARLEN or kernel is None or not query.is_cuda or torch.version.hip
+            or (dropout and training) or head_dim % 8 or head_dim > 128):
         return None
-    return causal_varlen_arguments(kernel[1], scaling, head_dim, grouped=key.shape[1] != query.shape[1])
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    elif query.dtype == key.dtype == value.dtype:
+        dtype = query.dtype
+    else:
+        return None
+    if dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(query.device) < (8, 0):
+        return None
+    arguments = causal_varlen_arguments(kernel[1], scaling, head_dim, grouped=key.shape[1] != query.shape[1])
+    return None if arguments is None else (arguments, dtype)
 
 
 def causal_varlen_arguments(names: frozenset, scaling: float, head_dim: int, grouped: bool) -> dict | None:
@@ -177,10 +191,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scaling = head_dim ** -0.5 if scaling is None else scaling
-    arguments = _flash_varlen_arguments(query, key, scaling, dropout, module.training)
-    if arguments is not None:
+    varlen = _flash_varlen_call(query, key, value, scaling, dropout, module.training)
+    if varlen is not None:
+        arguments, dtype = varlen
         # (B, H, T, D) is a transposed view of the projections' (B, T, H, D): these are views
-        flat = [x.transpose(1, 2).reshape(batch * tokens, x.shape[1], head_dim) for x in (query, key, value)]
+        # (but for the cast to the compute dtype)
+        flat = [x.transpose(1, 2).to(dtype).reshape(batch * tokens, x.shape[1], head_dim) for x in (query, key, value)]
         cu_seqlens, max_length = packed_layout.offsets
         out = _varlen_kernel()[0](*flat, cu_seqlens, cu_seqlens, max_length, max_length, **arguments)
         return out.view(batch, tokens, heads, head_dim), None

@@ -193,8 +193,9 @@ def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def all_sum(values: list[float], device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_sum(values: list[float] | torch.Tensor, device) -> list[float]:
+    """Each value summed over the ranks; `values`: floats, or a float64 tensor on the device."""
+    tensor = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -489,7 +490,7 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
         engine.backward(loss if extra is None else loss + extra)
         window_sums += torch.stack([x.detach().double() for x in (loss_sum, normaliser, batch["real_tokens"])])
         for name, value in metrics.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
+            metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().to(device, torch.float64)
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary:
             method.before_optimizer_step(opts, engine.module, state.step + 1)
@@ -506,9 +507,8 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
 
         if state.step % cfg.train.logging_steps == 0 or state.step == plan.total_steps:
             names = sorted(metric_sums)
-            totals = torch.cat([window_sums, *[metric_sums[n].reshape(1) for n in names]])
-            dist.all_reduce(totals)
-            loss_sum, normaliser, tokens, *metric_totals = totals.tolist()
+            loss_sum, normaliser, tokens, *metric_totals = all_sum(
+                torch.cat([window_sums, *[metric_sums[n].reshape(1) for n in names]]), device)
             state.tokens_seen += int(tokens)
             state.train_seconds += window_seconds
             grad_norm = engine.get_global_grad_norm()
