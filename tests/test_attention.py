@@ -151,3 +151,23 @@ def test_this_torchs_varlen_kernel_takes_the_arguments_rayft_passes():
     assert causal_varlen_arguments(frozenset({"is_causal"}), 0.1, dim, grouped=True) is None
     cpu = torch.randn(1, heads, 4, dim, dtype=torch.bfloat16)
     assert _flash_varlen_call(cpu, cpu[:, :kv_heads], cpu[:, :kv_heads], dim ** -0.5, 0.0, True) is None
+
+
+def test_a_training_batch_builds_its_layout_without_reading_the_device():
+    """The loop's batches keep their position ids on the host too, and the packed layout is built
+    from those for the device the batch is on: on a GPU, reading the device's copy would wait for
+    the previous step. The meta device stands in (its tensors cannot be read at all)."""
+    from types import SimpleNamespace
+
+    from rayft.data.packing import collate
+    from rayft.train.attention import ATTENTION_NAME
+    from rayft.train.loop import model_inputs, with_rows
+
+    rows = [{"input_ids": [5] * 7, "labels": [1] * 7, "position_ids": [0, 1, 2, 0, 1, 2, 3]},
+            {"input_ids": [5] * 4, "labels": [1] * 4, "position_ids": [0, 1, 2, 3]}]
+    batch = with_rows(collate(rows, 0), [0, 1], 0, torch.device("meta"))
+    assert batch["input_ids"].is_meta and batch["host_position_ids"].device.type == "cpu"
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=ATTENTION_NAME))
+    layout = model_inputs(model, batch)["packed_layout"]
+    assert layout.device.type == "meta" and layout.begin.tolist() == [0, 3, 7, 11]  # row 1's padding: its own
+    assert layout.offsets[0].is_meta and layout.offsets[1] == 4

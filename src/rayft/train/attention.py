@@ -51,16 +51,18 @@ class PackedLayout:
     device: torch.device
 
     @classmethod
-    def of(cls, position_ids: torch.Tensor) -> "PackedLayout":
+    def of(cls, position_ids: torch.Tensor, device: torch.device | None = None) -> "PackedLayout":
         """Segments start where the position does not continue the previous one (a packed sample
-        restarts at 0; a row's right padding is a segment of its own, computed and ignored)."""
+        restarts at 0; a row's right padding is a segment of its own, computed and ignored).
+        `device`: where the attention runs, if not where `position_ids` are (a host copy of the
+        batch's, read without waiting for the device)."""
         batch, tokens = position_ids.shape
         flat = position_ids.reshape(-1).cpu()
         starts = torch.ones_like(flat, dtype=torch.bool)
         starts[1:] = flat[1:] != flat[:-1] + 1
         starts[::tokens] = True  # a new row always starts a segment
         begin = torch.nonzero(starts).flatten()
-        return cls(begin, torch.diff(begin, append=torch.tensor([flat.numel()])), position_ids.device)
+        return cls(begin, torch.diff(begin, append=torch.tensor([flat.numel()])), device or position_ids.device)
 
     @cached_property
     def offsets(self) -> tuple[torch.Tensor, int]:

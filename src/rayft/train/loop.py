@@ -102,7 +102,10 @@ def learned_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> tuple[to
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
     extra = {}
     if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
-        extra["packed_layout"] = PackedLayout.of(batch["position_ids"])  # once per batch, not per layer
+        # once per batch, not per layer; from the host's copy where the batch has one, so that
+        # building it does not wait for the device
+        extra["packed_layout"] = PackedLayout.of(batch.get("host_position_ids", batch["position_ids"]),
+                                                 batch["input_ids"].device)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
 
 
@@ -187,10 +190,11 @@ TRAIN_SPLIT, VAL_SPLIT = 0, 1
 
 def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> dict[str, torch.Tensor]:
     """The batch on the device, with which rows of which split it holds (what a stage may have
-    computed per row beforehand, e.g. a reference's log-probabilities, is looked up by them)."""
+    computed per row beforehand, e.g. a reference's log-probabilities, is looked up by them), and
+    its position ids also kept on the host (the packed attention's layout is built from them)."""
     batch = {**batch, "row_index": torch.as_tensor(np.asarray(indices), dtype=torch.long),
              "split_id": torch.tensor(split)}
-    return {k: v.to(device) for k, v in batch.items()}
+    return {**{k: v.to(device) for k, v in batch.items()}, "host_position_ids": batch["position_ids"]}
 
 
 def all_sum(values: list[float] | torch.Tensor, device) -> list[float]:
