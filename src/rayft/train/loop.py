@@ -505,14 +505,16 @@ def train_on_worker(loop_config: dict[str, Any]) -> None:
             continue
         state.step += 1
         method.after_optimizer_step(opts, engine, state.step)
+        window_ends = state.step % cfg.train.logging_steps == 0 or state.step == plan.total_steps
+        if window_ends:  # read back before the clock: the window's time then covers its device work
+            names = sorted(metric_sums)
+            loss_sum, normaliser, tokens, *metric_totals = all_sum(
+                torch.cat([window_sums, *[metric_sums[n].reshape(1) for n in names]]), device)
         now = time.perf_counter()
         window_seconds += now - step_start
         step_start = now
 
-        if state.step % cfg.train.logging_steps == 0 or state.step == plan.total_steps:
-            names = sorted(metric_sums)
-            loss_sum, normaliser, tokens, *metric_totals = all_sum(
-                torch.cat([window_sums, *[metric_sums[n].reshape(1) for n in names]]), device)
+        if window_ends:
             state.tokens_seen += int(tokens)
             state.train_seconds += window_seconds
             grad_norm = engine.get_global_grad_norm()
