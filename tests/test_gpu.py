@@ -80,6 +80,34 @@ def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(monkeypa
         assert relative_error(got, want) < bound
 
 
+def test_a_batch_and_its_packed_layout_reach_the_device_without_waiting_for_it():
+    """The loop's batch (with_rows) and its packed layout's offsets go to the GPU with no stream
+    synchronization (torch's sync debug mode raises on one), so the host can prepare the next
+    batch while the device still runs the last step."""
+    from types import SimpleNamespace
+
+    from rayft.data.packing import collate
+    from rayft.train.attention import ATTENTION_NAME
+    from rayft.train.loop import model_inputs, with_rows
+
+    rows = [{"input_ids": [5] * 7, "labels": [1] * 7, "position_ids": [0, 1, 2, 0, 1, 2, 3]},
+            {"input_ids": [5] * 4, "labels": [1] * 4, "position_ids": [0, 1, 2, 3]}]
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=ATTENTION_NAME))
+    busy = torch.randn(2048, 2048, device=DEVICE)
+    if ON_CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            busy = busy @ busy / 2048  # queued work that a synchronizing copy would wait for
+        batch = with_rows(collate(rows, 0), [0, 1], 0, DEVICE)
+        cu_seqlens, longest = model_inputs(model, batch)["packed_layout"].offsets
+    finally:
+        if ON_CUDA:
+            torch.cuda.set_sync_debug_mode(0)
+    assert batch["input_ids"].device.type == DEVICE.type and longest == 4
+    assert cu_seqlens.tolist() == [0, 3, 7, 11, 14] and batch["input_ids"][1, :4].tolist() == [5] * 4
+
+
 def lora_step(model_dir, device, precision, method=None, run=None):
     """LoRA's loss and gradients on two packed batches (B given values: it starts at zero)."""
     from tiny import packed_batches

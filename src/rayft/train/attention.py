@@ -37,6 +37,14 @@ _MATH_MAX_SCORES = 1 << 23
 USE_FLASH_VARLEN = True
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory and without blocking: a copy from
+    pageable memory synchronizes the stream, so the host would wait for every queued kernel."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class Bucket:
     gather: torch.Tensor  # (segments * length,) flat token index for every slot; padding slots repeat one
@@ -69,7 +77,7 @@ class PackedLayout:
         """(each segment's first token and, last, the token count: int32 on the device; the
         longest segment's length): the variable-length kernel's cu_seqlens and max_seqlen."""
         total = self.begin.new_tensor([int(self.begin[-1] + self.lengths[-1])])
-        return torch.cat([self.begin, total]).to(torch.int32).to(self.device), int(self.lengths.max())
+        return host_to_device(torch.cat([self.begin, total]).to(torch.int32), self.device), int(self.lengths.max())
 
     @cached_property
     def buckets(self) -> list[Bucket]:
@@ -99,9 +107,9 @@ class PackedLayout:
             gather = (seg_begin[:, None] + torch.where(real, slot, 0)).reshape(-1)
             token = seg_begin[:, None] + slot
             scatter[token[real]] = offset + (torch.arange(len(members))[:, None] * length + slot)[real]
-            buckets.append(Bucket(gather.to(self.device), len(members), length))
+            buckets.append(Bucket(host_to_device(gather, self.device), len(members), length))
             offset += len(members) * length
-        return buckets, scatter.to(self.device)
+        return buckets, host_to_device(scatter, self.device)
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from rayft.data.dataset import NO_TASK, PreparedData, RowFile, batches_per_epoch
 from rayft.data.packing import collate
 from rayft.data.tokenize import IGNORE_INDEX
 from rayft.objectives import get_objective
-from rayft.train.attention import ATTENTION_NAME, PackedLayout
+from rayft.train.attention import ATTENTION_NAME, PackedLayout, host_to_device
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
 from rayft.train.ewc import ElasticWeightConsolidation
 from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss, head_returns_token_losses
@@ -194,7 +194,7 @@ def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> di
     its position ids also kept on the host (the packed attention's layout is built from them)."""
     batch = {**batch, "row_index": torch.as_tensor(np.asarray(indices), dtype=torch.long),
              "split_id": torch.tensor(split)}
-    return {**{k: v.to(device) for k, v in batch.items()}, "host_position_ids": batch["position_ids"]}
+    return {**{k: host_to_device(v, device) for k, v in batch.items()}, "host_position_ids": batch["position_ids"]}
 
 
 def all_sum(values: list[float] | torch.Tensor, device) -> list[float]:
