@@ -10,7 +10,7 @@ The step is rayft's own (`token_losses`, backward, AdamW) on SmolLM2-135M-Instru
 r=16 all-linear, on 4 packed rows of the demo task (cutoff 256; --batch, --cutoff), in the
 precision that `precision: auto` picks on the device (--device cuda: a GPU, each timing ended by a
 synchronize; `--host-reads` reads the loss and its token count back every step, as the training
-loop does for its logging window). `--attention packed` is rayft's packed attention as training
+loop did until 2026-12-04: it now reads its logging window's sums once per window). `--attention packed` is rayft's packed attention as training
 runs it (on a CUDA device in bf16: the flash kernel's variable-length attention), `buckets` the
 same with that kernel switched off (its per-length buckets, as on the CPU), `sdpa` and `eager`
 transformers' own under the block-diagonal mask. `--compile` also times each with the decoder
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=256)
-    parser.add_argument("--host-reads", action="store_true", help="read the loss back every step, as the loop does")
+    parser.add_argument("--host-reads", action="store_true", help="read the loss back every step, as the loop did until 2026-12-04")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -23,7 +23,8 @@ On a GPU (--device cuda, the default where torch sees one; benchmarks/gpu_check.
 rayft runs one Ray Train worker per GPU, LLaMA-Factory is asked for FlashAttention-2 (it keeps
 sdpa where the flash-attn package is missing, and the summary says which ran), and the peak is an
 8192^3 matmul timed with CUDA events. LLaMA-Factory's last 5 steps end with a synchronize (rayft's
-loop reads each step's loss back), so neither side's time leaves GPU work queued.
+loop reads its logging window's sums back before the window's clock stops), so neither side's
+time leaves GPU work queued.
 
 Real tokens are each side's non-padding tokens of the rows it trains on, counted from its own
 tokenized rows: rayft's packed rows' lengths; the HF collator's attention mask; LLaMA-Factory's

@@ -153,6 +153,12 @@ def test_this_torchs_varlen_kernel_takes_the_arguments_rayft_passes():
     assert _flash_varlen_call(cpu, cpu[:, :kv_heads], cpu[:, :kv_heads], dim ** -0.5, 0.0, True) is None
 
 
+# two rows as the loader hands them over: two packed samples (3 and 4 tokens), and one sample of 4
+# that collate pads to 7 (the padding's positions restart: a segment of its own)
+TWO_ROWS = [{"input_ids": [5] * 7, "labels": [1] * 7, "position_ids": [0, 1, 2, 0, 1, 2, 3]},
+            {"input_ids": [5] * 4, "labels": [1] * 4, "position_ids": [0, 1, 2, 3]}]
+
+
 def test_a_training_batch_builds_its_layout_without_reading_the_device():
     """The loop's batches keep their position ids on the host too, and the packed layout is built
     from those for the device the batch is on: on a GPU, reading the device's copy would wait for
@@ -163,9 +169,7 @@ def test_a_training_batch_builds_its_layout_without_reading_the_device():
     from rayft.train.attention import ATTENTION_NAME
     from rayft.train.loop import model_inputs, with_rows
 
-    rows = [{"input_ids": [5] * 7, "labels": [1] * 7, "position_ids": [0, 1, 2, 0, 1, 2, 3]},
-            {"input_ids": [5] * 4, "labels": [1] * 4, "position_ids": [0, 1, 2, 3]}]
-    batch = with_rows(collate(rows, 0), [0, 1], 0, torch.device("meta"))
+    batch = with_rows(collate(TWO_ROWS, 0), [0, 1], 0, torch.device("meta"))
     assert batch["input_ids"].is_meta and batch["host_position_ids"].device.type == "cpu"
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=ATTENTION_NAME))
     layout = model_inputs(model, batch)["packed_layout"]

@@ -86,12 +86,12 @@ def test_a_batch_and_its_packed_layout_reach_the_device_without_waiting_for_it()
     batch while the device still runs the last step."""
     from types import SimpleNamespace
 
+    from test_attention import TWO_ROWS
+
     from rayft.data.packing import collate
     from rayft.train.attention import ATTENTION_NAME
     from rayft.train.loop import model_inputs, with_rows
 
-    rows = [{"input_ids": [5] * 7, "labels": [1] * 7, "position_ids": [0, 1, 2, 0, 1, 2, 3]},
-            {"input_ids": [5] * 4, "labels": [1] * 4, "position_ids": [0, 1, 2, 3]}]
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=ATTENTION_NAME))
     busy = torch.randn(2048, 2048, device=DEVICE)
     if ON_CUDA:
@@ -99,7 +99,7 @@ def test_a_batch_and_its_packed_layout_reach_the_device_without_waiting_for_it()
     try:
         for _ in range(8):
             busy = busy @ busy / 2048  # queued work that a synchronizing copy would wait for
-        batch = with_rows(collate(rows, 0), [0, 1], 0, DEVICE)
+        batch = with_rows(collate(TWO_ROWS, 0), [0, 1], 0, DEVICE)
         cu_seqlens, longest = model_inputs(model, batch)["packed_layout"].offsets
     finally:
         if ON_CUDA:

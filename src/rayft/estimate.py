@@ -482,7 +482,7 @@ class _Step:
             return (2 + 2 * kv_share / self.heads) * t * h * c + scores * (4 + c)
         config = self.facts.config
         head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
-        if (kind == "packed" and self.device.kind == "cuda" and c == 2 and head_dim <= 128
+        if (kind == "packed" and self.device.kind == "cuda" and c == 2 and head_dim <= packed.FLASH_VARLEN_MAX_HEAD_DIM
                 and not getattr(config, "attention_dropout", 0.0)):
             # the flash kernel's varlen attention (train/attention.py says where it runs): queries,
             # output, keys and values unexpanded, and its log-sum-exp per row and head

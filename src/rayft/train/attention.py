@@ -35,6 +35,8 @@ _MATH_MAX_SCORES = 1 << 23
 # Whether a CUDA bf16/fp16 forward may take the flash kernel's variable-length attention (a switch
 # for benchmarks/train_step.py to time the buckets against it on a GPU).
 USE_FLASH_VARLEN = True
+# The largest head size it takes here: above it the flash backward's limits depend on the GPU.
+FLASH_VARLEN_MAX_HEAD_DIM = 128
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -128,7 +130,7 @@ def _flash_varlen_call(query, key, value, scaling: float, dropout: float, traini
                        ) -> tuple[dict, torch.dtype] | None:
     """(the keyword arguments of a causal varlen_attn call, the dtype to run it in) for these
     inputs, or None where the flash kernel does not run them: not CUDA (nor ROCm, unchecked),
-    not half precision, dropout, a head size over 128 (the backward's limits vary by GPU above),
+    not half precision, dropout, a head size over FLASH_VARLEN_MAX_HEAD_DIM,
     a GPU before Ampere, or a scale this torch's varlen_attn cannot take.
 
     Under autocast the dtype is autocast's: there the rotary embedding hands the queries and keys
@@ -137,7 +139,7 @@ def _flash_varlen_call(query, key, value, scaling: float, dropout: float, traini
     kernel = _varlen_kernel()
     head_dim = query.shape[-1]
     if (not USE_FLASH_VARLEN or kernel is None or not query.is_cuda or torch.version.hip
-            or (dropout and training) or head_dim % 8 or head_dim > 128):
+            or (dropout and training) or head_dim % 8 or head_dim > FLASH_VARLEN_MAX_HEAD_DIM):
         return None
     if torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
