@@ -11,8 +11,14 @@ is tested with here:
 - rayft-site: Ray (Train/Tune and the dashboard's needs; its Java jars, RLlib and LLM library left out), DeepSpeed,
   mlflow-skinny with SQLAlchemy, transformers/peft/accelerate at rayft's tested versions,
   bitsandbytes with only its CUDA 13 libraries (the host's torch is a CUDA 13 build), pydantic ...
-- lf-site: LLaMA-Factory 0.9.5 with its own pins (transformers 5.6, peft 0.18.1, trl 0.24,
-  datasets 4.0), for the LLaMA-Factory baseline, which runs in its own process.
+- lf-site: LLaMA-Factory 0.9.5 with its own pins (peft 0.18.1, trl 0.24, datasets 4.0), for the
+  LLaMA-Factory baseline, which runs in its own process; and benchmarks/flash_attn_shim, a
+  stand-in for the flash-attn package (which the host cannot build) over torch's own
+  FlashAttention-2 kernel, so that LLaMA-Factory runs neat packing through FlashAttention-2 there.
+  transformers is 5.5.4, not the 5.6.0 that LLaMA-Factory's own environment here has (its newest
+  allowed): 5.6.0's FlashAttention-2 forward fails on every model without attention sinks, Llama
+  included (`s_aux.to(...)` on None: transformers#45588, fixed after 5.6.0), so LLaMA-Factory
+  0.9.5 runs FlashAttention-2 only with an older transformers.
 - smollm2.tar.xz: SmolLM2-135M-Instruct's config, tokenizer and chat template. Its weights (the
   package's 93 MB GGUF) exceed what travels, so the check builds a model of the same shape with
   random weights: the same FLOPs and the same code path, but no meaningful loss values.
@@ -57,7 +63,7 @@ RAYFT_SITE = [
 # and py-spy (runtime-env virtual environments, profiling).
 # LLaMA-Factory's training path (the modules lf_worker.py loads), less what the host image has
 LF_SITE = [
-    "llamafactory==0.9.5", "transformers==5.6.0", "peft==0.18.1", "trl==0.24.0", "accelerate==1.11.0",
+    "llamafactory==0.9.5", "transformers==5.5.4", "peft==0.18.1", "trl==0.24.0", "accelerate==1.11.0",
     "datasets==4.0.0", "tokenizers==0.22.2", "huggingface-hub==1.33.0", "fsspec==2025.3.0", "dill==0.3.8",
     "multiprocess==0.70.16", "omegaconf==2.4.0", "opentelemetry-api==1.45.2", "pytz==2026.6", "torchdata==0.11.0",
 ]
@@ -73,6 +79,13 @@ def deepspeed_wheel(folder: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(folder), "deepspeed==0.19.8"], check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     return next(folder.glob("deepspeed-*.whl"))
+
+
+def flash_attn_shim_wheel(folder: Path) -> Path:
+    source = shutil.copytree(ROOT / "benchmarks" / "flash_attn_shim", folder / "flash_attn_shim")  # builds leave files
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(folder), str(source)], check=True)
+    return next(folder.glob("flash_attn-*.whl"))
 
 
 def site(name: str, requirements: list[str], extra: list[Path]) -> Path:
@@ -103,7 +116,7 @@ def main() -> None:
     if "--model-only" not in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:
             site("rayft-site", RAYFT_SITE, [deepspeed_wheel(Path(tmp))])
-        site("lf-site", LF_SITE, [])
+            site("lf-site", LF_SITE, [flash_attn_shim_wheel(Path(tmp))])
     model_dir = resolve_model_path("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODEL_FILES:

@@ -57,7 +57,7 @@ if not (target / "model.safetensors").is_file():
     staging.rename(target)
 print("model", target, sorted(p.name for p in target.iterdir()))
 EOF
-PYTHONPATH=/tmp/lf-site python3 -c "import llamafactory, transformers, peft; print('llamafactory', llamafactory.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tail -3 | tee -a "$OUT/summary.log"
+PYTHONPATH=/tmp/lf-site python3 -c "import importlib.metadata as m, llamafactory, transformers, peft; print('llamafactory', llamafactory.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'flash-attn (the stand-in over torch)', m.version('flash-attn'))" 2>&1 | tail -3 | tee -a "$OUT/summary.log"
 
 if want tests; then
 stage "tests/test_gpu.py, the quick ones (the varlen attention's correctness first)"

@@ -114,24 +114,36 @@ def write_dataset(data_path: Path, dataset_dir: Path) -> str:
     return "bench"
 
 
-def lf_arguments(model_dir: Path, dataset_dir: Path, output_dir: Path, args, threads: int) -> dict:
-    """The benchmark's settings in LF's own terms (what a `llamafactory-cli train` YAML holds). On a
-    GPU LF is asked for FlashAttention-2 (with neat packing it then runs varlen attention); where
-    the flash-attn package is missing LF says so and keeps sdpa under its block-diagonal 4D mask,
-    and lf_worker.py records which one ran."""
+def flash_attn_version(device: str) -> str | None:
+    """The flash-attn distribution LF's Python finds (on the GPU host: benchmarks/flash_attn_shim,
+    gpu_bundle.py packs it), or None."""
+    found = subprocess.run([lf_python(), "-c", "import importlib.metadata as m; print(m.version('flash-attn'))"],
+                           capture_output=True, text=True, env=lf_env(device=device))
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+def lf_arguments(model_dir: Path, dataset_dir: Path, output_dir: Path, args, threads: int,
+                 flash_attention: bool = False) -> dict:
+    """The benchmark's settings in LF's own terms (what a `llamafactory-cli train` YAML holds).
+    `flash_attention` (on a GPU where flash-attn imports): FlashAttention-2, with which LF's neat
+    packing runs varlen attention; LF then takes one packed row per step (its collator asserts
+    it), so the row holds what `batch` rows of `cutoff` would (cutoff x batch tokens) and a step
+    trains on as many tokens as rayft's. Otherwise sdpa under LF's block-diagonal 4D mask, `batch`
+    rows of `cutoff`. lf_worker.py records which attention ran."""
     on_gpu = getattr(args, "device", "cpu") == "cuda"
+    rows, cutoff = (1, args.cutoff * args.batch) if flash_attention else (args.batch, args.cutoff)
     return {
         "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True,
         "finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target": "all",
-        "dataset": "bench", "dataset_dir": str(dataset_dir), "template": "smollm2", "cutoff_len": args.cutoff,
+        "dataset": "bench", "dataset_dir": str(dataset_dir), "template": "smollm2", "cutoff_len": cutoff,
         "packing": True, "neat_packing": True, "overwrite_cache": True,
         # LF turns gradient checkpointing on by default; rayft runs without it, so LF does too here
         "disable_gradient_checkpointing": True, "preprocessing_num_workers": None,
         "output_dir": str(output_dir), "overwrite_output_dir": True,
-        "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
+        "per_device_train_batch_size": rows, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
         "max_steps": args.steps, "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
         "plot_loss": False, "bf16": args.precision == "bf16", "use_cpu": not on_gpu, "dataloader_num_workers": 0,
-        "seed": 42, **({"flash_attn": "fa2"} if on_gpu else {}),
+        "seed": 42, "flash_attn": "fa2" if flash_attention else "sdpa" if on_gpu else "auto",
         "threads": threads,
     }
 
@@ -143,14 +155,16 @@ def run_llamafactory(data_path: Path, model_dir: Path, work: Path, args, threads
     dataset_dir = work / "lf_data"
     write_dataset(data_path, dataset_dir)
     threads = threads or os.cpu_count()
-    lf_args = lf_arguments(model_dir, dataset_dir, work / "lf_out", args, threads)
+    device = getattr(args, "device", "cpu")
+    lf_args = lf_arguments(model_dir, dataset_dir, work / "lf_out", args, threads,
+                           flash_attention=device == "cuda" and flash_attn_version(device) is not None)
     (work / "lf_args.json").write_text(json.dumps(lf_args, indent=2))
     result = work / "lf_result.json"
     log = work / "lf.log"
     with open(log, "w") as out:
         proc = subprocess.run([lf_python(), str(Path(__file__).with_name("lf_worker.py")),
                                str(work / "lf_args.json"), str(result)], stdout=out, stderr=subprocess.STDOUT,
-                              env=lf_env(threads, getattr(args, "device", "cpu")), cwd=work)
+                              env=lf_env(threads, device), cwd=work)
     if proc.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory run failed (exit {proc.returncode}); its log {log}:\n"
                            + log.read_text()[-4000:])

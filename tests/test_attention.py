@@ -1,5 +1,7 @@
 """rayft's attention over packed rows equals attention under the block-diagonal causal mask."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,8 +172,90 @@ def test_a_training_batch_builds_its_layout_without_reading_the_device():
     from rayft.train.loop import model_inputs, with_rows
 
     batch = with_rows(collate(TWO_ROWS, 0), [0, 1], 0, torch.device("meta"))
-    assert batch["input_ids"].is_meta and batch["host_position_ids"].device.type == "cpu"
+    assert batch["input_ids"].is_meta and batch["host"]["position_ids"].device.type == "cpu"
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=ATTENTION_NAME))
     layout = model_inputs(model, batch)["packed_layout"]
     assert layout.device.type == "meta" and layout.begin.tolist() == [0, 3, 7, 11]  # row 1's padding: its own
     assert layout.offsets[0].is_meta and layout.offsets[1] == 4
+
+
+def test_a_training_steps_loss_is_worked_out_without_reading_the_device(monkeypatch):
+    """Which positions are learned (the head's rows, their targets, their count, and for DPO each
+    sequence's tokens) is worked out from the batch's host copy: on a GPU, a boolean selection on
+    the device makes the host wait for every queued kernel. On the meta device, where no value can
+    be read, the SFT loss (forward and backward) and DPO's sequence log-probabilities still run.
+    (The fused head asks autocast about the batch's device, which the meta device is not: the
+    head's plain path stands in; it selects the rows the same way.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayft.data.packing import collate
+    from rayft.train import loop
+    from rayft.train.attention import register
+
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = register()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    rows = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
+    batch = loop.with_rows(collate(rows, 0), [0, 1], 0, torch.device("meta"))
+    batch["row_weight"] = torch.ones(2, device="meta")
+    loss, count = loop.token_losses(model, batch, "fp32", fused_head=False)
+    loss.backward()
+    assert loss.is_meta and count.is_meta and count.shape == ()
+    monkeypatch.setattr(loop, "fused_head_loss_applies", lambda *args: False)
+    sums, tokens, row_of = loop.sequence_logps(model, batch, "fp32")
+    assert sums.is_meta and sums.shape == tokens.shape == row_of.shape == (3,)  # row 0's two samples, row 1's one
+
+
+def test_learned_positions_select_what_the_labels_mark():
+    """The flat learned positions pick, from hidden states with soft-prompt positions before each
+    row, exactly the positions whose next label is learned, in the order of their targets."""
+    from rayft.train.head_loss import learned_rows
+    from rayft.train.loop import IGNORE_INDEX, learned_positions
+
+    labels = torch.tensor([[-100, 4, 5, -100, 6], [-100, -100, 7, -100, -100], [-100] * 5])
+    virtual = 3
+    hidden = torch.randn(3, virtual + 5, 2)
+    marked = torch.zeros(3, virtual + 5, dtype=torch.bool)
+    marked[:, virtual:-1] = labels[:, 1:] != IGNORE_INDEX
+    index, targets = learned_positions(labels, virtual)
+    assert torch.equal(learned_rows(hidden, index), hidden[marked]) and targets.tolist() == [4, 5, 6, 7]
+
+
+def flash_attn_stand_in():
+    """benchmarks/flash_attn_shim's flash_attn, loaded under another name (nothing here may find a
+    module called flash_attn: libraries would take it for the real package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flash_attn_shim" / "flash_attn" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("flash_attn_stand_in", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llamafactorys_flash_attn_stand_in_attends_within_each_sample():
+    """The stand-in that lets LLaMA-Factory run FlashAttention-2 on the GPU host (which cannot build
+    flash-attn): on the CPU its varlen function equals the block-diagonal causal mask; flash_attn_func
+    treats each row as one sample; and torch's CUDA kernel, on meta tensors, takes the call it builds
+    for this torch (grouped-query, scaled, causal), forward and backward."""
+    from rayft.train.attention import _varlen_kernel
+
+    shim = flash_attn_stand_in()
+    torch.manual_seed(0)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]])
+    q, k, v = (torch.randn(1, h, 10, 8, dtype=torch.float64) for h in (4, 2, 2))
+    offsets = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    flat = [x[0].transpose(0, 1) for x in (q, k, v)]  # (tokens, heads, dim)
+    out = shim.flash_attn_varlen_func(*flat, offsets, offsets, 5, 5, softmax_scale=8 ** -0.5, causal=True)
+    torch.testing.assert_close(out, block_diagonal_reference(q, k, v, position_ids)[0])
+    rows = shim.flash_attn_func(*[x.transpose(1, 2) for x in (q, k, v)], causal=True)
+    torch.testing.assert_close(rows, block_diagonal_reference(q, k, v, torch.arange(10)[None]))
+    if _varlen_kernel() is None:
+        pytest.skip("torch < 2.10 has no varlen attention")
+    meta = [torch.empty(40, h, 64, device="meta", dtype=torch.bfloat16, requires_grad=True) for h in (9, 3, 3)]
+    meta_offsets = torch.tensor([0, 10, 40], dtype=torch.int32, device="meta")
+    out = shim.flash_attn_varlen_func(*meta, meta_offsets, meta_offsets, 30, 30, softmax_scale=0.125, causal=True)
+    assert out.shape == meta[0].shape
+    assert [g.shape for g in torch.autograd.grad(out.sum(), meta)] == [x.shape for x in meta]

@@ -108,6 +108,40 @@ def test_a_batch_and_its_packed_layout_reach_the_device_without_waiting_for_it()
     assert cu_seqlens.tolist() == [0, 3, 7, 11, 14] and batch["input_ids"][1, :4].tolist() == [5] * 4
 
 
+def test_a_bf16_lora_step_and_dpos_forward_queue_on_the_device_without_waiting(tiny_model):
+    """The loss step as the loop runs it (a with_rows batch, packed attention, the fused head, the
+    backward) and DPO's sequence log-probabilities queue their work on the GPU without one stream
+    synchronization (torch's sync debug mode raises on one): what is learned is worked out from the
+    batch's host copy. After a first step, which may set things up."""
+    from test_attention import TWO_ROWS
+
+    from rayft.data.packing import collate
+    from rayft.methods import Run
+    from rayft.train.loop import sequence_logps, token_losses, with_rows
+
+    model = load_for_training(tiny_model, MethodConfig(type="lora", lora={"dropout": 0.0}), DEVICE,
+                              run=Run(precision="bf16")).to(DEVICE)
+    rows = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
+
+    def step():
+        batch = with_rows(collate(rows, 0), [0, 1], 0, DEVICE)
+        loss, count = token_losses(model, batch, "bf16")
+        (loss / count.clamp(min=1)).backward()
+        with torch.no_grad():
+            return loss, count, sequence_logps(model, batch, "bf16")
+
+    step()
+    if ON_CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, count, (sums, tokens, row_of) = step()
+    finally:
+        if ON_CUDA:
+            torch.cuda.set_sync_debug_mode(0)
+    assert count.item() == 7 and tokens.tolist() == [2, 3, 2] and row_of.tolist() == [0, 0, 1]
+    assert torch.isfinite(loss) and torch.isfinite(sums).all()
+
+
 def lora_step(model_dir, device, precision, method=None, run=None):
     """LoRA's loss and gradients on two packed batches (B given values: it starts at zero)."""
     from tiny import packed_batches

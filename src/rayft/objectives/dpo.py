@@ -404,7 +404,7 @@ class DirectPreference(Objective):
                 staging.replace(path)
             dist.barrier()
         tensors = load_file(str(path))
-        return tensors["values"].to(device), tensors["starts"].to(device)
+        return tensors["values"].to(device), tensors["starts"]  # the starts are read on the host
 
     def loss(self, opts, model, batch, precision, method, method_opts):
         from rayft.train.loop import sequence_logps
@@ -419,11 +419,11 @@ class DirectPreference(Objective):
                                       ref_chosen, ref_rejected)
         if "row_weight" in batch:  # data.task_weights: each pair weighted by its row's task
             losses = losses * batch["row_weight"][row_of[0::2]]
-        return losses.sum(), torch.tensor(float(len(losses)), device=losses.device), \
+        return losses.sum(), losses.new_full((), float(len(losses))), \
             {name: value.sum() for name, value in metrics.items()}
 
     def _reference(self, model, batch, precision) -> torch.Tensor:
-        from rayft.train.loop import sequence_logps
+        from rayft.train.loop import on_host, sequence_logps
 
         if self.reference_kind == "adapter_disabled":
             with torch.no_grad(), self.method.disabled_adapters(model):
@@ -431,6 +431,6 @@ class DirectPreference(Objective):
         if self.reference_kind == "model":
             with torch.no_grad():
                 return sequence_logps(self.reference_model, batch, precision)[0]
-        values, starts = self.precomputed[int(batch["split_id"])]
-        rows = batch["row_index"].tolist()
+        values, starts = self.precomputed[int(on_host(batch, "split_id"))]
+        rows = on_host(batch, "row_index").tolist()
         return torch.cat([values[starts[i]:starts[i + 1]] for i in rows]).to(torch.float32)

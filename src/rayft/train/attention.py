@@ -42,7 +42,7 @@ FLASH_VARLEN_MAX_HEAD_DIM = 128
 def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """A host tensor on `device`. To a GPU through pinned memory and without blocking: a copy from
     pageable memory synchronizes the stream, so the host would wait for every queued kernel."""
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 

@@ -154,10 +154,16 @@ def fused_head_loss_applies(model, head: torch.nn.Module, precision: str) -> boo
             and getattr(model.config, "model_type", None) in HEAD_IS_LAST)
 
 
+def learned_rows(hidden: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """The hidden states (rows x positions x features) at the `learned` positions (flat indices
+    into rows x positions): a gather whose size is known without reading the device."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, learned)
+
+
 @contextmanager
 def head_returns_token_losses(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
     """head_returns_loss with each learned position's loss (a vector) in place of their sum."""
-    head.forward = lambda hidden: linear_token_losses(hidden[learned], head, targets)
+    head.forward = lambda hidden: linear_token_losses(learned_rows(hidden, learned), head, targets)
     try:
         yield
     finally:
@@ -167,11 +173,11 @@ def head_returns_token_losses(head: torch.nn.Linear, learned: torch.Tensor, targ
 @contextmanager
 def head_returns_loss(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor,
                       target_weights: Optional[torch.Tensor] = None) -> Iterator[None]:
-    """Within the block the head takes the hidden states at the `learned` positions and returns
-    their summed (weighted) loss against `targets` in place of logits. It is still called as a
+    """Within the block the head takes the hidden states at the `learned` positions (learned_rows)
+    and returns their summed (weighted) loss against `targets` in place of logits. It is still called as a
     module (the instance's forward is replaced, not the call), so hooks around it, such as ZeRO-3
     gathering its weight, run as before."""
-    head.forward = lambda hidden: linear_cross_entropy(hidden[learned], head, targets, target_weights)
+    head.forward = lambda hidden: linear_cross_entropy(learned_rows(hidden, learned), head, targets, target_weights)
     try:
         yield
     finally:

@@ -27,7 +27,7 @@ from rayft.objectives import get_objective
 from rayft.train.attention import ATTENTION_NAME, PackedLayout, host_to_device
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
 from rayft.train.ewc import ElasticWeightConsolidation
-from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss, head_returns_token_losses
+from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss, head_returns_token_losses, learned_rows
 from rayft.train.schedule import StepPlan, lr_factor
 from rayft.train.task_weights import remember_evaluation, task_loss_weights
 
@@ -78,41 +78,54 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str, virtual_
     `virtual_tokens`: positions a soft-prompt method puts before each row's own (never learned).
     A batch with `row_weight` (its rows' task weights, data.task_weights) weights each token's
     loss by its row's; the normaliser stays the token count."""
-    learned, targets = learned_positions(batch["labels"], virtual_tokens)
-    weights = batch["row_weight"][:, None].expand(learned.shape)[learned] if "row_weight" in batch else None
+    learned, targets = learned_positions(on_host(batch, "labels"), virtual_tokens)
+    learned, targets, count = on_device(batch, learned, targets, torch.tensor([len(targets)]))
+    width = virtual_tokens + batch["labels"].shape[1]
+    weights = batch["row_weight"].index_select(0, learned // width) if "row_weight" in batch else None
     head = output_head(model)
     if fused_head and fused_head_loss_applies(unwrapped(model), head, precision):
         with head_returns_loss(head, learned, targets, weights), autocast_context(precision, targets.device):
-            return model(**model_inputs(model, batch)).logits, learned.sum()  # the summed loss, from the head itself
+            return model(**model_inputs(model, batch)).logits, count[0]  # the summed loss, from the head itself
     logits = learned_logits(model, batch, precision, learned)
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
-    return (losses * weights if weights is not None else losses).sum(), learned.sum()
+    return (losses * weights if weights is not None else losses).sum(), count[0]
 
 
 def learned_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions whose next token is learned, those tokens)."""
-    learned = torch.zeros_like(labels, dtype=torch.bool)
-    learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    targets = labels[:, 1:][learned[:, :-1]]
-    if virtual_tokens:
-        learned = torch.cat([learned.new_zeros(labels.shape[0], virtual_tokens), learned], dim=1)
-    return learned, targets
+    """(the positions whose next token is learned, as flat indices into the rows x (virtual
+    tokens + tokens) of the model's hidden states; those tokens)."""
+    learned = labels[:, 1:] != IGNORE_INDEX
+    row, position = torch.nonzero(learned, as_tuple=True)
+    return row * (virtual_tokens + labels.shape[1]) + virtual_tokens + position, labels[:, 1:][learned]
+
+
+def on_host(batch: dict, name: str) -> torch.Tensor:
+    """The batch's `name` as the host has it (with_rows keeps the host's copy). What the step works
+    out from the batch's values (which positions are learned, the packed layout) is worked out
+    there: on a GPU a boolean selection or a read of the device's copy makes the host wait for
+    the device."""
+    return batch.get("host", batch)[name]
+
+
+def on_device(batch: dict[str, torch.Tensor], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Integer tensors worked out on the host, moved to the batch's device together (as int64) in
+    one copy that does not wait. (A batch without host copies has them on its device already.)"""
+    joined = host_to_device(torch.cat([t.reshape(-1).long().cpu() for t in tensors]), batch["labels"].device)
+    return list(joined.split([t.numel() for t in tensors]))
 
 
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
     extra = {}
     if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
-        # once per batch, not per layer; from the host's copy where the batch has one, so that
-        # building it does not wait for the device
-        extra["packed_layout"] = PackedLayout.of(batch.get("host_position_ids", batch["position_ids"]),
-                                                 batch["input_ids"].device)
+        # once per batch, not per layer, from the host's copy of the position ids
+        extra["packed_layout"] = PackedLayout.of(on_host(batch, "position_ids"), batch["input_ids"].device)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
 
 
 def learned_logits(model, batch: dict[str, torch.Tensor], precision: str, learned: torch.Tensor) -> torch.Tensor:
     """The logits at the learned positions only: a forward pre-hook hands the head just those
     hidden states."""
-    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (args[0][learned], *args[1:]))
+    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (learned_rows(args[0], learned), *args[1:]))
     try:
         with autocast_context(precision, learned.device):
             return model(**model_inputs(model, batch)).logits
@@ -137,16 +150,20 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str
     """Per sequence of the batch, in order (rows in order, each row's sequences as its positions
     restart): the summed log-probability of its learned tokens, how many there are, and the row
     it sits in. A sequence without learned tokens (a row's padding) is not one."""
-    learned, targets = learned_positions(batch["labels"])
-    token_logps = learned_token_logps(model, batch, precision, learned, targets)
-    starts = batch["position_ids"] == 0
+    # worked out on the host (see on_host)
+    labels = on_host(batch, "labels")
+    learned, targets = learned_positions(labels)
+    starts = on_host(batch, "position_ids") == 0
     segment = torch.cumsum(starts, dim=1) - 1  # within the row
-    row_offset = torch.arange(segment.shape[0], device=segment.device)[:, None] * segment.shape[1]
+    row_offset = torch.arange(segment.shape[0])[:, None] * segment.shape[1]
     # the target at t+1 belongs to the sequence of t+1 (no sequence's first token is learned)
-    learned_segments = (segment + row_offset)[:, 1:][learned[:, :-1]]
+    learned_segments = (segment + row_offset).reshape(-1)[learned + 1]
     segments, sequence = torch.unique_consecutive(learned_segments, return_inverse=True)
-    sums = token_logps.new_zeros(len(segments)).index_add_(0, sequence, token_logps)
-    return sums, torch.bincount(sequence, minlength=len(segments)), segments // segment.shape[1]
+    counts = torch.bincount(sequence, minlength=len(segments))
+    learned, targets, sequence, counts, rows = on_device(batch, learned, targets, sequence, counts,
+                                                         segments // segment.shape[1])
+    token_logps = learned_token_logps(model, batch, precision, learned, targets)
+    return token_logps.new_zeros(len(segments)).index_add_(0, sequence, token_logps), counts, rows
 
 
 # ---------------------------------------------------------------- data
@@ -188,13 +205,13 @@ def eval_batches(rows: RowFile, mb: int, rank: int, world: int, pad_id: int, dev
 TRAIN_SPLIT, VAL_SPLIT = 0, 1
 
 
-def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> dict[str, torch.Tensor]:
+def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> dict:
     """The batch on the device, with which rows of which split it holds (what a stage may have
     computed per row beforehand, e.g. a reference's log-probabilities, is looked up by them), and
-    its position ids also kept on the host (the packed attention's layout is built from them)."""
+    the host's copy of all of it under "host" (on_host)."""
     batch = {**batch, "row_index": torch.as_tensor(np.asarray(indices), dtype=torch.long),
              "split_id": torch.tensor(split)}
-    return {**{k: host_to_device(v, device) for k, v in batch.items()}, "host_position_ids": batch["position_ids"]}
+    return {**{k: host_to_device(v, device) for k, v in batch.items()}, "host": batch}
 
 
 def all_sum(values: list[float] | torch.Tensor, device) -> list[float]:
