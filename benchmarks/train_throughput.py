@@ -20,8 +20,10 @@ Baselines:
   it under .bench/ on first use; its pins conflict with rayft's).
 
 On a GPU (--device cuda, the default where torch sees one; benchmarks/gpu_check.sh runs it so):
-rayft runs one Ray Train worker per GPU, LLaMA-Factory is asked for FlashAttention-2 (it keeps
-sdpa where the flash-attn package is missing, and the summary says which ran), and the peak is an
+rayft runs one Ray Train worker per GPU, LLaMA-Factory runs FlashAttention-2 where flash-attn
+imports in its environment (gpu_bundle.py packs benchmarks/flash_attn_shim, a stand-in over
+torch's kernel; LF then takes one packed row of cutoff x batch tokens per step, see
+llamafactory_baseline.lf_arguments), else sdpa (the summary says which ran), and the peak is an
 8192^3 matmul timed with CUDA events. LLaMA-Factory's last 5 steps end with a synchronize (rayft's
 loop reads its logging window's sums back before the window's clock stops), so neither side's
 time leaves GPU work queued.

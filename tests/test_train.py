@@ -93,6 +93,25 @@ def test_deepspeeds_engine_keeps_the_loss_steps_autocast_on(tmp_path, tiny_model
     assert inside == ((True, torch.bfloat16) if precision == "bf16" else (False, torch.bfloat16))
 
 
+def test_deepspeeds_engine_does_not_make_gpu_workers_wait_for_the_device():
+    """Under the DeepSpeed config rayft builds for a GPU worker, DeepSpeed's engine never makes the
+    host wait for the device over forwards, backwards and optimizer steps (its accelerator's
+    synchronize is counted, the accelerator answering as CUDA's does). With DeepSpeed's default
+    throughput timer, which rayft switches off, it would wait at every micro-batch. (overlap_comm,
+    which rayft keeps for more than one GPU, would wait after every backward; a CPU has no streams
+    to run it on, so this one-process check cannot show it.)"""
+    import subprocess
+    import sys
+
+    from conftest import _free_port
+
+    probe = Path(__file__).parent / "device_wait_probe.py"
+    done = subprocess.run([sys.executable, str(probe), str(_free_port())], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, done.stderr[-3000:]
+    assert json.loads(lines[-1]) == {"rayft": 0, "deepspeed_timers": 8}
+
+
 # LoRA under ZeRO-3 is the CLI run below; LoRA under ZeRO-2 runs in the jobs and service tests.
 # train.compile's run: its evaluations run the compiled layers, its reload the eager ones.
 @pytest.mark.parametrize("method, zero_stage, compiled", [("full", 3, False), ("freeze", 2, False), ("qlora", 2, False),

@@ -11,7 +11,10 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict
     train, dist = cfg.train, cfg.distributed
     zero: dict[str, Any] = {"stage": dist.zero_stage}
     if dist.zero_stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu,
+        # overlap_comm reduces gradients on a stream of their own, and then the host waits for the
+        # device after every micro-batch's backward (stage_1_and_2.py's reduce epilogue): only
+        # where there is communication to overlap, i.e. more than one GPU
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu and world_size > 1,
                     reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if dist.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = dist.zero3_persistence_threshold
@@ -41,6 +44,10 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default, for its own speed reports, which rayft does
+        # not print) synchronizes the device at every forward and step: on a GPU the host would wait
+        # for all queued work twice per micro-batch. rayft times its steps itself (train/loop.py).
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
