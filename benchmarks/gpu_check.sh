@@ -62,7 +62,7 @@ PYTHONPATH=/tmp/lf-site python3 -c "import importlib.metadata as m, llamafactory
 if want tests; then
 stage "tests/test_gpu.py, the quick ones (the varlen attention's correctness first)"
 # in their own run, so that their failures are reported even if a later stage hits its time limit
-timeout 90 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 60 -k "not ray_train" \
+timeout 100 python3 -m pytest tests/test_gpu.py -v -p no:cacheprovider -o addopts="" --timeout 60 -k "not ray_train" \
     > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/summary.log"
 grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/tests.log" | tail -20 | tee -a "$OUT/summary.log"

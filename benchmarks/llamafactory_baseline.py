@@ -116,8 +116,8 @@ def write_dataset(data_path: Path, dataset_dir: Path) -> str:
 
 
 def flash_attn_version(device: str) -> str | None:
-    """The flash-attn distribution LF's Python finds (on the GPU host: benchmarks/flash_attn_shim,
-    gpu_bundle.py packs it), or None."""
+    """The version of the flash-attn distribution installed where LF's Python looks (on the GPU
+    host: benchmarks/flash_attn_shim, gpu_bundle.py packs it), or None."""
     found = subprocess.run([lf_python(), "-c", "import importlib.metadata as m; print(m.version('flash-attn'))"],
                            capture_output=True, text=True, env=lf_env(device=device))
     return found.stdout.strip() if found.returncode == 0 else None
@@ -126,11 +126,13 @@ def flash_attn_version(device: str) -> str | None:
 def lf_arguments(model_dir: Path, dataset_dir: Path, output_dir: Path, args, threads: int,
                  flash_attention: bool = False) -> dict:
     """The benchmark's settings in LF's own terms (what a `llamafactory-cli train` YAML holds).
-    `flash_attention` (on a GPU where flash-attn imports): FlashAttention-2, with which LF's neat
-    packing runs varlen attention; LF then takes one packed row per step (its collator asserts
-    it), so the row holds what `batch` rows of `cutoff` would (cutoff x batch tokens) and a step
-    trains on as many tokens as rayft's. Otherwise sdpa under LF's block-diagonal 4D mask, `batch`
-    rows of `cutoff`. lf_worker.py records which attention ran."""
+    `flash_attention` (on a GPU where flash-attn is installed): FlashAttention-2, with which LF's
+    neat packing runs varlen attention; LF then takes one packed row per step (its collator
+    asserts it), so the row holds what `batch` rows of `cutoff` would (cutoff x batch tokens) and a
+    step trains on as many tokens as rayft's. LF's cutoff also truncates (and drops) samples, so
+    this would keep samples longer than `cutoff` that rayft cuts; the benchmark's rows (~100
+    tokens) have none. Otherwise sdpa under LF's block-diagonal 4D mask, `batch` rows of `cutoff`.
+    lf_worker.py records which attention ran."""
     on_gpu = getattr(args, "device", "cpu") == "cuda"
     rows, cutoff = (1, args.cutoff * args.batch) if flash_attention else (args.batch, args.cutoff)
     return {

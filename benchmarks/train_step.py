@@ -42,7 +42,7 @@ from rayft.demo import write_demo_data  # noqa: E402
 from rayft.models import resolve_model_path  # noqa: E402
 from rayft.methods import Run  # noqa: E402
 from rayft.models.loading import compile_decoder_layers, load_for_training  # noqa: E402
-from rayft.train.loop import fused_head_loss_applies as FUSED_HEAD_APPLIES, resolve_precision, token_losses  # noqa: E402
+from rayft.train.loop import fused_head_loss_applies as FUSED_HEAD_APPLIES, resolve_precision, to_device, token_losses  # noqa: E402
 
 
 def batches(model_dir: Path, count: int, batch: int = 4, cutoff: int = 256) -> list[dict]:
@@ -79,7 +79,7 @@ def time_steps(attention: str, head: str, lora_layers: str, model_dir: Path, dat
     model, optimizer = lora_model_and_optimizer(model_dir, attention, precision, device)
     if compiled:
         compile_decoder_layers(model)
-    data = [{k: v.to(device) for k, v in batch.items()} for batch in data]
+    data = [to_device(batch, device) for batch in data]  # as the loop's batches: with their host copy
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if lora_layers == "peft":
         for module in model.modules():

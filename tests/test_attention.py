@@ -179,50 +179,6 @@ def test_a_training_batch_builds_its_layout_without_reading_the_device():
     assert layout.offsets[0].is_meta and layout.offsets[1] == 4
 
 
-def test_a_training_steps_loss_is_worked_out_without_reading_the_device(monkeypatch):
-    """Which positions are learned (the head's rows, their targets, their count, and for DPO each
-    sequence's tokens) is worked out from the batch's host copy: on a GPU, a boolean selection on
-    the device makes the host wait for every queued kernel. On the meta device, where no value can
-    be read, the SFT loss (forward and backward) and DPO's sequence log-probabilities still run.
-    (The fused head asks autocast about the batch's device, which the meta device is not: the
-    head's plain path stands in; it selects the rows the same way.)"""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rayft.data.packing import collate
-    from rayft.train import loop
-    from rayft.train.attention import register
-
-    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    config._attn_implementation = register()
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    rows = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
-    batch = loop.with_rows(collate(rows, 0), [0, 1], 0, torch.device("meta"))
-    batch["row_weight"] = torch.ones(2, device="meta")
-    loss, count = loop.token_losses(model, batch, "fp32", fused_head=False)
-    loss.backward()
-    assert loss.is_meta and count.is_meta and count.shape == ()
-    monkeypatch.setattr(loop, "fused_head_loss_applies", lambda *args: False)
-    sums, tokens, row_of = loop.sequence_logps(model, batch, "fp32")
-    assert sums.is_meta and sums.shape == tokens.shape == row_of.shape == (3,)  # row 0's two samples, row 1's one
-
-
-def test_learned_positions_select_what_the_labels_mark():
-    """The flat learned positions pick, from hidden states with soft-prompt positions before each
-    row, exactly the positions whose next label is learned, in the order of their targets."""
-    from rayft.train.head_loss import learned_rows
-    from rayft.train.loop import IGNORE_INDEX, learned_positions
-
-    labels = torch.tensor([[-100, 4, 5, -100, 6], [-100, -100, 7, -100, -100], [-100] * 5])
-    virtual = 3
-    hidden = torch.randn(3, virtual + 5, 2)
-    marked = torch.zeros(3, virtual + 5, dtype=torch.bool)
-    marked[:, virtual:-1] = labels[:, 1:] != IGNORE_INDEX
-    index, targets = learned_positions(labels, virtual)
-    assert torch.equal(learned_rows(hidden, index), hidden[marked]) and targets.tolist() == [4, 5, 6, 7]
-
-
 def flash_attn_stand_in():
     """benchmarks/flash_attn_shim's flash_attn, loaded under another name (nothing here may find a
     module called flash_attn: libraries would take it for the real package)."""
@@ -259,3 +215,5 @@ def test_llamafactorys_flash_attn_stand_in_attends_within_each_sample():
     out = shim.flash_attn_varlen_func(*meta, meta_offsets, meta_offsets, 30, 30, softmax_scale=0.125, causal=True)
     assert out.shape == meta[0].shape
     assert [g.shape for g in torch.autograd.grad(out.sum(), meta)] == [x.shape for x in meta]
+    with pytest.raises(NotImplementedError, match="sliding window"):  # named in its signature: not dropped
+        shim.flash_attn_varlen_func(*flat, offsets, offsets, 5, 5, causal=True, window_size=(3, 3))

@@ -93,23 +93,81 @@ def test_deepspeeds_engine_keeps_the_loss_steps_autocast_on(tmp_path, tiny_model
     assert inside == ((True, torch.bfloat16) if precision == "bf16" else (False, torch.bfloat16))
 
 
-def test_deepspeeds_engine_does_not_make_gpu_workers_wait_for_the_device():
-    """Under the DeepSpeed config rayft builds for a GPU worker, DeepSpeed's engine never makes the
-    host wait for the device over forwards, backwards and optimizer steps (its accelerator's
-    synchronize is counted, the accelerator answering as CUDA's does). With DeepSpeed's default
-    throughput timer, which rayft switches off, it would wait at every micro-batch. (overlap_comm,
-    which rayft keeps for more than one GPU, would wait after every backward; a CPU has no streams
-    to run it on, so this one-process check cannot show it.)"""
+def test_deepspeeds_engine_does_not_make_gpu_workers_wait_for_the_device(tmp_path, tiny_model, alpaca_file):
+    """Under the DeepSpeed config rayft builds for a GPU worker, DeepSpeed's engine never calls its
+    accelerator's synchronize over forwards, backwards and optimizer steps (counted, the
+    accelerator answering as CUDA's does); with DeepSpeed's default throughput timer, which rayft
+    switches off, it would at every micro-batch. ZeRO-1/2's overlap_comm synchronizes after every
+    backward (a CPU has no streams to run it on, so the probe cannot show it): rayft asks for it
+    only with more than one GPU, and under ZeRO-3, which waits there either way. (Left, not counted
+    here: with gradient clipping, DeepSpeed's norm is copied and read back once per optimizer step.)"""
     import subprocess
     import sys
 
     from conftest import _free_port
+
+    from rayft.train.deepspeed_config import deepspeed_config
+
+    def overlap(zero_stage: int, world: int, on_gpu: bool) -> bool:
+        cfg = parse_config(base_config(tmp_path, tiny_model, alpaca_file, distributed={"zero_stage": zero_stage}))
+        return deepspeed_config(cfg, world, on_gpu)["zero_optimization"]["overlap_comm"]
+
+    assert [overlap(2, 1, True), overlap(2, 2, True), overlap(1, 2, True), overlap(3, 1, True), overlap(2, 2, False)] \
+        == [False, True, True, True, False]
 
     probe = Path(__file__).parent / "device_wait_probe.py"
     done = subprocess.run([sys.executable, str(probe), str(_free_port())], capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, done.stderr[-3000:]
     assert json.loads(lines[-1]) == {"rayft": 0, "deepspeed_timers": 8}
+
+
+def test_a_training_steps_loss_is_worked_out_without_reading_the_device(monkeypatch):
+    """Which positions are learned (the head's rows, their targets, their count, and for DPO each
+    sequence's tokens) is worked out from the batch's host copy: on a GPU, a boolean selection on
+    the device makes the host wait for every queued kernel. On the meta device, where no value can
+    be read, the SFT loss (forward and backward) and DPO's sequence log-probabilities still run.
+    (The fused head asks autocast about the batch's device, which the meta device is not: the
+    head's plain path stands in; it selects the rows the same way.)"""
+    from test_attention import TWO_ROWS
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayft.train import loop
+    from rayft.train.attention import register
+
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    config._attn_implementation = register()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    rows = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
+    batch = loop.with_rows(collate(rows, 0), [0, 1], 0, torch.device("meta"))
+    batch["row_weight"] = torch.ones(2, device="meta")
+    loss, count = loop.token_losses(model, batch, "fp32", fused_head=False)
+    loss.backward()
+    assert loss.is_meta and count.is_meta and count.shape == ()
+    monkeypatch.setattr(loop, "fused_head_loss_applies", lambda *args: False)
+    sums, tokens, row_of = loop.sequence_logps(model, batch, "fp32")
+    assert sums.is_meta and sums.shape == tokens.shape == row_of.shape == (3,)  # row 0's two samples, row 1's one
+
+
+def test_learned_positions_select_what_the_labels_mark():
+    """The flat learned positions pick, from hidden states with soft-prompt positions before each
+    row, exactly the positions whose next label is learned, in the order of their targets."""
+    from rayft.train.head_loss import Learned
+    from rayft.train.loop import IGNORE_INDEX, learned_positions
+
+    labels = torch.tensor([[-100, 4, 5, -100, 6], [-100, -100, 7, -100, -100], [-100] * 5])
+    virtual = 3
+    hidden = torch.randn(3, virtual + 5, 2)
+    marked = torch.zeros(3, virtual + 5, dtype=torch.bool)
+    marked[:, virtual:-1] = labels[:, 1:] != IGNORE_INDEX
+    index, targets = learned_positions(labels, virtual)
+    learned = Learned(index, virtual + 5)
+    assert torch.equal(learned.rows_of(hidden), hidden[marked]) and targets.tolist() == [4, 5, 6, 7]
+    assert learned.rows().tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="over 8 positions per row, hidden states have 5"):
+        learned.rows_of(hidden[:, virtual:])  # the soft prompt's positions left out
 
 
 # LoRA under ZeRO-3 is the CLI run below; LoRA under ZeRO-2 runs in the jobs and service tests.

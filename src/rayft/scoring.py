@@ -85,7 +85,7 @@ class Scorer:
         import torch
 
         from rayft.data.packing import collate, single_row
-        from rayft.train.loop import sequence_logps
+        from rayft.train.loop import sequence_logps, to_device
 
         order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
         losses = [0.0] * len(samples)
@@ -93,7 +93,7 @@ class Scorer:
             for start in range(0, len(order), batch_rows):
                 rows = order[start:start + batch_rows]
                 batch = collate([single_row(samples[i]) for i in rows], self.pad_id)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = to_device(batch, self.device)
                 sums, tokens, _ = sequence_logps(self.model, batch, self.precision)
                 for i, total, count in zip(rows, sums.tolist(), tokens.tolist()):
                     losses[i] = -total / count

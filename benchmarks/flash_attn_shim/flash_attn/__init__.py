@@ -11,9 +11,10 @@ distribution of that name, version >= 2.3.3) and routes the two functions transf
 training to that kernel, so both sides of the comparison run the same flash kernel.
 
 On a CPU (a rehearsal of the wiring: torch's kernel is CUDA only) the same attention runs one
-segment at a time through sdpa. Not covered: dropout, sliding windows, soft-capping, ALiBi, the
-KV cache (`flash_attn_with_kvcache` raises): transformers asks for these only where a model or
-setting needs them, and the benchmark's SmolLM2 training needs none.
+segment at a time through sdpa. Not covered, and refused when asked for: dropout, sliding
+windows, soft-capping, deterministic backward, the KV cache (`flash_attn_with_kvcache`).
+transformers passes a keyword only where the function's signature names it, so these are named
+here in order to be refused rather than dropped; the benchmark's SmolLM2 training asks for none.
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def _causal_segments(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False):
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False):
     """q (total_q, heads, dim), k/v (total_k, kv_heads, dim), the segments' offsets (int32,
     batch + 1) -> (total_q, heads, dim): each segment attends only to itself, as flash_attn's."""
-    if dropout_p:
-        raise NotImplementedError("attention dropout: torch's varlen attention has none")
+    refused = {"attention dropout": dropout_p, "a sliding window": tuple(window_size) != (-1, -1),
+               "soft-capping": softcap, "a deterministic backward": deterministic}
+    for what, asked in refused.items():
+        if asked:
+            raise NotImplementedError(f"{what}: this stand-in over torch's varlen attention has none")
     if q.device.type == "cpu":
         return _causal_segments(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     kernel, names = _kernel()
@@ -65,12 +69,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                   int(max_seqlen_k), **arguments)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    deterministic=False):
     """q (batch, seq_q, heads, dim), k/v (batch, seq_k, kv_heads, dim): every row one segment."""
     batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
     offsets = [torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device=q.device) for n in (seq_q, seq_k)]
     out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *offsets, seq_q, seq_k,
-                                 dropout_p, softmax_scale, causal)
+                                 dropout_p, softmax_scale, causal, window_size, softcap, deterministic)
     return out.view(batch, seq_q, *out.shape[1:])
 
 

@@ -11,10 +11,12 @@ def deepspeed_config(cfg: TrainJobConfig, world_size: int, on_gpu: bool) -> dict
     train, dist = cfg.train, cfg.distributed
     zero: dict[str, Any] = {"stage": dist.zero_stage}
     if dist.zero_stage >= 1:
-        # overlap_comm reduces gradients on a stream of their own, and then the host waits for the
-        # device after every micro-batch's backward (stage_1_and_2.py's reduce epilogue): only
-        # where there is communication to overlap, i.e. more than one GPU
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu and world_size > 1,
+        # ZeRO-1/2 with overlap_comm reduce gradients on a stream of their own, and then the host
+        # waits for the device after every micro-batch's backward (stage_1_and_2.py's reduce
+        # epilogue): only where there is communication to overlap, i.e. more than one GPU. ZeRO-3
+        # waits there either way (stage3.py), so it keeps the overlap.
+        overlap = on_gpu and (world_size > 1 or dist.zero_stage == 3)
+        zero.update(contiguous_gradients=True, overlap_comm=overlap,
                     reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if dist.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = dist.zero3_persistence_threshold

@@ -50,6 +50,8 @@ class ElasticWeightConsolidation:
                  device, rank: int = 0, world: int = 1, seed: int = 0) -> "ElasticWeightConsolidation":
         """The Fisher over `samples` rows of `rows` (a seeded pick; all of them if fewer), each rank
         taking every world-th and the sums all-reduced. Dropout is off while it runs."""
+        from rayft.train.loop import to_device  # the loop imports this module
+
         if next(model.parameters()).device != device:
             model.to(device)  # DeepSpeed would move it there anyway; quantized models already are
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -59,7 +61,7 @@ class ElasticWeightConsolidation:
         model.eval()
         try:
             for index in picked[rank::world]:
-                batch = {k: v.to(device) for k, v in collate(rows.rows(np.array([index])), pad_id).items()}
+                batch = to_device(collate(rows.rows(np.array([index])), pad_id), device)
                 loss_sum, count = loss_fn(model, batch)
                 if count.item() == 0:
                     continue  # nothing learned in this row: no gradient to count

@@ -18,6 +18,7 @@ the matmuls (before its scaling by the incoming gradient, where the plain step r
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -154,16 +155,29 @@ def fused_head_loss_applies(model, head: torch.nn.Module, precision: str) -> boo
             and getattr(model.config, "model_type", None) in HEAD_IS_LAST)
 
 
-def learned_rows(hidden: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
-    """The hidden states (rows x positions x features) at the `learned` positions (flat indices
-    into rows x positions): a gather whose size is known without reading the device."""
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, learned)
+@dataclass
+class Learned:
+    """The positions whose next token is learned: flat indices into rows x `width` positions (the
+    model's hidden states), so that gathering them makes no boolean selection on the device (whose
+    size the host would have to wait for)."""
+    index: torch.Tensor
+    width: int
+
+    def rows_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states (rows x positions x features) at these positions."""
+        if hidden.shape[1] != self.width:
+            raise ValueError(f"learned positions over {self.width} positions per row, hidden states have {hidden.shape[1]}")
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index)
+
+    def rows(self) -> torch.Tensor:
+        """The row of each position."""
+        return self.index // self.width
 
 
 @contextmanager
-def head_returns_token_losses(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor) -> Iterator[None]:
+def head_returns_token_losses(head: torch.nn.Linear, learned: Learned, targets: torch.Tensor) -> Iterator[None]:
     """head_returns_loss with each learned position's loss (a vector) in place of their sum."""
-    head.forward = lambda hidden: linear_token_losses(learned_rows(hidden, learned), head, targets)
+    head.forward = lambda hidden: linear_token_losses(learned.rows_of(hidden), head, targets)
     try:
         yield
     finally:
@@ -171,13 +185,13 @@ def head_returns_token_losses(head: torch.nn.Linear, learned: torch.Tensor, targ
 
 
 @contextmanager
-def head_returns_loss(head: torch.nn.Linear, learned: torch.Tensor, targets: torch.Tensor,
+def head_returns_loss(head: torch.nn.Linear, learned: Learned, targets: torch.Tensor,
                       target_weights: Optional[torch.Tensor] = None) -> Iterator[None]:
-    """Within the block the head takes the hidden states at the `learned` positions (learned_rows)
-    and returns their summed (weighted) loss against `targets` in place of logits. It is still called as a
+    """Within the block the head takes the hidden states at the `learned` positions and returns
+    their summed (weighted) loss against `targets` in place of logits. It is still called as a
     module (the instance's forward is replaced, not the call), so hooks around it, such as ZeRO-3
     gathering its weight, run as before."""
-    head.forward = lambda hidden: linear_cross_entropy(learned_rows(hidden, learned), head, targets, target_weights)
+    head.forward = lambda hidden: linear_cross_entropy(learned.rows_of(hidden), head, targets, target_weights)
     try:
         yield
     finally:

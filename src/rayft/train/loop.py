@@ -27,7 +27,7 @@ from rayft.objectives import get_objective
 from rayft.train.attention import ATTENTION_NAME, PackedLayout, host_to_device
 from rayft.train.checkpoint import TrainerState, export_weights, load_training_state, save_training_state
 from rayft.train.ewc import ElasticWeightConsolidation
-from rayft.train.head_loss import fused_head_loss_applies, head_returns_loss, head_returns_token_losses, learned_rows
+from rayft.train.head_loss import Learned, fused_head_loss_applies, head_returns_loss, head_returns_token_losses
 from rayft.train.schedule import StepPlan, lr_factor
 from rayft.train.task_weights import remember_evaluation, task_loss_weights
 
@@ -65,7 +65,7 @@ def output_head(model) -> torch.nn.Module:
     return unwrapped(model).get_output_embeddings()
 
 
-def token_losses(model, batch: dict[str, torch.Tensor], precision: str, virtual_tokens: int = 0,
+def token_losses(model, batch: dict, precision: str, virtual_tokens: int = 0,
                  fused_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over the learned tokens of a batch, and how many there are.
 
@@ -80,8 +80,8 @@ def token_losses(model, batch: dict[str, torch.Tensor], precision: str, virtual_
     loss by its row's; the normaliser stays the token count."""
     learned, targets = learned_positions(on_host(batch, "labels"), virtual_tokens)
     learned, targets, count = on_device(batch, learned, targets, torch.tensor([len(targets)]))
-    width = virtual_tokens + batch["labels"].shape[1]
-    weights = batch["row_weight"].index_select(0, learned // width) if "row_weight" in batch else None
+    learned = Learned(learned, virtual_tokens + batch["labels"].shape[1])
+    weights = batch["row_weight"].index_select(0, learned.rows()) if "row_weight" in batch else None
     head = output_head(model)
     if fused_head and fused_head_loss_applies(unwrapped(model), head, precision):
         with head_returns_loss(head, learned, targets, weights), autocast_context(precision, targets.device):
@@ -100,21 +100,21 @@ def learned_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> tuple[to
 
 
 def on_host(batch: dict, name: str) -> torch.Tensor:
-    """The batch's `name` as the host has it (with_rows keeps the host's copy). What the step works
-    out from the batch's values (which positions are learned, the packed layout) is worked out
-    there: on a GPU a boolean selection or a read of the device's copy makes the host wait for
-    the device."""
-    return batch.get("host", batch)[name]
+    """The batch's `name` as the host has it (to_device keeps the host's copy; a batch moved without
+    one is copied back, which on a GPU waits). What the step works out from the batch's values
+    (which positions are learned, the packed layout) is worked out there: on a GPU a boolean
+    selection or a read of the device's copy makes the host wait for the device."""
+    return batch["host"][name] if "host" in batch else batch[name].cpu()
 
 
-def on_device(batch: dict[str, torch.Tensor], *tensors: torch.Tensor) -> list[torch.Tensor]:
+def on_device(batch: dict, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Integer tensors worked out on the host, moved to the batch's device together (as int64) in
-    one copy that does not wait. (A batch without host copies has them on its device already.)"""
-    joined = host_to_device(torch.cat([t.reshape(-1).long().cpu() for t in tensors]), batch["labels"].device)
+    one copy that does not wait."""
+    joined = host_to_device(torch.cat([t.reshape(-1).long() for t in tensors]), batch["labels"].device)
     return list(joined.split([t.numel() for t in tensors]))
 
 
-def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
+def model_inputs(model, batch: dict) -> dict:
     extra = {}
     if unwrapped(model).config._attn_implementation == ATTENTION_NAME:
         # once per batch, not per layer, from the host's copy of the position ids
@@ -122,18 +122,18 @@ def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **extra}
 
 
-def learned_logits(model, batch: dict[str, torch.Tensor], precision: str, learned: torch.Tensor) -> torch.Tensor:
+def learned_logits(model, batch: dict, precision: str, learned: Learned) -> torch.Tensor:
     """The logits at the learned positions only: a forward pre-hook hands the head just those
     hidden states."""
-    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (learned_rows(args[0], learned), *args[1:]))
+    hook = output_head(model).register_forward_pre_hook(lambda _module, args: (learned.rows_of(args[0]), *args[1:]))
     try:
-        with autocast_context(precision, learned.device):
+        with autocast_context(precision, learned.index.device):
             return model(**model_inputs(model, batch)).logits
     finally:
         hook.remove()
 
 
-def learned_token_logps(model, batch: dict[str, torch.Tensor], precision: str, learned: torch.Tensor,
+def learned_token_logps(model, batch: dict, precision: str, learned: Learned,
                         targets: torch.Tensor) -> torch.Tensor:
     """The log-probability of each learned token: from the head itself where the fused head
     applies (the learned tokens' logits never exist in full), else from their logits."""
@@ -145,7 +145,7 @@ def learned_token_logps(model, batch: dict[str, torch.Tensor], precision: str, l
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str
+def sequence_logps(model, batch: dict, precision: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence of the batch, in order (rows in order, each row's sequences as its positions
     restart): the summed log-probability of its learned tokens, how many there are, and the row
@@ -162,6 +162,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str
     counts = torch.bincount(sequence, minlength=len(segments))
     learned, targets, sequence, counts, rows = on_device(batch, learned, targets, sequence, counts,
                                                          segments // segment.shape[1])
+    learned = Learned(learned, labels.shape[1])
     token_logps = learned_token_logps(model, batch, precision, learned, targets)
     return token_logps.new_zeros(len(segments)).index_add_(0, sequence, token_logps), counts, rows
 
@@ -206,11 +207,15 @@ TRAIN_SPLIT, VAL_SPLIT = 0, 1
 
 
 def with_rows(batch: dict[str, torch.Tensor], indices, split: int, device) -> dict:
-    """The batch on the device, with which rows of which split it holds (what a stage may have
-    computed per row beforehand, e.g. a reference's log-probabilities, is looked up by them), and
-    the host's copy of all of it under "host" (on_host)."""
-    batch = {**batch, "row_index": torch.as_tensor(np.asarray(indices), dtype=torch.long),
-             "split_id": torch.tensor(split)}
+    """The batch on the device (to_device), with which rows of which split it holds (what a stage
+    may have computed per row beforehand, e.g. a reference's log-probabilities, is looked up by them)."""
+    return to_device({**batch, "row_index": torch.as_tensor(np.asarray(indices), dtype=torch.long),
+                      "split_id": torch.tensor(split)}, device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict:
+    """A collated batch on the device, without waiting for it (host_to_device), and the host's copy
+    of all of it under "host" (on_host)."""
     return {**{k: host_to_device(v, device) for k, v in batch.items()}, "host": batch}
 
 
