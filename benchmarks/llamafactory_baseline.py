@@ -7,7 +7,7 @@ rayft's pins, so it lives in `.bench/llamafactory/venv` (git-ignored), created o
 torch 2.13.0 (the CPU wheel) first, then the pinned llamafactory. `run_llamafactory` writes an
 LF dataset (`dataset_info.json` + the rows), a training YAML, runs `llamafactory-cli train` with
 a callback that times every optimizer step, and counts real tokens from the packed rows LF itself
-tokenized (see `lf_worker.py`). On a GPU LF runs FlashAttention-2 where flash-attn imports in its
+tokenized (see `lf_worker.py`). On a GPU LF runs FlashAttention-2 where flash-attn is installed in its
 environment (the GPU bundle brings `flash_attn_shim/`, a stand-in over torch's own kernel).
 """
 
