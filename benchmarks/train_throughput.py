@@ -21,7 +21,7 @@ Baselines:
 
 On a GPU (--device cuda, the default where torch sees one; benchmarks/gpu_check.sh runs it so):
 rayft runs one Ray Train worker per GPU, LLaMA-Factory runs FlashAttention-2 where flash-attn
-imports in its environment (gpu_bundle.py packs benchmarks/flash_attn_shim, a stand-in over
+is installed in its environment (gpu_bundle.py packs benchmarks/flash_attn_shim, a stand-in over
 torch's kernel; LF then takes one packed row of cutoff x batch tokens per step, see
 llamafactory_baseline.lf_arguments), else sdpa (the summary says which ran), and the peak is an
 8192^3 matmul timed with CUDA events. LLaMA-Factory's last 5 steps end with a synchronize (rayft's
