@@ -7,23 +7,21 @@ tests/test_train.py in a subprocess (a process group is process-wide); prints on
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 
-def main(port: str) -> None:
+def main() -> None:
     from rayft.config import DistributedConfig, TrainConfig
+    from rayft.measure import ensure_process_group
     from rayft.train.deepspeed_config import deepspeed_config, skip_the_inference_comm_build
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     skip_the_inference_comm_build()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    ensure_process_group("gloo")
     accelerator = get_accelerator()
     waits = []
     accelerator.synchronize = lambda *args: waits.append(1)
@@ -49,4 +47,4 @@ def main(port: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

@@ -159,6 +159,8 @@ def test_this_torchs_varlen_kernel_takes_the_arguments_rayft_passes():
 # that collate pads to 7 (the padding's positions restart: a segment of its own)
 TWO_ROWS = [{"input_ids": [5] * 7, "labels": [1] * 7, "position_ids": [0, 1, 2, 0, 1, 2, 3]},
             {"input_ids": [5] * 4, "labels": [1] * 4, "position_ids": [0, 1, 2, 3]}]
+# the same with prompts: 7 learned next tokens, in three sequences of 2, 3 and 2
+TWO_ROWS_WITH_PROMPTS = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
 
 
 def test_a_training_batch_builds_its_layout_without_reading_the_device():

@@ -9,6 +9,7 @@ not a GPU check; the flash-only backend is then not forced).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,18 @@ def test_packed_attention_matches_the_block_diagonal_mask_on_the_device(monkeypa
         assert relative_error(got, want) < bound
 
 
+@contextmanager
+def waits_raise():
+    """On CUDA, torch's sync debug mode: whatever makes the host wait for the device raises."""
+    if ON_CUDA:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if ON_CUDA:
+            torch.cuda.set_sync_debug_mode(0)
+
+
 def test_a_batch_and_its_packed_layout_reach_the_device_without_waiting_for_it():
     """The loop's batch (with_rows) and its packed layout's offsets go to the GPU with no stream
     synchronization (torch's sync debug mode raises on one), so the host can prepare the next
@@ -94,16 +107,11 @@ def test_a_batch_and_its_packed_layout_reach_the_device_without_waiting_for_it()
 
     model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=ATTENTION_NAME))
     busy = torch.randn(2048, 2048, device=DEVICE)
-    if ON_CUDA:
-        torch.cuda.set_sync_debug_mode("error")
-    try:
+    with waits_raise():
         for _ in range(8):
             busy = busy @ busy / 2048  # queued work that a synchronizing copy would wait for
         batch = with_rows(collate(TWO_ROWS, 0), [0, 1], 0, DEVICE)
         cu_seqlens, longest = model_inputs(model, batch)["packed_layout"].offsets
-    finally:
-        if ON_CUDA:
-            torch.cuda.set_sync_debug_mode(0)
     assert batch["input_ids"].device.type == DEVICE.type and longest == 4
     assert cu_seqlens.tolist() == [0, 3, 7, 11, 14] and batch["input_ids"][1, :4].tolist() == [5] * 4
 
@@ -113,7 +121,7 @@ def test_a_bf16_lora_step_and_dpos_forward_queue_on_the_device_without_waiting(t
     backward) and DPO's sequence log-probabilities queue their work on the GPU without one stream
     synchronization (torch's sync debug mode raises on one): what is learned is worked out from the
     batch's host copy. After a first step, which may set things up."""
-    from test_attention import TWO_ROWS
+    from test_attention import TWO_ROWS_WITH_PROMPTS
 
     from rayft.data.packing import collate
     from rayft.methods import Run
@@ -121,23 +129,17 @@ def test_a_bf16_lora_step_and_dpos_forward_queue_on_the_device_without_waiting(t
 
     model = load_for_training(tiny_model, MethodConfig(type="lora", lora={"dropout": 0.0}), DEVICE,
                               run=Run(precision="bf16")).to(DEVICE)
-    rows = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
 
     def step():
-        batch = with_rows(collate(rows, 0), [0, 1], 0, DEVICE)
+        batch = with_rows(collate(TWO_ROWS_WITH_PROMPTS, 0), [0, 1], 0, DEVICE)
         loss, count = token_losses(model, batch, "bf16")
         (loss / count.clamp(min=1)).backward()
         with torch.no_grad():
             return loss, count, sequence_logps(model, batch, "bf16")
 
     step()
-    if ON_CUDA:
-        torch.cuda.set_sync_debug_mode("error")
-    try:
+    with waits_raise():
         loss, count, (sums, tokens, row_of) = step()
-    finally:
-        if ON_CUDA:
-            torch.cuda.set_sync_debug_mode(0)
     assert count.item() == 7 and tokens.tolist() == [2, 3, 2] and row_of.tolist() == [0, 0, 1]
     assert torch.isfinite(loss) and torch.isfinite(sums).all()
 

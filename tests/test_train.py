@@ -104,8 +104,6 @@ def test_deepspeeds_engine_does_not_make_gpu_workers_wait_for_the_device(tmp_pat
     import subprocess
     import sys
 
-    from conftest import _free_port
-
     from rayft.train.deepspeed_config import deepspeed_config
 
     def overlap(zero_stage: int, world: int, on_gpu: bool) -> bool:
@@ -116,7 +114,7 @@ def test_deepspeeds_engine_does_not_make_gpu_workers_wait_for_the_device(tmp_pat
         == [False, True, True, True, False]
 
     probe = Path(__file__).parent / "device_wait_probe.py"
-    done = subprocess.run([sys.executable, str(probe), str(_free_port())], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert lines, done.stderr[-3000:]
     assert json.loads(lines[-1]) == {"rayft": 0, "deepspeed_timers": 8}
@@ -129,7 +127,7 @@ def test_a_training_steps_loss_is_worked_out_without_reading_the_device(monkeypa
     be read, the SFT loss (forward and backward) and DPO's sequence log-probabilities still run.
     (The fused head asks autocast about the batch's device, which the meta device is not: the
     head's plain path stands in; it selects the rows the same way.)"""
-    from test_attention import TWO_ROWS
+    from test_attention import TWO_ROWS_WITH_PROMPTS
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rayft.train import loop
@@ -140,8 +138,7 @@ def test_a_training_steps_loss_is_worked_out_without_reading_the_device(monkeypa
     config._attn_implementation = register()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    rows = [{**row, "labels": [-100, 7, 8, -100, 9, 10, 11][:len(row["labels"])]} for row in TWO_ROWS]
-    batch = loop.with_rows(collate(rows, 0), [0, 1], 0, torch.device("meta"))
+    batch = loop.with_rows(collate(TWO_ROWS_WITH_PROMPTS, 0), [0, 1], 0, torch.device("meta"))
     batch["row_weight"] = torch.ones(2, device="meta")
     loss, count = loop.token_losses(model, batch, "fp32", fused_head=False)
     loss.backward()

@@ -57,6 +57,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if q.device.type == "cpu":
         return _causal_segments(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     kernel, names = _kernel()
+    # the signature adaptation of rayft.train.attention.causal_varlen_arguments, non-causal too:
+    # repeated, as this package runs in LF's environment, without rayft.
     # flash's window (-1, 0) is causal, (-1, -1) none; torch 2.10 took is_causal instead
     arguments = {"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in names else {"is_causal": causal}
     if "scale" in names:
