@@ -1,7 +1,7 @@
 """The highest MFU a LoRA training step of SmolLM2-135M can reach on this machine: the step's own
 matmuls, each timed alone at its real shape, with every other operation taken as free.
 
-    .venv/bin/python benchmarks/matmul_ceiling.py [--threads 2] [--tokens 1024] [--rank 16]
+    .venv/bin/python benchmarks/matmul_ceiling.py [--threads 2] [--tokens 1024] [--rank 16] [--processes 2]
 
 train_throughput.py reports MFU as (model FLOPs per token x real tokens/s) / the bf16 matmul
 peak of a 2048 x 2048 x 2048 product. A step's matmuls are far smaller (576 wide for SmolLM2),
@@ -14,8 +14,19 @@ product of one step over --tokens tokens (4 rows of 256 by default, train_throug
   weight gradients), which the MFU's FLOPs leave out (they are ~7% of them) but a step must run.
 
 It prints each shape's GFLOP/s and two ceilings: the MFU if the step ran only the base's
-products at these speeds, and if it ran the adapter's too. The MFU of train_throughput.py cannot
-exceed the second without some operation running faster than it does here alone.
+products at these speeds, and if it ran the adapter's too.
+
+Timed alone, a product reuses one weight and one input that stay in the caches. A step does not:
+every layer has its own weights (212 MB in bf16 for SmolLM2), read once in the forward and once
+in the backward, and its own activations. So the script then replays the same products in the
+step's order, each layer's with its own tensors (the forward through the layers, then the
+backward in reverse), and times that whole sequence: the ceiling of the matmuls as the step
+meets them. It replays three steps: the base's products only, with the adapter's, and rayft's
+(the head only on the tokens that learn, as rayft computes it: the share in train_throughput.py's
+rows unless --learned-fraction says otherwise). The last two also run in --processes one-thread
+processes at once, as train_throughput.py's workers do, against the peak of as many threads. The
+MFU of train_throughput.py cannot exceed rayft's replay without some product running faster than
+it does there.
 """
 
 from __future__ import annotations
@@ -51,17 +62,83 @@ def seconds_per_product(m: int, k: int, n: int, dtype: torch.dtype, repeats: int
     return best
 
 
+def step_order_products(t: int, linears: dict, layers: int, rank: int, head: tuple[int, int, int, int],
+                        dtype: torch.dtype, adapter: bool):
+    """One step's products replayed in the step's order (a function to call), each layer with its
+    own weights, adapter and activations (allocated up front, as a step holds its activations).
+    `adapter`: also LoRA's products, as rayft's fused layers run them (an addmm that adds
+    s (x A^T) B^T to the base's output, and the same for the input gradient). `head`: (the rows
+    the head computes, its chunk of rows, hidden size, vocabulary)."""
+    head_rows, chunk, hidden, vocab = head
+    weights = [{name: (torch.randn(fan_out, fan_in, dtype=dtype), torch.randn(rank, fan_in, dtype=dtype),
+                       torch.randn(fan_out, rank, dtype=dtype), torch.randn(t, fan_in, dtype=dtype),
+                       torch.randn(t, fan_out, dtype=dtype))
+                for name, (fan_in, fan_out) in linears.items()} for _ in range(layers)]
+    head_weight, normed = torch.randn(vocab, hidden, dtype=dtype), torch.randn(head_rows, hidden, dtype=dtype)
+
+    def step() -> None:
+        for layer in weights:  # forward
+            for weight, a, b, x, _ in layer.values():
+                torch.addmm(x @ weight.T, x @ a.T, b.T) if adapter else x @ weight.T
+        for row in range(0, head_rows, chunk):  # the head, chunk by chunk: logits, then their input gradient
+            (normed[row:row + chunk] @ head_weight.T) @ head_weight
+        for layer in reversed(weights):  # backward: the input gradient; the adapter's A and B gradients
+            for weight, a, b, x, grad in layer.values():
+                if adapter:
+                    grad_xa = grad @ b
+                    torch.addmm(grad @ weight, grad_xa, a)
+                    grad.T @ (x @ a.T), grad_xa.T @ x
+                else:
+                    grad @ weight
+
+    return step
+
+
+def best_seconds(step, repeats: int = 3) -> float:
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _replay_worker(barrier, args) -> float:
+    torch.set_num_threads(1)
+    step = step_order_products(*args)
+    step()  # warm up before the others start timing
+    barrier.wait()
+    return best_seconds(step)
+
+
+def step_order_in_processes(processes: int, args: tuple) -> list[float]:
+    """The replay's best time in each of `processes` one-thread processes at once, as train_throughput.py's
+    workers run: each its own step, sharing the machine's caches and memory bandwidth."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(processes) as pool:
+        barrier = manager.Barrier(processes)
+        return pool.starmap(_replay_worker, [(barrier, args)] * processes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="also replay the step in this many one-thread processes at once (default: --threads)")
+    parser.add_argument("--learned-fraction", type=float, default=None,
+                        help="the share of tokens the head runs on (default: that of train_throughput.py's rows)")
     args = parser.parse_args()
 
     from transformers import AutoConfig
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    args.processes = args.processes or args.threads
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_path("smollm2-135m-instruct")
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -70,6 +147,9 @@ def main() -> None:
     linears = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # (in, out)
     peak = matmul_peak_flops(dtype, args.threads)
+    # the processes' peak: as many threads in one process, as train_throughput.py measures it
+    process_peak = peak if args.processes == args.threads else matmul_peak_flops(dtype, args.processes)
+    torch.set_num_threads(args.threads)
     print(f"{args.precision}, {args.threads} thread(s), {t} tokens, LoRA r={r}; "
           f"peak (2048^3) {peak / 1e9:.0f} GFLOP/s")
 
@@ -96,6 +176,32 @@ def main() -> None:
     print(f"base products: {base:.3f} s per step -> ceiling {t / base:.0f} tokens/s, MFU {model_flops / base / peak:.3f}")
     print(f"with the adapter's: {base + adapter:.3f} s per step -> ceiling {t / (base + adapter):.0f} tokens/s, "
           f"MFU {model_flops / (base + adapter) / peak:.3f}")
+    learned = args.learned_fraction if args.learned_fraction is not None else learned_fraction(model_dir)
+    replays = [("base products, the head on every token", False, t),
+               ("with the adapter's, the head on every token", True, t),
+               (f"with the adapter's, the head on the learned tokens ({learned:.0%}): rayft's step", True,
+                round(t * learned))]
+    print("in the step's order, each layer's own tensors:")
+    for label, adapter, head_rows in replays:
+        replay = (t, linears, layers, r, (head_rows, chunk, h, cfg.vocab_size), dtype, adapter)
+        seconds = [best_seconds(step_order_products(*replay))]
+        print(f"  {label}: {seconds[0]:.3f} s per step -> ceiling {t / seconds[0]:.0f} tokens/s, "
+              f"MFU {model_flops / seconds[0] / peak:.3f}")
+        if args.processes > 1 and adapter:
+            seconds = step_order_in_processes(args.processes, replay)
+            tokens_per_s = sum(t / s for s in seconds)
+            print(f"    in {args.processes} one-thread processes at once: "
+                  f"{', '.join(f'{s:.3f}' for s in seconds)} s per step -> ceiling {tokens_per_s:.0f} tokens/s, "
+                  f"MFU {model_flops / t * tokens_per_s / process_peak:.3f}")
+
+
+def learned_fraction(model_dir: Path) -> float:
+    """The share of real tokens that train_throughput.py's rows learn (assistant tokens): where
+    rayft's head runs. The MFU's FLOPs count the head on every token."""
+    from train_step import batches
+
+    rows = batches(model_dir, 8)
+    return sum(int((b["labels"] != -100).sum()) for b in rows) / sum(int(b["real_tokens"]) for b in rows)
 
 
 if __name__ == "__main__":
