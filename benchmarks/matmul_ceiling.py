@@ -94,8 +94,9 @@ def step_order_products(t: int, linears: dict, layers: int, rank: int, head: tup
     return step
 
 
-def best_seconds(step, repeats: int = 3) -> float:
-    step()  # warm-up
+def best_seconds(step, repeats: int = 3, warm_up: bool = True) -> float:
+    if warm_up:
+        step()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -109,7 +110,7 @@ def _replay_worker(barrier, args) -> float:
     step = step_order_products(*args)
     step()  # warm up before the others start timing
     barrier.wait()
-    return best_seconds(step)
+    return best_seconds(step, warm_up=False)
 
 
 def step_order_in_processes(processes: int, args: tuple) -> list[float]:
@@ -184,9 +185,9 @@ def main() -> None:
     print("in the step's order, each layer's own tensors:")
     for label, adapter, head_rows in replays:
         replay = (t, linears, layers, r, (head_rows, chunk, h, cfg.vocab_size), dtype, adapter)
-        seconds = [best_seconds(step_order_products(*replay))]
-        print(f"  {label}: {seconds[0]:.3f} s per step -> ceiling {t / seconds[0]:.0f} tokens/s, "
-              f"MFU {model_flops / seconds[0] / peak:.3f}")
+        alone = best_seconds(step_order_products(*replay))
+        print(f"  {label}: {alone:.3f} s per step -> ceiling {t / alone:.0f} tokens/s, "
+              f"MFU {model_flops / alone / peak:.3f}")
         if args.processes > 1 and adapter:
             seconds = step_order_in_processes(args.processes, replay)
             tokens_per_s = sum(t / s for s in seconds)
@@ -196,8 +197,9 @@ def main() -> None:
 
 
 def learned_fraction(model_dir: Path) -> float:
-    """The share of real tokens that train_throughput.py's rows learn (assistant tokens): where
-    rayft's head runs. The MFU's FLOPs count the head on every token."""
+    """The share of real tokens that learn (the assistant's) in train_throughput.py's rows (the
+    demo's extraction task, as train_step.py builds them): where rayft's head runs. The MFU's
+    FLOPs count the head on every token."""
     from train_step import batches
 
     rows = batches(model_dir, 8)
