@@ -72,22 +72,22 @@ def step_order_products(t: int, linears: dict, layers: int, rank: int, head: tup
     head_rows, chunk, hidden, vocab = head
     weights = [{name: (torch.randn(fan_out, fan_in, dtype=dtype), torch.randn(rank, fan_in, dtype=dtype),
                        torch.randn(fan_out, rank, dtype=dtype), torch.randn(t, fan_in, dtype=dtype),
-                       torch.randn(t, fan_out, dtype=dtype))
+                       torch.randn(t, rank, dtype=dtype), torch.randn(t, fan_out, dtype=dtype))
                 for name, (fan_in, fan_out) in linears.items()} for _ in range(layers)]
     head_weight, normed = torch.randn(vocab, hidden, dtype=dtype), torch.randn(head_rows, hidden, dtype=dtype)
 
     def step() -> None:
-        for layer in weights:  # forward
-            for weight, a, b, x, _ in layer.values():
+        for layer in weights:  # forward (A's output is kept for B's gradient: `xa`, as a step keeps it)
+            for weight, a, b, x, _, _ in layer.values():
                 torch.addmm(x @ weight.T, x @ a.T, b.T) if adapter else x @ weight.T
         for row in range(0, head_rows, chunk):  # the head, chunk by chunk: logits, then their input gradient
             (normed[row:row + chunk] @ head_weight.T) @ head_weight
         for layer in reversed(weights):  # backward: the input gradient; the adapter's A and B gradients
-            for weight, a, b, x, grad in layer.values():
+            for weight, a, b, x, xa, grad in layer.values():
                 if adapter:
                     grad_xa = grad @ b
                     torch.addmm(grad @ weight, grad_xa, a)
-                    grad.T @ (x @ a.T), grad_xa.T @ x
+                    grad.T @ xa, grad_xa.T @ x
                 else:
                     grad @ weight
 
