@@ -1,7 +1,9 @@
 """The highest MFU a LoRA training step of SmolLM2-135M can reach on this machine: the step's own
-matmuls, each timed alone at its real shape, with every other operation taken as free.
+matmuls, each timed alone at its real shape and then replayed in the step's order, with every
+other operation taken as free.
 
-    .venv/bin/python benchmarks/matmul_ceiling.py [--threads 2] [--tokens 1024] [--rank 16] [--processes 2]
+    .venv/bin/python benchmarks/matmul_ceiling.py [--threads 2] [--tokens 1024] [--rank 16]
+        [--processes 2] [--learned-fraction 0.31]
 
 train_throughput.py reports MFU as (model FLOPs per token x real tokens/s) / the bf16 matmul
 peak of a 2048 x 2048 x 2048 product. A step's matmuls are far smaller (576 wide for SmolLM2),
@@ -23,10 +25,11 @@ step's order, each layer's with its own tensors (the forward through the layers,
 backward in reverse), and times that whole sequence: the ceiling of the matmuls as the step
 meets them. It replays three steps: the base's products only, with the adapter's, and rayft's
 (the head only on the tokens that learn, as rayft computes it: the share in train_throughput.py's
-rows unless --learned-fraction says otherwise). The last two also run in --processes one-thread
-processes at once, as train_throughput.py's workers do, against the peak of as many threads. The
-MFU of train_throughput.py cannot exceed rayft's replay without some product running faster than
-it does there.
+rows unless --learned-fraction says otherwise). With --processes above 1 (the default: --threads)
+the last two also run in that many one-thread processes at once, as train_throughput.py's workers
+do, against the peak of as many threads. train_throughput.py's rayft cannot make more real tokens/s
+than rayft's replay in its 2 processes without some product running faster than it does there
+(compare tokens/s: each run measures its own peak).
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def step_order_products(t: int, linears: dict, layers: int, rank: int, head: tup
                         dtype: torch.dtype, adapter: bool):
     """One step's products replayed in the step's order (a function to call), each layer with its
     own weights, adapter and activations (allocated up front, as a step holds its activations).
-    `adapter`: also LoRA's products, as rayft's fused layers run them (an addmm that adds
-    s (x A^T) B^T to the base's output, and the same for the input gradient). `head`: (the rows
+    `adapter`: also LoRA's products, as rayft's fused layers run them (forward: an addmm that adds
+    s (x A^T) B^T to the base's output; backward: the input gradient through the base and through
+    A as two products, and A's and B's weight gradients). `head`: (the rows
     the head computes, its chunk of rows, hidden size, vocabulary)."""
     head_rows, chunk, hidden, vocab = head
     weights = [{name: (torch.randn(fan_out, fan_in, dtype=dtype), torch.randn(rank, fan_in, dtype=dtype),
@@ -84,9 +88,9 @@ def step_order_products(t: int, linears: dict, layers: int, rank: int, head: tup
             (normed[row:row + chunk] @ head_weight.T) @ head_weight
         for layer in reversed(weights):  # backward: the input gradient; the adapter's A and B gradients
             for weight, a, b, x, xa, grad in layer.values():
-                if adapter:
+                if adapter:  # the two input gradients' sum is autograd's, not a matmul: free here
                     grad_xa = grad @ b
-                    torch.addmm(grad @ weight, grad_xa, a)
+                    grad @ weight, grad_xa @ a
                     grad.T @ xa, grad_xa.T @ x
                 else:
                     grad @ weight
