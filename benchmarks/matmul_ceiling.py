@@ -56,13 +56,12 @@ def seconds_per_product(m: int, k: int, n: int, dtype: torch.dtype, repeats: int
     for _ in range(3):
         a @ b
     inner = max(1, int(2e9 / (2 * m * k * n)))  # ~2 GFLOP per timing
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def products() -> None:
         for _ in range(inner):
             a @ b
-        best = min(best, (time.perf_counter() - start) / inner)
-    return best
+
+    return best_seconds(products, repeats, warm_up=False) / inner
 
 
 def step_order_products(t: int, linears: dict, layers: int, rank: int, head: tuple[int, int, int, int],
@@ -153,8 +152,10 @@ def main() -> None:
                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # (in, out)
     peak = matmul_peak_flops(dtype, args.threads)
     # the processes' peak: as many threads in one process, as train_throughput.py measures it
-    process_peak = peak if args.processes == args.threads else matmul_peak_flops(dtype, args.processes)
-    torch.set_num_threads(args.threads)
+    process_peak = peak
+    if args.processes != args.threads:
+        process_peak = matmul_peak_flops(dtype, args.processes)
+        torch.set_num_threads(args.threads)  # matmul_peak_flops set its own
     print(f"{args.precision}, {args.threads} thread(s), {t} tokens, LoRA r={r}; "
           f"peak (2048^3) {peak / 1e9:.0f} GFLOP/s")
 
